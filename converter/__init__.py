@@ -1,0 +1,1 @@
+"""Offline converter: train an LSTM forecaster and export a one-step TFLite model with explicit state."""

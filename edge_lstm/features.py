@@ -1,0 +1,280 @@
+"""Feature pipeline shared by the converter and the daemon.
+
+A model sees, at every tick, a vector ``x`` built from the raw readings of that
+tick, the readings of the previous tick and the tick's timestamp.  The same
+functions build ``x`` when the converter trains and when the daemon streams, so
+the two can never disagree.  Everything here is pure numpy.
+
+Input features (``FeatureSpec.kind``):
+
+``diff``
+    ``(v_t - v_{t-1}) / scale`` for one value column.  Differences make the model
+    indifferent to the series' level, which is what lets a model trained on one
+    range keep working when a trending series leaves it.  The first tick of a
+    stream has no previous reading: its difference is 0.
+``level``
+    ``(v_t - center) / scale``, clipped to ``[-LEVEL_CLIP, LEVEL_CLIP]`` so that a
+    level far outside the training range cannot drive the network into
+    saturation.
+``tod_sin``, ``tod_cos``, ``dow_sin``, ``dow_cos``
+    Time of day and day of week on the unit circle, from the tick's timestamp
+    shifted by the model's fixed UTC offset.
+
+Output (``OutputSpec.kind``):
+
+``delta``
+    The network predicts ``(y_{t+k} - y_t) / scale`` for ``k = 1..K``: forecasts are
+    the last reading plus a scaled change (persistence is the network's zero).
+``level``
+    The network predicts ``(y_{t+k} - center) / scale``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.floating]
+
+DAY_SECONDS = 86_400.0
+WEEK_SECONDS = 7 * DAY_SECONDS
+# 1970-01-01 was a Thursday; shifting by 3 days puts Monday 00:00 at phase 0.
+_EPOCH_WEEKDAY_SHIFT = 3 * DAY_SECONDS
+LEVEL_CLIP = 8.0
+
+
+class FeatureKind(str, enum.Enum):
+    """What one model input is computed from."""
+
+    DIFF = "diff"
+    LEVEL = "level"
+    TOD_SIN = "tod_sin"
+    TOD_COS = "tod_cos"
+    DOW_SIN = "dow_sin"
+    DOW_COS = "dow_cos"
+
+    @property
+    def is_calendar(self) -> bool:
+        return self not in (FeatureKind.DIFF, FeatureKind.LEVEL)
+
+
+CALENDAR_KINDS: tuple[FeatureKind, ...] = (
+    FeatureKind.TOD_SIN,
+    FeatureKind.TOD_COS,
+    FeatureKind.DOW_SIN,
+    FeatureKind.DOW_COS,
+)
+
+
+class OutputKind(str, enum.Enum):
+    """How the network's K outputs map back to the target's units."""
+
+    DELTA = "delta"
+    LEVEL = "level"
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+    """One model input: its name, how it is computed, and its scaling."""
+
+    name: str
+    kind: FeatureKind
+    column: str | None = None  # value column for diff/level; None for calendar
+    center: float = 0.0
+    scale: float = 1.0
+
+    def to_dict(self) -> dict[str, object]:
+        d: dict[str, object] = {"name": self.name, "kind": self.kind.value}
+        if not self.kind.is_calendar:
+            d.update(column=self.column, center=self.center, scale=self.scale)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> FeatureSpec:
+        kind = FeatureKind(str(d["kind"]))
+        if kind.is_calendar:
+            return cls(name=str(d["name"]), kind=kind)
+        column = d.get("column")
+        if not isinstance(column, str) or not column:
+            raise ValueError(f"feature {d.get('name')!r}: kind {kind.value} needs a 'column'")
+        scale = float(d.get("scale", 1.0))  # type: ignore[arg-type]
+        if not np.isfinite(scale) or scale <= 0:
+            raise ValueError(f"feature {d.get('name')!r}: scale must be a positive number")
+        return cls(
+            name=str(d["name"]),
+            kind=kind,
+            column=column,
+            center=float(d.get("center", 0.0)),  # type: ignore[arg-type]
+            scale=scale,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSpec:
+    """The forecast head: which column, how many ticks ahead, and its scaling."""
+
+    target: str
+    horizon: int
+    kind: OutputKind = OutputKind.DELTA
+    center: float = 0.0
+    scale: float = 1.0
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "target": self.target,
+            "horizon": self.horizon,
+            "kind": self.kind.value,
+            "center": self.center,
+            "scale": self.scale,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> OutputSpec:
+        horizon = int(d["horizon"])  # type: ignore[call-overload]
+        if horizon < 1:
+            raise ValueError("output horizon must be >= 1")
+        scale = float(d.get("scale", 1.0))  # type: ignore[arg-type]
+        if not np.isfinite(scale) or scale <= 0:
+            raise ValueError("output scale must be a positive number")
+        return cls(
+            target=str(d["target"]),
+            horizon=horizon,
+            kind=OutputKind(str(d.get("kind", "delta"))),
+            center=float(d.get("center", 0.0)),  # type: ignore[arg-type]
+            scale=scale,
+        )
+
+
+def calendar_features(
+    timestamps: npt.ArrayLike, kinds: Sequence[FeatureKind] = CALENDAR_KINDS, utc_offset_s: float = 0.0
+) -> FloatArray:
+    """Calendar features of epoch-second timestamps, shape ``[N, len(kinds)]``."""
+    t = np.asarray(timestamps, dtype=np.float64) + utc_offset_s
+    out = np.empty((t.shape[0], len(kinds)), dtype=np.float64)
+    day_phase = 2.0 * np.pi * np.mod(t, DAY_SECONDS) / DAY_SECONDS
+    week_phase = 2.0 * np.pi * np.mod(t - _EPOCH_WEEKDAY_SHIFT, WEEK_SECONDS) / WEEK_SECONDS
+    for j, kind in enumerate(kinds):
+        if kind is FeatureKind.TOD_SIN:
+            out[:, j] = np.sin(day_phase)
+        elif kind is FeatureKind.TOD_COS:
+            out[:, j] = np.cos(day_phase)
+        elif kind is FeatureKind.DOW_SIN:
+            out[:, j] = np.sin(week_phase)
+        elif kind is FeatureKind.DOW_COS:
+            out[:, j] = np.cos(week_phase)
+        else:
+            raise ValueError(f"{kind.value} is not a calendar feature")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturePipeline:
+    """Turns raw readings into model inputs and model outputs into forecasts.
+
+    ``columns`` are the raw value columns a reading carries, in the order the
+    arrays passed to :meth:`encode` use.  ``features`` are the model's inputs in
+    the order of the ``x`` tensor.
+    """
+
+    columns: tuple[str, ...]
+    features: tuple[FeatureSpec, ...]
+    output: OutputSpec
+    utc_offset_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.columns:
+            raise ValueError("a model needs at least one value column")
+        if len(set(self.columns)) != len(self.columns):
+            raise ValueError(f"duplicate value columns: {list(self.columns)}")
+        if self.output.target not in self.columns:
+            raise ValueError(f"target {self.output.target!r} is not one of the columns {list(self.columns)}")
+        for f in self.features:
+            if not f.kind.is_calendar and f.column not in self.columns:
+                raise ValueError(f"feature {f.name!r} uses unknown column {f.column!r}")
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    @property
+    def target_index(self) -> int:
+        return self.columns.index(self.output.target)
+
+    def encode(self, values: npt.ArrayLike, previous: npt.ArrayLike, timestamps: npt.ArrayLike) -> FloatArray:
+        """Model inputs ``x`` of shape ``[B, D]`` (float32) for B ticks.
+
+        ``values`` and ``previous`` are ``[B, V]`` raw readings (columns in
+        ``self.columns`` order) of this tick and of the tick before; a NaN in
+        ``previous`` (a stream's first tick) makes that difference 0.
+        """
+        v = np.asarray(values, dtype=np.float64)
+        p = np.asarray(previous, dtype=np.float64)
+        t = np.asarray(timestamps, dtype=np.float64)
+        if v.ndim != 2 or v.shape[1] != len(self.columns):
+            raise ValueError(f"values must have shape [B, {len(self.columns)}], got {v.shape}")
+        x = np.empty((v.shape[0], self.n_features), dtype=np.float64)
+        cal_idx = [j for j, f in enumerate(self.features) if f.kind.is_calendar]
+        if cal_idx:
+            kinds = [self.features[j].kind for j in cal_idx]
+            x[:, cal_idx] = calendar_features(t, kinds, self.utc_offset_s)
+        for j, f in enumerate(self.features):
+            if f.kind is FeatureKind.DIFF:
+                c = self.columns.index(f.column)  # type: ignore[arg-type]
+                d = (v[:, c] - p[:, c]) / f.scale
+                x[:, j] = np.where(np.isnan(d), 0.0, d)
+            elif f.kind is FeatureKind.LEVEL:
+                c = self.columns.index(f.column)  # type: ignore[arg-type]
+                x[:, j] = np.clip((v[:, c] - f.center) / f.scale, -LEVEL_CLIP, LEVEL_CLIP)
+        return x.astype(np.float32)
+
+    def decode(self, y: npt.ArrayLike, last_target: npt.ArrayLike) -> FloatArray:
+        """Forecasts ``[B, K]`` in the target's units from network outputs ``[B, K]``."""
+        out = np.asarray(y, dtype=np.float64) * self.output.scale
+        if self.output.kind is OutputKind.DELTA:
+            return out + np.asarray(last_target, dtype=np.float64)[:, None]
+        return out + self.output.center
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "columns": list(self.columns),
+            "features": [f.to_dict() for f in self.features],
+            "output": self.output.to_dict(),
+            "utc_offset_seconds": self.utc_offset_s,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> FeaturePipeline:
+        cols = d.get("columns")
+        feats = d.get("features")
+        if not isinstance(cols, list) or not isinstance(feats, list):
+            raise ValueError("'columns' and 'features' must be lists")
+        return cls(
+            columns=tuple(str(c) for c in cols),
+            features=tuple(FeatureSpec.from_dict(f) for f in feats),
+            output=OutputSpec.from_dict(d["output"]),  # type: ignore[arg-type]
+            utc_offset_s=float(d.get("utc_offset_seconds", 0.0)),  # type: ignore[arg-type]
+        )
+
+
+def ticks_between(t_prev: float, t_now: float, cadence_s: float) -> int:
+    """Whole ticks from ``t_prev`` to ``t_now`` (at least 1 when ``t_now > t_prev``).
+
+    Readings need not land exactly on the cadence grid: the elapsed time is
+    rounded to the nearest number of cadences.
+    """
+    return max(1, int(round((t_now - t_prev) / cadence_s)))
+
+
+def fill_gap(v_prev: FloatArray, v_now: FloatArray, n_ticks: int) -> FloatArray:
+    """Linear interpolation between two readings ``n_ticks`` apart.
+
+    Returns the ``n_ticks - 1`` readings in between, shape ``[n_ticks - 1, V]``:
+    the policy for short gaps, used by the converter on its training data and by
+    the daemon on live streams.
+    """
+    w = np.arange(1, n_ticks, dtype=np.float64)[:, None] / n_ticks
+    return (1.0 - w) * np.asarray(v_prev, np.float64)[None, :] + w * np.asarray(v_now, np.float64)[None, :]
