@@ -1,0 +1,318 @@
+"""Payload decoding: formats, rejections with the right outcome, stream ids."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_lstm.outcomes import Outcome
+from edge_lstm.payload import (
+    MAX_STREAM_ID_LEN,
+    DecodeResult,
+    PayloadDecoder,
+    PayloadError,
+    parse_timestamp,
+    sanitise_stream_id,
+)
+
+NOW = 1_717_000_000.0  # 2024-05-29T16:26:40Z
+
+
+def single(**kw: object) -> PayloadDecoder:
+    return PayloadDecoder(["demand"], **kw)  # type: ignore[arg-type]
+
+
+def multi(**kw: object) -> PayloadDecoder:
+    return PayloadDecoder(["temp", "hum"], **kw)  # type: ignore[arg-type]
+
+
+def decode(dec: PayloadDecoder, body: bytes | str, stream: str | None = "s1") -> DecodeResult:
+    raw = body.encode() if isinstance(body, str) else body
+    return dec.decode(raw, stream, NOW, 5.0)
+
+
+def outcome_of(dec: PayloadDecoder, body: bytes | str, stream: str | None = "s1") -> Outcome:
+    with pytest.raises(PayloadError) as ei:
+        decode(dec, body, stream)
+    return ei.value.outcome
+
+
+# -- accepted formats -----------------------------------------------------------------------------
+
+
+def test_bare_number_uses_arrival_time_and_topic_stream() -> None:
+    res = decode(single(), " 21.5\n", "kitchen")
+    assert res.rejected == []
+    (r,) = res.readings
+    assert (r.stream, r.values, r.ts, r.received) == ("kitchen", (21.5,), NOW, 5.0)
+
+
+def test_object_with_value_field_and_epoch_seconds() -> None:
+    (r,) = decode(single(), '{"value": 3, "ts": 1716999990}').readings
+    assert r.values == (3.0,)
+    assert r.ts == 1716999990.0
+
+
+def test_column_field_name_wins_over_value() -> None:
+    (r,) = decode(single(), '{"value": 3, "demand": 7}').readings
+    assert r.values == (7.0,)
+
+
+@pytest.mark.parametrize(
+    "ts, expected",
+    [
+        (1716999990, 1716999990.0),
+        (1716999990123, 1716999990.123),
+        (1716999990123456, 1716999990.123456),
+        (1716999990123456789, 1716999990.123456789),
+        ("2024-05-29T16:26:30Z", 1716999990.0),
+        ("2024-05-29T18:26:30+02:00", 1716999990.0),
+        ("2024-05-29T16:26:30.5", 1716999990.5),
+        ("2024-05-29 16:26:30", 1716999990.0),
+        ("1716999990", 1716999990.0),
+    ],
+)
+def test_timestamp_forms(ts: object, expected: float) -> None:
+    (r,) = decode(single(), json.dumps({"value": 1.0, "ts": ts})).readings
+    assert r.ts == pytest.approx(expected, abs=1e-6)
+
+
+def test_timestamp_field_alternatives() -> None:
+    (r,) = decode(single(), '{"value": 1, "timestamp": "2024-05-29T16:26:30Z"}').readings
+    assert r.ts == 1716999990.0
+
+
+def test_multi_column_mapping_by_name_and_config() -> None:
+    dec = multi(fields={"hum": "rh"})
+    (r,) = decode(dec, '{"rh": 40.5, "temp": 20, "other": "ignored"}').readings
+    assert r.values == (20.0, 40.5)
+
+
+def test_stream_from_payload_field_wins_over_topic() -> None:
+    dec = single(stream_field="id")
+    (r,) = decode(dec, '{"id": "dev/7", "value": 1}', "from-topic").readings
+    assert r.stream == "dev_7"
+    (r,) = decode(dec, '{"value": 1}', "from-topic").readings
+    assert r.stream == "from-topic"
+
+
+def test_array_keeps_order_and_rejects_only_bad_elements() -> None:
+    body = json.dumps(
+        [
+            {"value": 1, "ts": NOW - 30},
+            {"value": "x"},
+            {"ts": NOW - 20},
+            2.5,
+            {"value": 1e300},
+            {"value": 3, "ts": "yesterday"},
+            [1],
+            {"value": 4, "ts": NOW - 10},
+        ]
+    )
+    res = decode(single(), body)
+    assert [r.values[0] for r in res.readings] == [1.0, 2.5, 4.0]
+    assert res.rejected == [
+        Outcome.BAD_PAYLOAD,
+        Outcome.MISSING_FIELD,
+        Outcome.NON_FINITE,
+        Outcome.BAD_TIMESTAMP,
+        Outcome.BAD_PAYLOAD,
+    ]
+    assert res.count == 8
+
+
+# -- rejections -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body, outcome",
+    [
+        (b"", Outcome.BAD_PAYLOAD),
+        (b"   ", Outcome.BAD_PAYLOAD),
+        (b"\xff\xfe21", Outcome.BAD_PAYLOAD),
+        (b"hello", Outcome.BAD_PAYLOAD),
+        (b"1_000", Outcome.BAD_PAYLOAD),
+        (b"NaN", Outcome.NON_FINITE),
+        (b"-inf", Outcome.NON_FINITE),
+        (b"1e308", Outcome.NON_FINITE),
+        (b"1e999", Outcome.NON_FINITE),
+        (b'{"value": NaN}', Outcome.NON_FINITE),
+        (b'{"value": Infinity}', Outcome.NON_FINITE),
+        (b'{"value": 1' + b"0" * 400 + b"}", Outcome.NON_FINITE),
+        (b'{"value": 1' + b"0" * 5000 + b"}", Outcome.BAD_PAYLOAD),
+        (b'{"value": true}', Outcome.BAD_PAYLOAD),
+        (b'{"value": "21"}', Outcome.BAD_PAYLOAD),
+        (b'{"other": 1}', Outcome.MISSING_FIELD),
+        (b'{"value": 1', Outcome.BAD_PAYLOAD),
+        (b'"21"', Outcome.BAD_PAYLOAD),
+        (b"null", Outcome.BAD_PAYLOAD),
+        (b"[]", Outcome.BAD_PAYLOAD),
+        (b'{"value": 1, "ts": -5}', Outcome.BAD_TIMESTAMP),
+        (b'{"value": 1, "ts": "2024-13-01"}', Outcome.BAD_TIMESTAMP),
+        (b'{"value": 1, "ts": true}', Outcome.BAD_TIMESTAMP),
+        (b'{"value": 1, "ts": 1e400}', Outcome.BAD_TIMESTAMP),
+        (b'{"value": 1, "ts": 0}', Outcome.BAD_TIMESTAMP),
+        (b'{"value": 1, "ts": "2100-01-01T00:00:00Z"}', Outcome.BAD_TIMESTAMP),
+    ],
+)
+def test_rejections(body: bytes, outcome: Outcome) -> None:
+    assert outcome_of(single(), body) is outcome
+
+
+def test_body_size_checked_before_decoding() -> None:
+    dec = single(max_payload_bytes=100)
+    assert outcome_of(dec, b"\xff" * 101) is Outcome.TOO_LARGE
+    assert outcome_of(dec, b"1" * 1_000_000) is Outcome.TOO_LARGE
+    assert decode(dec, b" " * 96 + b"1.5").readings[0].values == (1.5,)
+
+
+def test_array_length_capped() -> None:
+    dec = single(max_array_len=3)
+    assert decode(dec, "[1, 2, 3]").count == 3
+    assert outcome_of(dec, "[1, 2, 3, 4]") is Outcome.TOO_LARGE
+
+
+def test_deep_nesting_rejected_before_parsing() -> None:
+    dec = single(max_payload_bytes=1 << 20)
+    assert outcome_of(dec, "[" * 100_000 + "]" * 100_000) is Outcome.BAD_PAYLOAD
+    assert outcome_of(dec, '{"a": ' * 50 + "1" + "}" * 50) is Outcome.BAD_PAYLOAD
+    # brackets inside strings do not count as nesting
+    (r,) = decode(dec, json.dumps({"note": "[[[[[{{{{{", "value": 2})).readings
+    assert r.values == (2.0,)
+    res = decode(dec, json.dumps([{"value": i, "ts": NOW - 100 + i, "tag": '"]]]\\'} for i in range(50)]))
+    assert len(res.readings) == 50
+
+
+def test_missing_stream() -> None:
+    assert outcome_of(single(), b"1", None) is Outcome.BAD_STREAM
+    assert outcome_of(single(), b"1", "") is Outcome.BAD_STREAM
+    assert outcome_of(single(stream_field="id"), b'{"id": 5.5, "value": 1}', None) is Outcome.BAD_STREAM
+
+
+def test_bare_number_for_multi_column_model_is_missing_fields() -> None:
+    assert outcome_of(multi(), b"21.5") is Outcome.MISSING_FIELD
+    assert outcome_of(multi(), b'{"temp": 1}') is Outcome.MISSING_FIELD
+    assert outcome_of(multi(), b'{"value": 1}') is Outcome.MISSING_FIELD
+
+
+def test_clock_skew_limit_can_be_disabled() -> None:
+    dec = single(max_clock_skew_s=None)
+    (r,) = decode(dec, '{"value": 1, "ts": "2000-01-01T00:00:00Z"}').readings
+    assert r.ts == 946684800.0
+
+
+def test_unknown_field_mapping_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown column"):
+        PayloadDecoder(["a"], fields={"b": "x"})
+
+
+def test_parse_timestamp_rejects_overlong_strings() -> None:
+    with pytest.raises(PayloadError):
+        parse_timestamp("2024-05-29T16:26:30" + " " * 100 + "Z")
+
+
+# -- stream ids -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("kitchen-1", "kitchen-1"),
+        ("a.b_c", "a.b_c"),
+        ("sensors/+/#", "sensors____"),
+        ("..", "_."),
+        ("../../etc/passwd", "_.__._etc_passwd"),
+        (".hidden", "_hidden"),
+        ("a\x00b", "a_b"),
+        ("température", "temp_rature"),
+    ],
+)
+def test_sanitise_examples(raw: str, expected: str) -> None:
+    assert sanitise_stream_id(raw) == expected
+
+
+def test_long_ids_are_cut_with_distinct_hash_suffixes() -> None:
+    a = sanitise_stream_id("x" * 65_536)
+    b = sanitise_stream_id("x" * 65_535 + "y")
+    assert len(a) == len(b) == MAX_STREAM_ID_LEN
+    assert a != b
+    assert a.startswith("x" * 50)
+
+
+_SAFE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+
+
+@given(st.text(min_size=1, max_size=200))
+def test_sanitised_ids_are_always_safe(raw: str) -> None:
+    s = sanitise_stream_id(raw)
+    assert _SAFE.fullmatch(s)
+    assert ".." not in s
+    assert 1 <= len(s) <= MAX_STREAM_ID_LEN
+    assert sanitise_stream_id(s) == s  # idempotent
+
+
+# -- properties -----------------------------------------------------------------------------------
+
+_json_scalar = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+)
+_element = st.one_of(
+    _json_scalar,
+    st.dictionaries(st.sampled_from(["value", "ts", "temp", "hum", "id", "x"]), _json_scalar, max_size=5),
+    st.lists(_json_scalar, max_size=3),
+)
+_body = st.one_of(
+    st.binary(max_size=200),
+    _element.map(lambda e: json.dumps(e).encode()),
+    st.lists(_element, max_size=12).map(lambda e: json.dumps(e).encode()),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_body, st.sampled_from([None, "s1", "a/b", ""]), st.booleans())
+def test_decode_never_raises_other_errors_and_counts_add_up(body: bytes, stream: str | None, multi_col: bool) -> None:
+    dec = multi(stream_field="id", max_array_len=10) if multi_col else single(stream_field="id", max_array_len=10)
+    try:
+        res = dec.decode(body, stream, NOW, 1.0)
+    except PayloadError as e:
+        assert isinstance(e.outcome, Outcome)
+        return
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    expected = len(doc) if isinstance(doc, list) else 1
+    assert res.count == expected
+    assert all(isinstance(o, Outcome) for o in res.rejected)
+    for r in res.readings:
+        assert len(r.values) == len(dec.columns)
+        assert all(math.isfinite(v) and abs(v) <= dec.max_abs_value for v in r.values)
+        assert math.isfinite(r.ts)
+        assert _SAFE.fullmatch(r.stream)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(min_value=-1e6, max_value=1e6, allow_nan=False),
+            st.integers(min_value=-3600, max_value=3600),
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_valid_arrays_round_trip(items: list[tuple[float, int]]) -> None:
+    body = json.dumps([{"value": v, "ts": NOW + d} for v, d in items]).encode()
+    res = single().decode(body, "s", NOW, 0.0)
+    assert res.rejected == []
+    assert [(r.values[0], r.ts) for r in res.readings] == [(v, NOW + d) for v, d in items]
