@@ -1,0 +1,86 @@
+"""Forecast -> JSON payload for the output topic (pure; on the hot path).
+
+One message per forecast, compact JSON in UTF-8::
+
+    {"stream":"kitchen","model":"taylor@0123456789ab","ts":"2024-05-29T16:00:00Z",
+     "ts_epoch":1716998400.0,"units":"MW","warming_up":false,
+     "forecasts":[{"ts":"2024-05-29T16:30:00Z","value":31012.5}, ...]}
+
+``ts`` is the timestamp of the reading the forecast follows (ISO 8601 UTC, with
+milliseconds when not whole seconds) and ``ts_epoch`` the same in epoch
+seconds; item ``k`` (1-based) is the forecast for ``ts + k * cadence``.  A
+value that is not finite is written as ``null``.  The format is documented in
+``docs/formats.md``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import math
+
+from edge_lstm.engine import Forecast
+from edge_lstm.modelspec import Manifest
+
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+_MS_PER_DAY = 86_400_000
+
+
+@functools.lru_cache(maxsize=64)
+def _date(days: int) -> str:
+    return dt.date.fromordinal(_EPOCH_ORDINAL + days).isoformat()
+
+
+@functools.lru_cache(maxsize=256)
+def _json_str(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)
+
+
+def iso_utc(t: float) -> str:
+    """``2024-05-29T16:00:00Z`` (``.123`` milliseconds added when not whole seconds)."""
+    total_ms = round(t * 1000.0)
+    days, ms = divmod(total_ms, _MS_PER_DAY)
+    secs, ms = divmod(ms, 1000)
+    h, rem = divmod(secs, 3600)
+    m, s = divmod(rem, 60)
+    if ms:
+        return f"{_date(days)}T{h:02d}:{m:02d}:{s:02d}.{ms:03d}Z"
+    return f"{_date(days)}T{h:02d}:{m:02d}:{s:02d}Z"
+
+
+class ForecastEncoder:
+    """Encodes :class:`~edge_lstm.engine.Forecast` objects for one model.
+
+    ``precision`` rounds values to that many significant digits (None: the
+    shortest text that reads back as the same float64).
+    """
+
+    def __init__(self, cadence_s: float, units: str = "", precision: int | None = None) -> None:
+        if not cadence_s > 0:
+            raise ValueError("cadence must be positive")
+        self.cadence_s = float(cadence_s)
+        self._units = _json_str(units)
+        self._fmt = f"{{:.{int(precision)}g}}".format if precision is not None else repr
+        # Streams on a common clock share their step timestamps: format those once per origin.
+        self._prefixes = functools.lru_cache(maxsize=4096)(self._make_prefixes)
+
+    def _make_prefixes(self, t0: float, horizon: int) -> tuple[str, ...]:
+        c = self.cadence_s
+        return tuple(f'{{"ts":"{iso_utc(t0 + k * c)}","value":' for k in range(1, horizon + 1))
+
+    @classmethod
+    def for_manifest(cls, manifest: Manifest, precision: int | None = None) -> ForecastEncoder:
+        return cls(manifest.cadence_s, manifest.target_units, precision)
+
+    def encode(self, f: Forecast) -> bytes:
+        fmt = self._fmt
+        t0 = float(f.ts)
+        values = f.values.tolist()
+        prefixes = self._prefixes(t0, len(values))
+        items = "},".join([p + (fmt(v) if math.isfinite(v) else "null") for p, v in zip(prefixes, values, strict=True)])
+        return (
+            f'{{"stream":{_json_str(f.stream)},"model":{_json_str(f.model_id)},"ts":"{iso_utc(t0)}",'
+            f'"ts_epoch":{t0!r},"units":{self._units},"warming_up":{"true" if f.warming_up else "false"},'
+            f'"forecasts":[{items}}}]}}'
+        ).encode()

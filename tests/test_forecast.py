@@ -1,0 +1,84 @@
+"""Forecast payloads: valid JSON, every field, timestamps per step."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edge_lstm.engine import Forecast
+from edge_lstm.forecast import ForecastEncoder, iso_utc
+
+
+def _strict(body: bytes) -> dict[str, object]:
+    def no_constants(name: str) -> object:
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    doc = json.loads(body.decode("utf-8"), parse_constant=no_constants)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def make(values: list[float], ts: float = 1716998400.0, warming_up: bool = False) -> Forecast:
+    return Forecast("kitchen", ts, np.asarray(values, dtype=np.float64), warming_up, 1.0, "taylor@0123456789ab")
+
+
+def test_payload_fields_and_step_timestamps() -> None:
+    enc = ForecastEncoder(1800.0, "MW")
+    doc = _strict(enc.encode(make([31012.5, 30000.25, -1.0])))
+    assert doc == {
+        "stream": "kitchen",
+        "model": "taylor@0123456789ab",
+        "ts": "2024-05-29T16:00:00Z",
+        "ts_epoch": 1716998400.0,
+        "units": "MW",
+        "warming_up": False,
+        "forecasts": [
+            {"ts": "2024-05-29T16:30:00Z", "value": 31012.5},
+            {"ts": "2024-05-29T17:00:00Z", "value": 30000.25},
+            {"ts": "2024-05-29T17:30:00Z", "value": -1.0},
+        ],
+    }
+
+
+def test_values_round_trip_exactly_by_default_and_round_with_precision() -> None:
+    v = [1 / 3, 2.0 / 7.0 * 1e5]
+    doc = _strict(ForecastEncoder(60.0).encode(make(v)))
+    assert [item["value"] for item in doc["forecasts"]] == v  # type: ignore[index, union-attr]
+    doc = _strict(ForecastEncoder(60.0, precision=4).encode(make(v)))
+    assert [item["value"] for item in doc["forecasts"]] == [0.3333, 28570.0]  # type: ignore[index, union-attr]
+
+
+def test_non_finite_values_become_null_and_flags_are_json_booleans() -> None:
+    doc = _strict(ForecastEncoder(60.0).encode(make([float("nan"), float("inf"), 1.0], warming_up=True)))
+    assert [item["value"] for item in doc["forecasts"]] == [None, None, 1.0]  # type: ignore[index, union-attr]
+    assert doc["warming_up"] is True
+
+
+def test_units_and_model_are_escaped() -> None:
+    f = make([1.0])
+    f.model_id = 'we"ird\\name'
+    doc = _strict(ForecastEncoder(60.0, units='°C "dry"').encode(f))
+    assert doc["model"] == 'we"ird\\name'
+    assert doc["units"] == '°C "dry"'
+
+
+def test_rejects_bad_cadence() -> None:
+    with pytest.raises(ValueError):
+        ForecastEncoder(0.0)
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))
+def test_iso_utc_matches_datetime(t: float) -> None:
+    expected = dt.datetime.fromtimestamp(round(t * 1000) / 1000, dt.timezone.utc)
+    assert dt.datetime.fromisoformat(iso_utc(t).replace("Z", "+00:00")) == expected
+
+
+def test_iso_utc_millisecond_and_day_boundaries() -> None:
+    assert iso_utc(0.0) == "1970-01-01T00:00:00Z"
+    assert iso_utc(86_399.9996) == "1970-01-02T00:00:00Z"
+    assert iso_utc(1716998400.25) == "2024-05-29T16:00:00.250Z"
