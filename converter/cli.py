@@ -1,0 +1,195 @@
+"""``edge-lstm-convert``: train and verify edge-lstm models from CSV files.
+
+Only parses flags and prints; the work is in :mod:`converter.convert`.
+TensorFlow is imported only once a command runs, so ``--help`` is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from converter.errors import ConvertError
+from converter.prepare import CalendarMode, LevelMode, Split
+from edge_lstm.modelspec import Quantization
+
+_LOG = logging.getLogger(__name__)
+
+PROG = "edge-lstm-convert"
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_VERIFY_FAILED = 3
+
+
+def _positive_float(text: str) -> float:
+    v = float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return v
+
+
+def _modes(text: str) -> tuple[Quantization, ...]:
+    if text == "all":
+        return tuple(Quantization)
+    if text == "none":
+        return ()
+    try:
+        return tuple(Quantization(m.strip()) for m in text.split(",") if m.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give 'all', 'none' or a comma-separated list of {[q.value for q in Quantization]}"
+        ) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Train, quantize and verify streaming LSTM forecasters.")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    modes = ", ".join(q.value for q in Quantization)
+
+    t = sub.add_parser(
+        "train",
+        help="train a model on a CSV file and write a model directory",
+        description="Train on DATA (CSV with a header row), export a one-step TFLite model with explicit "
+        "LSTM state, verify it and write model.tflite, manifest.json, weights.npz, report.json and "
+        "forecast.png into --out.",
+    )
+    t.add_argument("data", type=Path, metavar="DATA.csv")
+    t.add_argument("--out", required=True, type=Path, metavar="DIR", help="model directory to write")
+    t.add_argument("--time-col", required=True, help="timestamp column: ISO 8601, date, epoch s or epoch ms")
+    t.add_argument("--target", required=True, help="column to forecast")
+    t.add_argument("--features", default="", help="more value columns as inputs, comma-separated")
+    t.add_argument("--horizon", type=int, default=16, help="forecast ticks ahead, K (default 16)")
+    t.add_argument("--units", type=int, default=64, help="LSTM units per layer (default 64)")
+    t.add_argument("--layers", type=int, default=1, help="stacked LSTM layers (default 1)")
+    t.add_argument("--epochs", type=int, default=60, help="maximum epochs; early stopping ends sooner (default 60)")
+    t.add_argument("--seed", type=int, default=0, help="random seed: same seed, same data, same model")
+    t.add_argument("--quantize", type=Quantization, default=Quantization.DYNAMIC, metavar="MODE",
+                   help=f"quantization of the written model: {modes} (default dynamic)")  # fmt: skip
+    t.add_argument("--cadence", type=_positive_float, default=None, metavar="SECONDS",
+                   help="tick length; default: the median spacing of the timestamps")  # fmt: skip
+    t.add_argument("--units-label", default="", metavar="LABEL", help="units of the target, e.g. MW")
+    t.add_argument("--name", default=None, help="model name (default: the --out directory's name)")
+    t.add_argument("--max-gap-ticks", type=int, default=4,
+                   help="gaps up to this many ticks are interpolated, longer ones split the series")  # fmt: skip
+    t.add_argument("--level", type=LevelMode, default=LevelMode.TARGET, choices=list(LevelMode),
+                   help="columns also fed as a clipped level (default target)")  # fmt: skip
+    t.add_argument("--calendar", type=CalendarMode, default=CalendarMode.AUTO, choices=list(CalendarMode),
+                   help="time-of-day/day-of-week inputs as the cadence allows (auto) or none")  # fmt: skip
+    t.add_argument("--utc-offset", type=float, default=0.0, metavar="HOURS",
+                   help="fixed offset from UTC for the calendar inputs (default 0)")  # fmt: skip
+    t.add_argument("--warmup", type=int, default=None, metavar="TICKS",
+                   help="ticks a stream needs before its forecasts count (default: one season, 16..96)")  # fmt: skip
+    t.add_argument("--season", type=int, default=None, metavar="TICKS",
+                   help="seasonal-naive period (default: a day below daily cadence, else a week)")  # fmt: skip
+    t.add_argument("--window", type=int, default=None, metavar="TICKS", help="training window length")
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--learning-rate", type=_positive_float, default=3e-3)
+    t.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs (default 8)")
+    t.add_argument("--split", default="0.7,0.15", metavar="TRAIN,VAL",
+                   help="chronological fractions for training and validation; the rest is the hold-out")  # fmt: skip
+    t.add_argument("--modes", type=_modes, default=tuple(Quantization), metavar="LIST",
+                   help="modes to export and score in the report: all (default), none or a list")  # fmt: skip
+    t.add_argument("--no-plot", action="store_true", help="skip forecast.png")
+    t.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+
+    v = sub.add_parser(
+        "verify",
+        help="stream a CSV's hold-out through a model directory and compare with the float model",
+        description="Stream the hold-out part of DATA through DIR/model.tflite tick by tick with the LiteRT "
+        "interpreter and compare with the Keras model rebuilt from DIR/weights.npz. Exit status 3 "
+        "when the float32 deviation exceeds 1e-4.",
+    )
+    v.add_argument("model_dir", type=Path, metavar="DIR")
+    v.add_argument("data", type=Path, metavar="DATA.csv")
+    v.add_argument("--time-col", default=None, help="timestamp column (default: the one the model was trained with)")
+    v.add_argument("--modes", type=_modes, default=(), metavar="LIST",
+                   help="also re-export and score these modes from weights.npz: all, or a list")  # fmt: skip
+    v.add_argument("--json", action="store_true", help="print the result as JSON")
+    return p
+
+
+def _split(text: str) -> Split:
+    try:
+        a, b = (float(s) for s in text.split(","))
+    except ValueError:
+        raise ConvertError(f"--split {text!r}: expected TRAIN,VAL fractions such as 0.7,0.15") from None
+    return Split(a, b)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from converter.convert import TrainConfig, train
+
+    cfg = TrainConfig(
+        data=args.data,
+        out=args.out,
+        time_col=args.time_col,
+        target=args.target,
+        features=tuple(c.strip() for c in args.features.split(",") if c.strip()),
+        horizon=args.horizon,
+        units=args.units,
+        layers=args.layers,
+        epochs=args.epochs,
+        seed=args.seed,
+        quantize=args.quantize,
+        cadence_s=args.cadence,
+        units_label=args.units_label,
+        name=args.name,
+        max_gap_ticks=args.max_gap_ticks,
+        level=args.level,
+        calendar=args.calendar,
+        utc_offset_s=args.utc_offset * 3600.0,
+        warmup_ticks=args.warmup,
+        season=args.season,
+        window=args.window,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        patience=args.patience,
+        split=_split(args.split),
+        modes=args.modes,
+        plot=not args.no_plot,
+    )
+    result = train(cfg)
+    if args.json:
+        print(json.dumps(result.report, indent=2, default=str))
+    else:
+        print(result.table)
+        print(f"\nwrote {result.out} ({result.manifest.model_id}, {result.manifest.quantization.value})")
+    return EXIT_OK
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from converter.convert import VerifyConfig, verify
+    from converter.report import summary_table
+
+    res = verify(VerifyConfig(model_dir=args.model_dir, data=args.data, time_col=args.time_col, modes=args.modes))
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        print(summary_table(res))
+        print(f"\n{res['model']}: {'OK' if res['ok'] else 'FAILED'}")
+    return EXIT_OK if res["ok"] else EXIT_VERIFY_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "train":
+            return _train(args)
+        return _verify(args)
+    except ConvertError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130

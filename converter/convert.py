@@ -1,0 +1,462 @@
+"""The converter's two jobs as library calls: ``train`` (CSV -> model directory) and ``verify``.
+
+``train`` writes everything into a temporary directory next to ``out`` and
+renames it into place at the end, so an error or an interrupt never leaves a
+half-written model directory behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import logging
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from converter import data as data_mod
+from converter import report as report_mod
+from converter.errors import ConvertError
+from converter.prepare import (
+    CalendarMode,
+    EncodedSegment,
+    EvalRun,
+    LevelMode,
+    Part,
+    Split,
+    assign_parts,
+    build_pipeline,
+    encode,
+    eval_runs,
+    season_ticks,
+    training_windows,
+)
+from edge_lstm.features import FeaturePipeline
+from edge_lstm.modelspec import MODEL_NAME, Manifest, ModelError, Quantization, load_manifest
+from edge_lstm.reference import WEIGHTS_NAME, ReferenceWeights
+
+_LOG = logging.getLogger(__name__)
+
+F32 = npt.NDArray[np.float32]
+
+ALL_MODES: tuple[Quantization, ...] = tuple(Quantization)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``train`` needs; the CLI fills it from flags."""
+
+    data: Path
+    out: Path
+    time_col: str
+    target: str
+    features: tuple[str, ...] = ()
+    horizon: int = 16
+    units: int = 64
+    layers: int = 1
+    epochs: int = 60
+    seed: int = 0
+    quantize: Quantization = Quantization.DYNAMIC
+    cadence_s: float | None = None
+    units_label: str = ""
+    name: str | None = None
+    max_gap_ticks: int = 4
+    level: LevelMode = LevelMode.TARGET
+    calendar: CalendarMode = CalendarMode.AUTO
+    utc_offset_s: float = 0.0
+    warmup_ticks: int | None = None
+    season: int | None = None
+    window: int | None = None
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    patience: int = 8
+    split: Split = dataclasses.field(default_factory=Split)
+    modes: tuple[Quantization, ...] = ALL_MODES
+    plot: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    out: Path
+    manifest: Manifest
+    report: dict[str, Any]
+    table: str
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("edge-lstm", "tensorflow", "tensorflow-cpu", "keras", "numpy", "ai-edge-litert"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+class _StagingDir:
+    """A temporary directory next to ``out``, renamed onto ``out`` by :meth:`commit`."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        if self.out.exists() and not self.out.is_dir():
+            raise ConvertError(f"--out {self.out} exists and is not a directory")
+        if self.out.is_dir() and any(self.out.iterdir()) and not (self.out / "manifest.json").exists():
+            raise ConvertError(f"--out {self.out} is a non-empty directory that holds no model: refusing to replace it")
+        parent = self.out.parent
+        if not parent.is_dir():
+            raise ConvertError(f"--out {self.out}: parent directory {parent} does not exist")
+        try:
+            self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=parent))
+        except OSError as e:
+            raise ConvertError(f"--out {self.out} is not writable: {e.strerror or e}") from None
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.path, 0o777 & ~umask)  # mkdtemp makes it private; a model directory is not
+
+    def commit(self) -> None:
+        old: Path | None = None
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+            os.replace(self.out, old)
+        try:
+            os.replace(self.path, self.out)
+        except OSError:
+            if old is not None:
+                os.replace(old, self.out)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _check_length(encoded: Sequence[EncodedSegment], cfg_horizon: int, warmup: int) -> None:
+    need = {Part.TRAIN: 2 * (warmup + cfg_horizon), Part.VAL: cfg_horizon + 2, Part.HOLDOUT: cfg_horizon + 2}
+    for part, n_min in need.items():
+        n = sum(int(np.isfinite(e.y[e.part == part, 0]).sum()) for e in encoded)
+        if n < n_min:
+            total = sum(len(e) for e in encoded)
+            raise ConvertError(
+                f"series too short: {total} ticks give {n} usable {part.name.lower()} targets, need at least "
+                f"{n_min} (use a longer series, a smaller --horizon or a smaller warm-up)"
+            )
+
+
+def _run_keras(model: Any, encoded: Sequence[EncodedSegment], runs: Sequence[EvalRun]) -> list[F32]:
+    from converter.train import predict_sequence
+
+    return [predict_sequence(model, encoded[r.seg_index].x[r.start : r.stop]) for r in runs]
+
+
+def _evaluate_modes(
+    weights: ReferenceWeights,
+    modes: Sequence[Quantization],
+    representative: list[dict[str, F32]],
+    encoded: Sequence[EncodedSegment],
+    runs: Sequence[EvalRun],
+    keras_preds: Sequence[F32],
+    pairs: report_mod.Pairs,
+    pipeline: FeaturePipeline,
+) -> tuple[dict[str, dict[str, Any]], dict[Quantization, bytes]]:
+    from converter.export import export_tflite
+    from converter.verify import TFLiteStepper, check_batch_resize, max_abs_deviation
+
+    results: dict[str, dict[str, Any]] = {}
+    contents: dict[Quantization, bytes] = {}
+    for mode in modes:
+        t0 = time.monotonic()
+        content = export_tflite(weights, mode, representative)
+        convert_s = time.monotonic() - t0
+        check_batch_resize(content, weights.layers)
+        stepper = TFLiteStepper(content, weights.layers)
+        preds = [stepper.run(encoded[r.seg_index].x[r.start : r.stop]) for r in runs]
+        if not all(np.all(np.isfinite(p)) for p in preds):
+            raise ConvertError(f"the {mode.value} model produced non-finite outputs")
+        parity = max_abs_deviation(preds, keras_preds)
+        fc = report_mod.model_forecasts(pairs, preds, pipeline)
+        m = report_mod.mae(fc, pairs.actual)
+        results[mode.value] = {
+            "size_bytes": len(content),
+            "sha256": hashlib.sha256(content).hexdigest(),
+            "parity": parity,
+            "mae": m,
+            "mae_mean": float(np.nanmean(m)),
+            "rmse": report_mod.rmse(fc, pairs.actual),
+            "convert_seconds": convert_s,
+        }
+        contents[mode] = content
+        _LOG.info("%s: %d bytes, parity %.2e, hold-out MAE h=1 %.4g", mode.value, len(content), parity, m[0])
+    return results, contents
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """CSV -> trained, exported, verified model directory at ``cfg.out``."""
+    if cfg.horizon < 1 or cfg.units < 1 or cfg.layers < 1 or cfg.epochs < 1:
+        raise ConvertError("--horizon, --units, --layers and --epochs must be positive")
+    columns = tuple(dict.fromkeys((cfg.target, *cfg.features)))
+    if cfg.time_col in columns:
+        raise ConvertError(f"the time column {cfg.time_col!r} cannot also be a value column")
+    staging = _StagingDir(cfg.out)  # fail on an unwritable --out before training
+    try:
+        result = _train_into(cfg, columns, staging.path)
+        staging.commit()
+    except BaseException:
+        staging.discard()
+        raise
+    return dataclasses.replace(result, out=cfg.out)
+
+
+def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> TrainResult:
+    from converter.export import representative_from_inputs
+    from converter.train import FitConfig, apply_gains, extract_weights, fit, fit_gains, model_from_weights
+
+    t_start = time.monotonic()
+    grid = data_mod.load(cfg.data, cfg.time_col, columns, cfg.cadence_s, cfg.max_gap_ticks)
+    season = cfg.season or season_ticks(grid.cadence_s)
+    warmup = cfg.warmup_ticks if cfg.warmup_ticks is not None else int(min(96, max(16, season)))
+    parts = assign_parts(grid, cfg.split)
+    pipeline = build_pipeline(
+        grid, parts, cfg.target, cfg.horizon, level=cfg.level, calendar=cfg.calendar, utc_offset_s=cfg.utc_offset_s
+    )
+    encoded = encode(grid, pipeline, cfg.split)
+    _check_length(encoded, cfg.horizon, warmup)
+    n_train = sum(int((e.part == Part.TRAIN).sum()) for e in encoded)
+    window = cfg.window or int(min(max(4 * warmup, 2 * cfg.horizon + warmup, 64), max(n_train, 8)))
+    stride = max(1, window // 8)
+    x_tr, y_tr = training_windows(encoded, Part.TRAIN, window, stride, warmup)
+    x_va, y_va = training_windows(encoded, Part.VAL, window, max(1, window - warmup), warmup)
+    _LOG.info(
+        "features %s; %d training windows of %d ticks, %d validation windows; warm-up %d, season %d",
+        [f.name for f in pipeline.features], x_tr.shape[0], window, x_va.shape[0], warmup, season,
+    )  # fmt: skip
+    fit_cfg = FitConfig(
+        units=(cfg.units,) * cfg.layers,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        patience=cfg.patience,
+        seed=cfg.seed,
+    )
+    fitted = fit((x_tr, y_tr), (x_va, y_va), pipeline.n_features, cfg.horizon, fit_cfg)
+    weights = extract_weights(fitted.model)
+
+    # Shrink each horizon towards persistence as far as the validation part asks.
+    val_runs = eval_runs(encoded, Part.VAL, warmup)
+    val_pred = _run_keras(fitted.model, encoded, val_runs)
+    vp, vt = [], []
+    for r, p in zip(val_runs, val_pred, strict=True):
+        e = encoded[r.seg_index]
+        sl = slice(r.score_from, r.stop)
+        vp.append(p[r.score_from - r.start :])
+        vt.append(np.where((e.part[sl] == Part.VAL)[:, None], e.y[sl], np.nan))
+    gains = fit_gains(np.concatenate(vp), np.concatenate(vt))
+    weights = apply_gains(weights, gains)
+    _LOG.info("per-horizon gains towards persistence: %s", np.round(gains, 2).tolist())
+    model = model_from_weights(weights)
+
+    runs = eval_runs(encoded, Part.HOLDOUT, warmup)
+    keras_preds = _run_keras(model, encoded, runs)
+    pairs = report_mod.scored_pairs(encoded, runs, cfg.horizon, season)
+    forecasts = report_mod.model_forecasts(pairs, keras_preds, pipeline)
+    holdout = report_mod.holdout_metrics(pairs, forecasts)
+
+    train_seqs = [e.x[e.part == Part.TRAIN] for e in encoded if (e.part == Part.TRAIN).any()]
+    representative = representative_from_inputs(weights, train_seqs, seed=cfg.seed)
+    modes = tuple(dict.fromkeys((Quantization.FLOAT32, *cfg.modes, cfg.quantize)))
+    mode_results, contents = _evaluate_modes(
+        weights, modes, representative, encoded, runs, keras_preds, pairs, pipeline
+    )
+    f32_parity = mode_results[Quantization.FLOAT32.value]["parity"]
+    if f32_parity > 1e-4:
+        raise ConvertError(f"float32 TFLite model deviates from Keras by {f32_parity:.2e} (limit 1e-4)")
+    train_seconds = time.monotonic() - t_start
+
+    content = contents[cfg.quantize]
+    (work / MODEL_NAME).write_bytes(content)
+    weights.save(work / WEIGHTS_NAME)
+    name = cfg.name or cfg.out.name
+    chosen = mode_results[cfg.quantize.value]
+    report: dict[str, Any] = {
+        "name": name,
+        "data": {
+            "file": Path(cfg.data).name,
+            "rows": grid.n_rows,
+            "rows_missing": grid.n_missing,
+            "ticks_filled": grid.n_filled,
+            "segments": len(grid.segments),
+            "ticks": grid.n_ticks,
+            "cadence_seconds": grid.cadence_s,
+            "split": {p.name.lower(): sum(int((e.part == p).sum()) for e in encoded) for p in Part},
+        },
+        "holdout": {**holdout, "pairs": pairs.counts, "season_ticks": season},
+        "parity": {m: r["parity"] for m, r in mode_results.items()},
+        "modes": mode_results,
+        "quantization": cfg.quantize.value,
+        "model_size_bytes": len(content),
+        "weights_size_bytes": (work / WEIGHTS_NAME).stat().st_size,
+        "training": {
+            "seconds": train_seconds,
+            "fit_seconds": fitted.seconds,
+            "epochs_run": fitted.epochs_run,
+            "best_epoch": fitted.best_epoch,
+            "best_val_loss": fitted.best_val_loss,
+            "windows": int(x_tr.shape[0]),
+            "window_ticks": window,
+            "gains": gains.tolist(),
+            "seed": cfg.seed,
+        },
+        "versions": _versions(),
+        "target_units": cfg.units_label,
+    }
+    mae1 = holdout["mae"]["model"][0]
+    manifest = Manifest(
+        name=name,
+        sha256=hashlib.sha256(content).hexdigest(),
+        quantization=cfg.quantize,
+        pipeline=pipeline,
+        cadence_s=grid.cadence_s,
+        layers=weights.layers,
+        target_units=cfg.units_label,
+        warmup_ticks=warmup,
+        max_gap_ticks=cfg.max_gap_ticks,
+        extra={
+            "time_column": cfg.time_col,
+            "signature": "serving_default",
+            "metrics": {
+                "holdout_mae_1": chosen["mae"][0],
+                "holdout_mae": chosen["mae"],
+                "holdout_mae_1_float32": mae1,
+                "holdout_mae_1_persistence": holdout["mae"]["persistence"][0],
+                "holdout_mae_1_seasonal_naive": holdout["mae"]["seasonal_naive"][0],
+                "parity": chosen["parity"],
+            },
+            "training": {
+                "split": {"train": cfg.split.train_frac, "val": cfg.split.val_frac},
+                "season_ticks": season,
+                "epochs_run": fitted.epochs_run,
+                "seed": cfg.seed,
+                "seconds": round(train_seconds, 1),
+                "data_file": Path(cfg.data).name,
+            },
+            "versions": report["versions"],
+        },
+    )
+    manifest.write(work)
+    report_mod.write_report(work, report)
+    if cfg.plot:
+        _plot(work / report_mod.PLOT_NAME, encoded, runs, keras_preds, pipeline, holdout, name, cfg.units_label)
+    table = report_mod.summary_table(report, cfg.units_label)
+    return TrainResult(out=cfg.out, manifest=manifest, report=report, table=table)
+
+
+def _plot(
+    path: Path,
+    encoded: Sequence[EncodedSegment],
+    runs: Sequence[EvalRun],
+    preds: Sequence[F32],
+    pipeline: FeaturePipeline,
+    holdout: dict[str, dict[str, list[float]]],
+    name: str,
+    units: str,
+    max_ticks: int = 336,
+) -> None:
+    i = int(np.argmax([r.stop - r.score_from for r in runs]))
+    run, pred = runs[i], preds[i]
+    e = encoded[run.seg_index]
+    k = pipeline.output.horizon
+    lo = max(run.score_from + k, run.stop - max_ticks)
+    j = np.arange(lo, run.stop)
+    scale = pipeline.output.scale
+    f1 = e.target[j - 1] + pred[j - 1 - run.start, 0] * scale
+    fk = e.target[j - k] + pred[j - k - run.start, k - 1] * scale
+    report_mod.plot(path, e.segment.timestamps[j], e.target[j], f1, fk, k, holdout, f"{name}: hold-out", units)
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyConfig:
+    model_dir: Path
+    data: Path
+    time_col: str | None = None
+    modes: tuple[Quantization, ...] = ()  # besides the directory's own model: re-export these from weights.npz
+
+
+def verify(cfg: VerifyConfig) -> dict[str, Any]:
+    """Stream the hold-out of ``cfg.data`` through ``DIR/model.tflite`` and compare with Keras."""
+    from converter.export import representative_from_inputs
+    from converter.train import model_from_weights
+    from converter.verify import FLOAT32_PARITY_LIMIT, TFLiteStepper, check_batch_resize, max_abs_deviation
+    from edge_lstm.modelspec import load_model
+
+    try:
+        bundle = load_model(cfg.model_dir)
+        weights = ReferenceWeights.load(Path(cfg.model_dir) / WEIGHTS_NAME)
+    except (ModelError, OSError, ValueError, KeyError) as e:
+        raise ConvertError(f"cannot load model {cfg.model_dir}: {e}") from None
+    man = bundle.manifest
+    time_col = cfg.time_col or man.extra.get("time_column")
+    if not time_col:
+        raise ConvertError("the manifest names no time column: pass --time-col")
+    split_d = man.extra.get("training", {}).get("split", {})
+    split = Split(float(split_d.get("train", 0.7)), float(split_d.get("val", 0.15)))
+    season = int(man.extra.get("training", {}).get("season_ticks", 0)) or season_ticks(man.cadence_s)
+    pipeline = man.pipeline
+    grid = data_mod.load(cfg.data, str(time_col), pipeline.columns, man.cadence_s, man.max_gap_ticks)
+    encoded = encode(grid, pipeline, split)
+    runs = eval_runs(encoded, Part.HOLDOUT, man.warmup_ticks)
+    if not runs:
+        raise ConvertError("the data has no hold-out part to verify on")
+    keras_model = model_from_weights(weights)
+    keras_preds = _run_keras(keras_model, encoded, runs)
+    pairs = report_mod.scored_pairs(encoded, runs, man.horizon, season)
+    holdout = report_mod.holdout_metrics(pairs, report_mod.model_forecasts(pairs, keras_preds, pipeline))
+    check_batch_resize(bundle.content, man.layers)
+    stepper = TFLiteStepper(bundle.content, man.layers)
+    preds = [stepper.run(encoded[r.seg_index].x[r.start : r.stop]) for r in runs]
+    parity = max_abs_deviation(preds, keras_preds)
+    fc = report_mod.model_forecasts(pairs, preds, pipeline)
+    out: dict[str, Any] = {
+        "model": man.model_id,
+        "quantization": man.quantization.value,
+        "parity": {man.quantization.value: parity},
+        "holdout": holdout,
+        "modes": {
+            man.quantization.value: {
+                "size_bytes": len(bundle.content),
+                "parity": parity,
+                "mae": report_mod.mae(fc, pairs.actual),
+                "mae_mean": float(np.nanmean(report_mod.mae(fc, pairs.actual))),
+            }
+        },
+        "ok": True,
+    }
+    extra = [m for m in cfg.modes if m is not man.quantization]
+    if extra:
+        train_seqs = [e.x[e.part == Part.TRAIN] for e in encoded if (e.part == Part.TRAIN).any()]
+        rep = representative_from_inputs(weights, train_seqs)
+        res, _ = _evaluate_modes(weights, extra, rep, encoded, runs, keras_preds, pairs, pipeline)
+        out["modes"].update(res)
+        out["parity"].update({m: r["parity"] for m, r in res.items()})
+    f32 = out["parity"].get(Quantization.FLOAT32.value)
+    if f32 is not None and f32 > FLOAT32_PARITY_LIMIT:
+        out["ok"] = False
+    if not math.isfinite(parity):
+        out["ok"] = False
+    return out
+
+
+def manifest_of(directory: Path) -> Manifest:
+    try:
+        return load_manifest(directory)
+    except ModelError as e:
+        raise ConvertError(str(e)) from None

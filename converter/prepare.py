@@ -1,0 +1,268 @@
+"""From a resampled series to network inputs and targets: pipeline, split, windows, evaluation runs.
+
+Pure numpy.  Inputs are built with :meth:`edge_lstm.features.FeaturePipeline.encode`,
+the very function the daemon calls on live readings.
+
+The split is chronological over the ticks of all segments: the first
+``train_frac`` of the ticks train, the next ``val_frac`` drive early stopping
+and calibration, the rest is the hold-out.  A target counts only when its
+origin and the tick it forecasts are both real readings (not interpolated) in
+the same part of the split, so nothing leaks across the boundaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from converter.data import GridSeries, Segment
+from converter.errors import ConvertError
+from edge_lstm.features import (
+    DAY_SECONDS,
+    WEEK_SECONDS,
+    FeatureKind,
+    FeaturePipeline,
+    FeatureSpec,
+    OutputKind,
+    OutputSpec,
+)
+
+_LOG = logging.getLogger(__name__)
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+
+
+class Part(enum.IntEnum):
+    """Which part of the chronological split a tick belongs to."""
+
+    TRAIN = 0
+    VAL = 1
+    HOLDOUT = 2
+
+
+class LevelMode(str, enum.Enum):
+    """Which value columns also enter the network as a clipped, scaled level."""
+
+    NONE = "none"
+    TARGET = "target"
+    ALL = "all"
+
+
+class CalendarMode(str, enum.Enum):
+    """Calendar inputs: decided from the cadence (auto), or none."""
+
+    AUTO = "auto"
+    NONE = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    train_frac: float = 0.7
+    val_frac: float = 0.15
+
+    def __post_init__(self) -> None:
+        if not (0 < self.train_frac < 1 and 0 < self.val_frac < 1 and self.train_frac + self.val_frac < 1):
+            raise ConvertError("split fractions must be positive and leave room for a hold-out")
+
+    @property
+    def holdout_frac(self) -> float:
+        return 1.0 - self.train_frac - self.val_frac
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedSegment:
+    """One segment as the network sees it, with its targets and bookkeeping."""
+
+    segment: Segment
+    x: F32  # [T, D]
+    y: F32  # [T, K] network units; NaN where the target does not count
+    part: npt.NDArray[np.int8]  # [T] Part of every tick
+    target: F64  # [T] the target column, in its units
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRun:
+    """A stretch of one segment to stream from zero state; scored ticks are ``score_from`` on."""
+
+    seg_index: int
+    start: int  # first tick streamed (segment coordinates)
+    stop: int  # one past the last tick
+    score_from: int  # first tick (segment coordinates) whose forecasts count
+
+
+def calendar_kinds(cadence_s: float) -> tuple[FeatureKind, ...]:
+    """Calendar inputs that make sense at a cadence: time of day below a day, day of week below a week."""
+    kinds: list[FeatureKind] = []
+    if cadence_s <= DAY_SECONDS / 4:
+        kinds += [FeatureKind.TOD_SIN, FeatureKind.TOD_COS]
+    if cadence_s <= DAY_SECONDS:
+        kinds += [FeatureKind.DOW_SIN, FeatureKind.DOW_COS]
+    return tuple(kinds)
+
+
+def season_ticks(cadence_s: float) -> int:
+    """The seasonal-naive period: one day below daily cadence, one week at daily cadence, else 1."""
+    if cadence_s < DAY_SECONDS:
+        return max(1, round(DAY_SECONDS / cadence_s))
+    if cadence_s < WEEK_SECONDS:
+        return max(1, round(WEEK_SECONDS / cadence_s))
+    return 1
+
+
+def assign_parts(grid: GridSeries, split: Split) -> list[npt.NDArray[np.int8]]:
+    """The Part of every tick, per segment (chronological over all ticks)."""
+    n = grid.n_ticks
+    train_end = math.floor(n * split.train_frac)
+    val_end = math.floor(n * (split.train_frac + split.val_frac))
+    parts: list[npt.NDArray[np.int8]] = []
+    offset = 0
+    for seg in grid.segments:
+        pos = offset + np.arange(len(seg))
+        p = np.full(len(seg), Part.HOLDOUT, dtype=np.int8)
+        p[pos < val_end] = Part.VAL
+        p[pos < train_end] = Part.TRAIN
+        parts.append(p)
+        offset += len(seg)
+    return parts
+
+
+def _previous(values: F64) -> F64:
+    prev = np.empty_like(values)
+    prev[0] = np.nan
+    prev[1:] = values[:-1]
+    return prev
+
+
+def build_pipeline(
+    grid: GridSeries,
+    parts: Sequence[npt.NDArray[np.int8]],
+    target: str,
+    horizon: int,
+    level: LevelMode = LevelMode.TARGET,
+    calendar: CalendarMode = CalendarMode.AUTO,
+    utc_offset_s: float = 0.0,
+) -> FeaturePipeline:
+    """Choose the inputs and fit their scaling on the training part only."""
+    if horizon < 1:
+        raise ConvertError("--horizon must be at least 1")
+    cols = grid.columns
+    train_vals = [s.values[p == Part.TRAIN] for s, p in zip(grid.segments, parts, strict=True)]
+    train_diffs = [np.diff(s.values[p == Part.TRAIN], axis=0) for s, p in zip(grid.segments, parts, strict=True)]
+    vals = np.concatenate([v for v in train_vals if v.size]) if any(v.size for v in train_vals) else None
+    diffs = np.concatenate([d for d in train_diffs if d.size]) if any(d.size for d in train_diffs) else None
+    if vals is None or diffs is None or diffs.shape[0] < 2:
+        raise ConvertError("the training part of the series is too short")
+
+    def positive(s: float) -> float:
+        return float(s) if math.isfinite(s) and s > 1e-12 else 1.0
+
+    features: list[FeatureSpec] = []
+    for j, c in enumerate(cols):
+        scale = positive(diffs[:, j].std())
+        features.append(FeatureSpec(name=f"{c}_diff", kind=FeatureKind.DIFF, column=c, scale=scale))
+    level_cols = {LevelMode.NONE: (), LevelMode.TARGET: (target,), LevelMode.ALL: cols}[level]
+    for c in level_cols:
+        j = cols.index(c)
+        features.append(
+            FeatureSpec(
+                name=f"{c}_level",
+                kind=FeatureKind.LEVEL,
+                column=c,
+                center=float(vals[:, j].mean()),
+                scale=positive(vals[:, j].std()),
+            )
+        )
+    if calendar is CalendarMode.AUTO:
+        features += [FeatureSpec(name=k.value, kind=k) for k in calendar_kinds(grid.cadence_s)]
+    # The output scale is the RMS change over the horizon, so every horizon's target is O(1).
+    ti = cols.index(target)
+    deltas: list[float] = []
+    for s, p in zip(grid.segments, parts, strict=True):
+        y = s.values[p == Part.TRAIN, ti]
+        for k in range(1, horizon + 1):
+            if y.shape[0] > k:
+                deltas.append(float(np.mean((y[k:] - y[:-k]) ** 2)))
+    out_scale = positive(math.sqrt(float(np.mean(deltas)))) if deltas else 1.0
+    output = OutputSpec(target=target, horizon=horizon, kind=OutputKind.DELTA, scale=out_scale)
+    return FeaturePipeline(columns=tuple(cols), features=tuple(features), output=output, utc_offset_s=utc_offset_s)
+
+
+def encode_segment(pipeline: FeaturePipeline, seg: Segment, part: npt.NDArray[np.int8]) -> EncodedSegment:
+    """Network inputs for every tick and the masked delta targets."""
+    x = pipeline.encode(seg.values, _previous(seg.values), seg.timestamps)
+    tgt = seg.values[:, pipeline.target_index]
+    k_max = pipeline.output.horizon
+    n = len(seg)
+    y = np.full((n, k_max), np.nan, dtype=np.float64)
+    for k in range(1, k_max + 1):
+        if n <= k:
+            break
+        ok = seg.observed[:-k] & seg.observed[k:] & (part[:-k] == part[k:])
+        d = (tgt[k:] - tgt[:-k]) / pipeline.output.scale
+        y[:-k, k - 1] = np.where(ok, d, np.nan)
+    return EncodedSegment(segment=seg, x=x, y=y.astype(np.float32), part=part, target=tgt)
+
+
+def encode(grid: GridSeries, pipeline: FeaturePipeline, split: Split) -> list[EncodedSegment]:
+    parts = assign_parts(grid, split)
+    return [encode_segment(pipeline, s, p) for s, p in zip(grid.segments, parts, strict=True)]
+
+
+def training_windows(
+    encoded: Sequence[EncodedSegment], part: Part, length: int, stride: int, warmup: int
+) -> tuple[F32, F32]:
+    """Windows ``[N, length, D]`` / ``[N, length, K]`` whose targets lie in ``part``.
+
+    Each window starts from zero state, so the first ``warmup`` ticks of a window
+    that does not start its segment carry no loss (the state is still cold).
+    A window may start before ``part`` to give the state context.
+    """
+    xs: list[F32] = []
+    ys: list[F32] = []
+    for e in encoded:
+        idx = np.flatnonzero(e.part == part)
+        if idx.size == 0:
+            continue
+        first, last = int(idx[0]), int(idx[-1]) + 1
+        start = max(0, first - warmup)
+        starts = list(range(start, max(start + 1, last - length + 1), stride))
+        if starts[-1] + length < last:
+            starts.append(max(start, last - length))
+        for s in starts:
+            x = np.zeros((length, e.x.shape[1]), dtype=np.float32)
+            y = np.full((length, e.y.shape[1]), np.nan, dtype=np.float32)
+            stop = min(s + length, len(e))
+            x[: stop - s] = e.x[s:stop]
+            ys_part = np.where((e.part[s:stop] == part)[:, None], e.y[s:stop], np.nan)
+            y[: stop - s] = ys_part
+            if s > 0:
+                y[: min(warmup, length)] = np.nan
+            if np.isfinite(y).any():
+                xs.append(x)
+                ys.append(y)
+    if not xs:
+        return (np.zeros((0, length, 1), np.float32), np.zeros((0, length, 1), np.float32))
+    return np.stack(xs), np.stack(ys)
+
+
+def eval_runs(encoded: Sequence[EncodedSegment], part: Part, warmup: int) -> list[EvalRun]:
+    """Stretches to stream for scoring ``part``: each starts up to ``warmup`` ticks early for context."""
+    runs: list[EvalRun] = []
+    for i, e in enumerate(encoded):
+        idx = np.flatnonzero(e.part == part)
+        if idx.size == 0:
+            continue
+        first, last = int(idx[0]), int(idx[-1]) + 1
+        start = max(0, first - warmup)
+        runs.append(EvalRun(seg_index=i, start=start, stop=last, score_from=max(first, start + warmup)))
+    return runs

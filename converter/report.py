@@ -1,0 +1,207 @@
+"""Hold-out scores against persistence and seasonal naive, ``report.json``, the plot and the summary table.
+
+Scores are in the target's units, per horizon ``1..K``, over hold-out origins
+that are real readings whose forecast tick is a real reading in the hold-out
+too.  The model, persistence (the last reading) and seasonal naive (the
+reading one season before the forecast tick) are scored on exactly the same
+(origin, horizon) pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from converter.prepare import EncodedSegment, EvalRun, Part
+from edge_lstm.features import FeaturePipeline
+
+_LOG = logging.getLogger(__name__)
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+
+REPORT_NAME = "report.json"
+PLOT_NAME = "forecast.png"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pairs:
+    """The scored (origin, horizon) pairs of the hold-out and the baselines' errors on them."""
+
+    run_index: list[npt.NDArray[np.intp]]  # per horizon: index of the run
+    offset: list[npt.NDArray[np.intp]]  # per horizon: origin tick relative to the run start
+    last: list[F64]  # per horizon: the reading at the origin
+    actual: list[F64]  # per horizon: the reading at origin + k
+    seasonal: list[F64]  # per horizon: the seasonal-naive forecast
+
+    @property
+    def horizon(self) -> int:
+        return len(self.actual)
+
+    @property
+    def counts(self) -> list[int]:
+        return [int(a.shape[0]) for a in self.actual]
+
+
+def scored_pairs(encoded: Sequence[EncodedSegment], runs: Sequence[EvalRun], horizon: int, season: int) -> Pairs:
+    ri: list[list[npt.NDArray[np.intp]]] = [[] for _ in range(horizon)]
+    off: list[list[npt.NDArray[np.intp]]] = [[] for _ in range(horizon)]
+    last: list[list[F64]] = [[] for _ in range(horizon)]
+    act: list[list[F64]] = [[] for _ in range(horizon)]
+    sea: list[list[F64]] = [[] for _ in range(horizon)]
+    for r_i, run in enumerate(runs):
+        e = encoded[run.seg_index]
+        obs = e.segment.observed
+        t = np.arange(run.score_from, run.stop)
+        for k in range(1, horizon + 1):
+            j = t + k
+            s = j - season * math.ceil(k / season)
+            ok = (j < run.stop) & (s >= 0)
+            tt, jj, ss = t[ok], j[ok], s[ok]
+            ok2 = obs[tt] & obs[jj] & (e.part[tt] == Part.HOLDOUT) & (e.part[jj] == Part.HOLDOUT)
+            tt, jj, ss = tt[ok2], jj[ok2], ss[ok2]
+            ri[k - 1].append(np.full(tt.shape[0], r_i, dtype=np.intp))
+            off[k - 1].append((tt - run.start).astype(np.intp))
+            last[k - 1].append(e.target[tt])
+            act[k - 1].append(e.target[jj])
+            sea[k - 1].append(e.target[ss])
+
+    def cat(chunks: list[Any], dtype: Any) -> Any:
+        return np.concatenate(chunks).astype(dtype) if chunks else np.zeros(0, dtype=dtype)
+
+    return Pairs(
+        run_index=[cat(c, np.intp) for c in ri],
+        offset=[cat(c, np.intp) for c in off],
+        last=[cat(c, np.float64) for c in last],
+        actual=[cat(c, np.float64) for c in act],
+        seasonal=[cat(c, np.float64) for c in sea],
+    )
+
+
+def model_forecasts(pairs: Pairs, preds: Sequence[F32], pipeline: FeaturePipeline) -> list[F64]:
+    """Per horizon, the model's forecasts (target units) on the scored pairs; ``preds`` per run ``[T, K]``."""
+    out: list[F64] = []
+    for k in range(pairs.horizon):
+        y = np.array(
+            [preds[r][o, k] for r, o in zip(pairs.run_index[k], pairs.offset[k], strict=True)], dtype=np.float64
+        )
+        y_full = np.zeros((y.shape[0], pairs.horizon))
+        y_full[:, k] = y
+        out.append(pipeline.decode(y_full, pairs.last[k])[:, k] if y.size else np.zeros(0))
+    return out
+
+
+def mae(forecast: Sequence[F64], actual: Sequence[F64]) -> list[float]:
+    return [float(np.mean(np.abs(f - a))) if a.size else float("nan") for f, a in zip(forecast, actual, strict=True)]
+
+
+def rmse(forecast: Sequence[F64], actual: Sequence[F64]) -> list[float]:
+    return [
+        float(np.sqrt(np.mean((f - a) ** 2))) if a.size else float("nan") for f, a in zip(forecast, actual, strict=True)
+    ]
+
+
+def holdout_metrics(pairs: Pairs, forecasts: Sequence[F64]) -> dict[str, dict[str, list[float]]]:
+    persistence = pairs.last
+    return {
+        "mae": {
+            "model": mae(forecasts, pairs.actual),
+            "persistence": mae(persistence, pairs.actual),
+            "seasonal_naive": mae(pairs.seasonal, pairs.actual),
+        },
+        "rmse": {
+            "model": rmse(forecasts, pairs.actual),
+            "persistence": rmse(persistence, pairs.actual),
+            "seasonal_naive": rmse(pairs.seasonal, pairs.actual),
+        },
+    }
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: NaN/Inf become null, numpy scalars become Python numbers."""
+    if isinstance(obj, Mapping):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def write_report(directory: Path, report: Mapping[str, Any]) -> Path:
+    path = Path(directory) / REPORT_NAME
+    path.write_text(json.dumps(_clean(report), indent=2) + "\n")
+    return path
+
+
+def summary_table(report: Mapping[str, Any], units: str = "") -> str:
+    """A plain-text table: MAE per horizon for model and baselines, then one line per quantization mode."""
+    h = report["holdout"]["mae"]
+    u = f" [{units}]" if units else ""
+    lines = [f"hold-out MAE{u}", f"{'horizon':>8} {'model':>12} {'persistence':>12} {'seasonal':>12} {'ratio':>7}"]
+    for k, (m, p, s) in enumerate(zip(h["model"], h["persistence"], h["seasonal_naive"], strict=True), start=1):
+        ratio = m / p if p else float("nan")
+        lines.append(f"{k:>8} {m:>12.4g} {p:>12.4g} {s:>12.4g} {ratio:>7.3f}")
+    lines.append("")
+    lines.append(f"{'mode':>8} {'bytes':>8} {'parity':>10} {'MAE h=1':>12} {'MAE mean':>12} {'vs float32':>10}")
+    modes = report.get("modes", {})
+    base = modes.get("float32", {}).get("mae_mean")
+    for name, m in modes.items():
+        rel = (m["mae_mean"] / base - 1.0) * 100 if base else float("nan")
+        lines.append(
+            f"{name:>8} {m['size_bytes']:>8d} {m['parity']:>10.2e} {m['mae'][0]:>12.4g} {m['mae_mean']:>12.4g} "
+            f"{rel:>+9.2f}%"
+        )
+    return "\n".join(lines)
+
+
+def plot(
+    path: Path,
+    timestamps: F64,
+    actual: F64,
+    forecast_1: F64,
+    forecast_k: F64,
+    horizon: int,
+    metrics: Mapping[str, Mapping[str, list[float]]],
+    title: str,
+    units: str,
+) -> None:
+    """Actual vs forecast over the end of the hold-out, and MAE by horizon."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+
+    times = np.asarray(timestamps, dtype="datetime64[s]")
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 7), gridspec_kw={"height_ratios": [2, 1]})
+    ax1.plot(times, actual, color="black", lw=1.2, label="actual")
+    ax1.plot(times, forecast_1, color="tab:blue", lw=1.0, label="forecast, 1 tick ahead")
+    ax1.plot(times, forecast_k, color="tab:orange", lw=1.0, alpha=0.8, label=f"forecast, {horizon} ticks ahead")
+    ax1.set_title(title)
+    ax1.set_ylabel(units or "value")
+    ax1.legend(loc="upper left", fontsize=8)
+    ax1.xaxis.set_major_formatter(mdates.ConciseDateFormatter(ax1.xaxis.get_major_locator()))
+    ks = np.arange(1, horizon + 1)
+    mae_m = metrics["mae"]
+    ax2.plot(ks, mae_m["model"], marker="o", label="model")
+    ax2.plot(ks, mae_m["persistence"], marker="s", label="persistence")
+    ax2.plot(ks, mae_m["seasonal_naive"], marker="^", label="seasonal naive")
+    ax2.set_xlabel("horizon (ticks)")
+    ax2.set_ylabel(f"hold-out MAE{f' ({units})' if units else ''}")
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
