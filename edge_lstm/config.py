@@ -1,0 +1,654 @@
+"""The daemon's TOML configuration: schema, validation, secrets and reference docs.
+
+Every section is a dataclass and every field carries a description; the same
+schema parses the file, checks it, prints it (secrets as ``***``) and generates
+``docs/configuration.md`` (``edge-lstm config-docs``), so the reference cannot
+drift from the code.
+
+Loading is strict: an unknown key or section is an error naming it, types are
+checked (no silent coercion), and rules across fields are checked after the
+fields themselves.  Secrets are resolved once, at load: ``password_env`` names
+an environment variable, ``password_file`` a file (``$CREDENTIALS_DIRECTORY`` is
+expanded, for systemd's ``LoadCredential=``).  Relative paths are relative to
+the directory of the configuration file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import math
+import os
+import re
+import socket
+import stat
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+_LOG = logging.getLogger(__name__)
+
+STREAM_PLACEHOLDER = "{stream}"
+REDACTED = "***"
+_CRED_VAR = re.compile(r"\$(?:\{CREDENTIALS_DIRECTORY\}|CREDENTIALS_DIRECTORY\b)")
+_HOST_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names the key and the problem."""
+
+
+class Runtime(str, enum.Enum):
+    """Which TFLite interpreter package runs the model."""
+
+    AUTO = "auto"
+    AI_EDGE_LITERT = "ai-edge-litert"
+    TFLITE_RUNTIME = "tflite-runtime"
+
+
+class MqttProtocol(str, enum.Enum):
+    """MQTT protocol version spoken to the broker."""
+
+    V5 = "5"
+    V311 = "3.1.1"
+
+
+class LogLevel(str, enum.Enum):
+    """Lowest level of log lines written to stderr."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+    @property
+    def as_logging(self) -> int:
+        return int(getattr(logging, self.name))
+
+
+def _doc(doc: str, *, secret: bool = False, example: str | None = None) -> dict[str, Any]:
+    """Field metadata: the description used by the generated docs, and whether the value is secret."""
+    return {"doc": doc, "secret": secret, "example": example}
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The forecasting model."""
+
+    path: str = dataclasses.field(
+        default="models/taylor", metadata=_doc("Model directory holding `manifest.json` and `model.tflite`.")
+    )
+    runtime: Runtime = dataclasses.field(
+        default=Runtime.AUTO,
+        metadata=_doc(
+            "Interpreter package: `auto` (ai-edge-litert, else tflite-runtime), `ai-edge-litert` or `tflite-runtime`."
+        ),
+    )
+    threads: int = dataclasses.field(default=1, metadata=_doc("Interpreter threads for one batched model step."))
+
+
+@dataclasses.dataclass
+class MqttConfig:
+    """Connection to the MQTT broker."""
+
+    host: str = dataclasses.field(default="localhost", metadata=_doc("Broker host name or address."))
+    port: int = dataclasses.field(default=1883, metadata=_doc("Broker port (usually 1883, or 8883 with TLS)."))
+    client_id: str = dataclasses.field(
+        default="edge-lstm-{hostname}",
+        metadata=_doc(
+            "Client id; keep it stable so the broker keeps the persistent session (QoS 1 readings queued "
+            "while the daemon is away). `{hostname}` is replaced by the machine's host name."
+        ),
+    )
+    protocol: MqttProtocol = dataclasses.field(
+        default=MqttProtocol.V5, metadata=_doc('MQTT protocol version: `"5"` or `"3.1.1"`.')
+    )
+    keepalive: int = dataclasses.field(default=30, metadata=_doc("Keepalive interval in seconds."))
+    session_expiry_s: int = dataclasses.field(
+        default=86400,
+        metadata=_doc("MQTT 5 session expiry interval: how long the broker keeps the session while disconnected."),
+    )
+    username: str = dataclasses.field(default="", metadata=_doc("User name; empty for anonymous access."))
+    password: str = dataclasses.field(
+        default="",
+        metadata=_doc(
+            "Password written in this file (discouraged: prefer `password_env` or `password_file`; the "
+            "daemon warns when a file holding a password is readable by everyone).",
+            secret=True,
+        ),
+    )
+    password_env: str = dataclasses.field(
+        default="", metadata=_doc("Name of an environment variable holding the password.")
+    )
+    password_file: str = dataclasses.field(
+        default="",
+        metadata=_doc(
+            "File holding the password (trailing newline ignored); `$CREDENTIALS_DIRECTORY/mqtt-password` works "
+            "with systemd's `LoadCredential=`."
+        ),
+    )
+    tls: bool = dataclasses.field(default=False, metadata=_doc("Connect with TLS."))
+    ca_file: str = dataclasses.field(
+        default="", metadata=_doc("CA certificate(s) to verify the broker; empty uses the system's trust store.")
+    )
+    cert_file: str = dataclasses.field(
+        default="", metadata=_doc("Client certificate for TLS client authentication (needs `key_file`).")
+    )
+    key_file: str = dataclasses.field(default="", metadata=_doc("Private key of `cert_file`."))
+    tls_insecure: bool = dataclasses.field(
+        default=False, metadata=_doc("Skip the broker host name check. For tests only.")
+    )
+    reconnect_min_s: int = dataclasses.field(
+        default=1, metadata=_doc("First reconnect delay in seconds; doubles on each failure.")
+    )
+    reconnect_max_s: int = dataclasses.field(default=30, metadata=_doc("Longest reconnect delay in seconds."))
+    status_topic: str = dataclasses.field(
+        default="edge-lstm/{client_id}/status",
+        metadata=_doc("Retained status topic: `online` once ready, `offline` on exit and as the last will."),
+    )
+
+
+@dataclasses.dataclass
+class InputConfig:
+    """Where readings come from and how they are read."""
+
+    topics: list[str] = dataclasses.field(
+        default_factory=lambda: ["sensors/{stream}/value"],
+        metadata=_doc(
+            "Topic filters to subscribe to (QoS 1). `{stream}` marks the level holding the stream id; "
+            "`+` and `#` are allowed elsewhere."
+        ),
+    )
+    stream_field: str = dataclasses.field(
+        default="",
+        metadata=_doc("Take the stream id from this JSON field instead of the topic (the topic is the fallback)."),
+    )
+    fields: dict[str, str] = dataclasses.field(
+        default_factory=lambda: {},
+        metadata=_doc(
+            "Model column -> payload field name (default: the column's own name). A bare number feeds a "
+            "single-column model.",
+            example='{ demand_mw = "value" }',
+        ),
+    )
+    timestamp_field: str = dataclasses.field(
+        default="ts",
+        metadata=_doc(
+            "Payload field with the reading's time (epoch s/ms/us/ns or ISO 8601); the arrival time is used "
+            "when absent. Empty: always the arrival time."
+        ),
+    )
+    max_payload_bytes: int = dataclasses.field(
+        default=65536, metadata=_doc("Larger message bodies are rejected (`too_large`).")
+    )
+    max_array_len: int = dataclasses.field(default=1024, metadata=_doc("Most readings in one JSON array body."))
+    max_abs_value: float = dataclasses.field(
+        default=1e12, metadata=_doc("Values of larger magnitude are rejected (`non_finite`).")
+    )
+    max_clock_skew_s: float = dataclasses.field(
+        default=86400.0,
+        metadata=_doc(
+            "Timestamps further than this from the arrival time are rejected (`bad_timestamp`); 0 disables the check."
+        ),
+    )
+
+
+@dataclasses.dataclass
+class OutputConfig:
+    """Where forecasts go."""
+
+    topic: str = dataclasses.field(
+        default="forecasts/{stream}", metadata=_doc("Topic template for forecasts; `{stream}` is the stream id.")
+    )
+    qos: int = dataclasses.field(default=1, metadata=_doc("QoS of forecast messages (0, 1 or 2)."))
+    retain: bool = dataclasses.field(default=False, metadata=_doc("Publish forecasts retained."))
+    precision: int = dataclasses.field(
+        default=0, metadata=_doc("Significant digits of forecast values; 0 writes the exact float.")
+    )
+
+
+@dataclasses.dataclass
+class StateConfig:
+    """Per-stream LSTM state and its checkpoints."""
+
+    dir: str = dataclasses.field(
+        default="/var/lib/edge-lstm", metadata=_doc("Directory for state checkpoints (must be writable).")
+    )
+    checkpoint_interval_s: float = dataclasses.field(
+        default=60.0, metadata=_doc("Seconds between checkpoints; one more is written on shutdown.")
+    )
+    capacity: int = dataclasses.field(
+        default=10000, metadata=_doc("Most streams kept; the least recently seen is evicted beyond this.")
+    )
+    max_gap_ticks: int = dataclasses.field(
+        default=0,
+        metadata=_doc(
+            "Gaps up to this many ticks are filled by interpolation, longer ones reset the stream; "
+            "0 uses the model's own (manifest `max_gap_ticks`)."
+        ),
+    )
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    """Batching of readings into model steps."""
+
+    max_batch: int = dataclasses.field(
+        default=256, metadata=_doc("Most readings (one per stream) in one batched model step.")
+    )
+    max_wait_ms: float = dataclasses.field(
+        default=5.0, metadata=_doc("Longest wait for more readings before a partial batch runs.")
+    )
+    queue_size: int = dataclasses.field(
+        default=10000, metadata=_doc("Intake queue bound; when full the oldest reading is dropped (`queue_full`).")
+    )
+    drain_timeout_s: float = dataclasses.field(
+        default=10.0,
+        metadata=_doc("On shutdown, how long queued readings may still be processed; the rest count as `shutdown`."),
+    )
+
+
+@dataclasses.dataclass
+class MetricsConfig:
+    """Prometheus metrics endpoint."""
+
+    enabled: bool = dataclasses.field(default=True, metadata=_doc("Serve metrics over HTTP."))
+    bind: str = dataclasses.field(
+        default="127.0.0.1", metadata=_doc("Address the endpoint binds to (loopback by default).")
+    )
+    port: int = dataclasses.field(
+        default=9745, metadata=_doc("Port of `http://BIND:PORT/metrics`; 0 picks a free port.")
+    )
+    max_stream_labels: int = dataclasses.field(
+        default=100,
+        metadata=_doc("Most streams exported with their own `edge_lstm_stream_abs_error` series (first come)."),
+    )
+
+
+@dataclasses.dataclass
+class LogConfig:
+    """Logging to stderr."""
+
+    level: LogLevel = dataclasses.field(default=LogLevel.INFO, metadata=_doc("`debug`, `info`, `warning` or `error`."))
+    json: bool = dataclasses.field(
+        default=False, metadata=_doc("Write one JSON object per line instead of plain text.")
+    )
+
+
+@dataclasses.dataclass
+class Config:
+    """The whole configuration."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mqtt: MqttConfig = dataclasses.field(default_factory=MqttConfig)
+    input: InputConfig = dataclasses.field(default_factory=InputConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+    state: StateConfig = dataclasses.field(default_factory=StateConfig)
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    source: Path | None = dataclasses.field(default=None, compare=False)
+
+    @property
+    def status_topic(self) -> str:
+        return self.mqtt.status_topic.replace("{client_id}", self.mqtt.client_id)
+
+    def subscriptions(self) -> list[TopicFilter]:
+        return [TopicFilter.parse(t) for t in self.input.topics]
+
+    def output_topic(self, stream: str) -> str:
+        return self.output.topic.replace(STREAM_PLACEHOLDER, stream)
+
+
+_SECTION_TYPES: dict[str, type] = {
+    "model": ModelConfig,
+    "mqtt": MqttConfig,
+    "input": InputConfig,
+    "output": OutputConfig,
+    "state": StateConfig,
+    "engine": EngineConfig,
+    "metrics": MetricsConfig,
+    "log": LogConfig,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TopicFilter:
+    """One input topic: the MQTT filter to subscribe to and where the stream id sits in it."""
+
+    template: str
+    filter: str
+    stream_level: int | None  # index of the `{stream}` level, None when the id comes from the payload
+
+    @classmethod
+    def parse(cls, template: str) -> TopicFilter:
+        levels = template.split("/")
+        stream_level: int | None = None
+        out = []
+        for i, level in enumerate(levels):
+            if level == STREAM_PLACEHOLDER:
+                if stream_level is not None:
+                    raise ConfigError(f"input.topics: {template!r} has more than one {STREAM_PLACEHOLDER} level")
+                stream_level = i
+                out.append("+")
+            elif "{" in level or "}" in level:
+                raise ConfigError(f"input.topics: {template!r}: {STREAM_PLACEHOLDER} must be a whole topic level")
+            elif level == "#" and i != len(levels) - 1:
+                raise ConfigError(f"input.topics: {template!r}: '#' must be the last level")
+            elif ("#" in level or "+" in level) and level not in ("#", "+"):
+                raise ConfigError(f"input.topics: {template!r}: '+' and '#' must be whole levels")
+            else:
+                out.append(level)
+        return cls(template=template, filter="/".join(out), stream_level=stream_level)
+
+    def stream_of(self, topic: str) -> str | None:
+        """The raw stream id in a topic that matched this filter (None when not in the topic)."""
+        if self.stream_level is None:
+            return None
+        levels = topic.split("/")
+        return levels[self.stream_level] if self.stream_level < len(levels) else None
+
+
+# -- parsing ------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return "a list of strings"
+    if origin is dict:
+        return "a table of strings"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(where: str, tp: Any, value: Any) -> Any:
+    """Check one TOML value against its field type (no silent coercion beyond int -> float)."""
+    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value)
+        except ValueError:
+            raise bad from None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad
+        return list(value)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise bad
+        return dict(value)
+    raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover - schema error
+
+
+def _section(name: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}] must be a table, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"unknown key {key!r} in section [{name}] (known: {', '.join(sorted(known))})")
+    kwargs = {key: _coerce(f"{name}.{key}", hints[key], value) for key, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _expand_credentials(where: str, text: str, environ: Mapping[str, str]) -> str:
+    if not _CRED_VAR.search(text):
+        return text
+    cred = environ.get("CREDENTIALS_DIRECTORY", "")
+    if not cred:
+        raise ConfigError(f"{where}: {text!r} uses $CREDENTIALS_DIRECTORY, which is not set")
+    return _CRED_VAR.sub(lambda _m: cred, text)
+
+
+def _resolve_path(base: Path | None, text: str) -> str:
+    if not text:
+        return text
+    p = Path(text).expanduser()
+    if not p.is_absolute() and base is not None:
+        p = base / p
+    return str(p)
+
+
+def _world_readable(path: Path) -> bool:
+    try:
+        return bool(path.stat().st_mode & stat.S_IROTH)
+    except OSError:
+        return False
+
+
+def _resolve_secret(m: MqttConfig, source: Path | None, environ: Mapping[str, str]) -> None:
+    given = [k for k in ("password", "password_env", "password_file") if getattr(m, k)]
+    if len(given) > 1:
+        raise ConfigError(f"mqtt: set only one of password, password_env and password_file (got {', '.join(given)})")
+    if m.password and source is not None and _world_readable(source):
+        _LOG.warning("config file %s holds a password and is readable by everyone: chmod o-r it", source)
+    if m.password_env:
+        value = environ.get(m.password_env)
+        if value is None:
+            raise ConfigError(f"mqtt.password_env: environment variable {m.password_env!r} is not set")
+        m.password = value
+    elif m.password_file:
+        path = Path(m.password_file)
+        try:
+            m.password = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as e:
+            raise ConfigError(f"mqtt.password_file: cannot read {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"mqtt.password_file: {path} is not UTF-8 text") from None
+        if _world_readable(path):
+            _LOG.warning("password file %s is readable by everyone: chmod o-r it", path)
+    if m.password and not m.username:
+        raise ConfigError("mqtt: a password is set but mqtt.username is empty")
+
+
+def _validate(c: Config) -> None:
+    """Rules on single values and across fields."""
+    m = c.mqtt
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(c.model.threads >= 1, "model.threads must be >= 1")
+    need(bool(c.model.path), "model.path must not be empty")
+    need(bool(m.host), "mqtt.host must not be empty")
+    need(1 <= m.port <= 65535, f"mqtt.port must be 1..65535, got {m.port}")
+    need(bool(m.client_id) and len(m.client_id) <= 128, "mqtt.client_id must be 1..128 characters")
+    need(not any(ch in m.client_id for ch in "+#/"), f"mqtt.client_id {m.client_id!r} must not contain + # /")
+    need(5 <= m.keepalive <= 65535, f"mqtt.keepalive must be 5..65535 s, got {m.keepalive}")
+    need(m.session_expiry_s >= 0, "mqtt.session_expiry_s must be >= 0")
+    need(1 <= m.reconnect_min_s <= m.reconnect_max_s, "mqtt: need 1 <= reconnect_min_s <= reconnect_max_s")
+    need(bool(m.cert_file) == bool(m.key_file), "mqtt: cert_file and key_file go together")
+    if not m.tls:
+        for key in ("ca_file", "cert_file", "key_file"):
+            need(not getattr(m, key), f"mqtt.{key} is set but mqtt.tls is false")
+        need(not m.tls_insecure, "mqtt.tls_insecure is set but mqtt.tls is false")
+    for key in ("ca_file", "cert_file", "key_file"):
+        value = getattr(m, key)
+        need(not value or Path(value).is_file(), f"mqtt.{key}: file not found: {value}")
+    st = c.status_topic
+    need(bool(st) and "+" not in st and "#" not in st, f"mqtt.status_topic {st!r} must be a topic without wildcards")
+
+    i = c.input
+    need(bool(i.topics), "input.topics must list at least one topic")
+    filters = c.subscriptions()  # raises on malformed templates
+    for f in filters:
+        need(
+            f.stream_level is not None or bool(i.stream_field),
+            f"input.topics: {f.template!r} has no {STREAM_PLACEHOLDER} level and input.stream_field is empty",
+        )
+    need(len({f.filter for f in filters}) == len(filters), "input.topics lists the same filter twice")
+    need(1 <= i.max_payload_bytes <= 16 << 20, "input.max_payload_bytes must be 1..16777216")
+    need(1 <= i.max_array_len <= 100_000, "input.max_array_len must be 1..100000")
+    need(i.max_abs_value > 0, "input.max_abs_value must be > 0")
+    need(i.max_clock_skew_s >= 0, "input.max_clock_skew_s must be >= 0 (0 disables the check)")
+
+    o = c.output
+    need(o.qos in (0, 1, 2), f"output.qos must be 0, 1 or 2, got {o.qos}")
+    need("+" not in o.topic and "#" not in o.topic, f"output.topic {o.topic!r} must not contain wildcards")
+    need(bool(o.topic.replace(STREAM_PLACEHOLDER, "")), "output.topic must not be empty")
+    need(0 <= o.precision <= 17, "output.precision must be 0..17")
+
+    s = c.state
+    need(bool(s.dir), "state.dir must not be empty")
+    need(s.checkpoint_interval_s > 0, "state.checkpoint_interval_s must be > 0")
+    need(s.capacity >= 1, "state.capacity must be >= 1")
+    need(s.max_gap_ticks >= 0, "state.max_gap_ticks must be >= 0 (0 = the model's own)")
+
+    e = c.engine
+    need(1 <= e.max_batch <= 65536, "engine.max_batch must be 1..65536")
+    need(e.max_wait_ms >= 0, "engine.max_wait_ms must be >= 0")
+    need(e.queue_size >= e.max_batch, "engine.queue_size must be >= engine.max_batch")
+    need(e.drain_timeout_s >= 0, "engine.drain_timeout_s must be >= 0")
+
+    mt = c.metrics
+    need(0 <= mt.port <= 65535, f"metrics.port must be 0..65535, got {mt.port}")
+    need(bool(mt.bind), "metrics.bind must not be empty")
+    need(mt.max_stream_labels >= 0, "metrics.max_stream_labels must be >= 0")
+
+
+def parse_config(
+    data: Mapping[str, Any], *, source: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Build and validate a :class:`Config` from parsed TOML; secrets are resolved here."""
+    env = os.environ if environ is None else environ
+    for name in data:
+        if name not in _SECTION_TYPES:
+            raise ConfigError(f"unknown section [{name}] (known: {', '.join(_SECTION_TYPES)})")
+    sections = {name: _section(name, cls, data.get(name, {})) for name, cls in _SECTION_TYPES.items()}
+    c = Config(**sections, source=source)
+    base = source.parent if source is not None else None
+
+    host = _HOST_SAFE.sub("-", socket.gethostname()) or "host"
+    c.mqtt.client_id = c.mqtt.client_id.replace("{hostname}", host)
+    c.model.path = _resolve_path(base, c.model.path)
+    c.state.dir = _resolve_path(base, c.state.dir)
+    for key in ("password_file", "ca_file", "cert_file", "key_file"):
+        raw = _expand_credentials(f"mqtt.{key}", getattr(c.mqtt, key), env)
+        setattr(c.mqtt, key, _resolve_path(base, raw))
+    _validate(c)
+    _resolve_secret(c.mqtt, source, env)
+    return c
+
+
+def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, parse and validate a TOML configuration file."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    return parse_config(data, source=p.resolve(), environ=environ)
+
+
+# -- showing ------------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value) if not isinstance(value, float) or not value.is_integer() else f"{value:.1f}"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}" if value else "{}"
+    raise TypeError(type(value))  # pragma: no cover
+
+
+def to_toml(c: Config) -> str:
+    """The effective configuration as TOML, secrets shown as ``***``."""
+    lines: list[str] = []
+    for name in _SECTION_TYPES:
+        section = getattr(c, name)
+        lines.append(f"[{name}]")
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if f.metadata.get("secret") and value:
+                value = REDACTED
+            lines.append(f"{f.name} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """The configuration reference (``docs/configuration.md``), generated from the schema."""
+    out = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by `edge-lstm config-docs` from edge_lstm/config.py; do not edit by hand. -->",
+        "",
+        "`edge-lstm run --config FILE` reads a TOML file with the sections below. Every key is optional;",
+        "an unknown key or section is an error, and so is a value of the wrong type.",
+        "`edge-lstm check-config FILE` validates a file, loads and verifies the model and prints the",
+        "effective configuration (passwords as `***`) without starting anything.",
+        "",
+        "Relative paths are relative to the directory of the configuration file. Exactly one of",
+        "`mqtt.password`, `mqtt.password_env` and `mqtt.password_file` may be set; the password is read",
+        "when the file is loaded and never printed or logged.",
+        "",
+    ]
+    for name, cls in _SECTION_TYPES.items():
+        out += [f"## `[{name}]`", "", (cls.__doc__ or "").strip(), "", "| Key | Type | Default | Description |"]
+        out.append("|---|---|---|---|")
+        hints = typing.get_type_hints(cls)
+        default_obj = cls()
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if isinstance(tp, type) and issubclass(tp, enum.Enum):
+                tname = "string"
+            elif typing.get_origin(tp) is list:
+                tname = "list of strings"
+            elif typing.get_origin(tp) is dict:
+                tname = "table"
+            elif isinstance(tp, types.GenericAlias):  # pragma: no cover
+                tname = str(tp)
+            else:
+                tname = {str: "string", int: "integer", float: "number", bool: "boolean"}[tp]
+            default = _toml_value(getattr(default_obj, f.name))
+            doc = f.metadata["doc"]
+            if f.metadata.get("example"):
+                doc += f" Example: `{f.metadata['example']}`."
+            cell = doc.replace("|", "\\|")
+            out.append(f"| `{f.name}` | {tname} | `{default}` | {cell} |")
+        out.append("")
+    out += ["## Example", "", "```toml", to_toml(Config()).rstrip(), "```", ""]
+    return "\n".join(out)
