@@ -1,0 +1,280 @@
+"""Prometheus metrics of the daemon, created on a registry passed in.
+
+The names are a contract with the Grafana dashboard and the alert rules in
+``deploy/``; ``docs/metrics.md`` lists them.  Code updates them where the work
+happens (the MQTT callbacks, the worker, the checkpointer) through the
+attributes of :class:`Metrics`; nothing here polls or parses.
+
+``edge_lstm_readings_received_total`` equals the sum of
+``edge_lstm_readings_total`` over its ``outcome`` label once the queue is
+drained: every reading ends in exactly one :class:`~edge_lstm.outcomes.Outcome`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import platform
+import threading
+from collections import deque
+from collections.abc import Iterable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from edge_lstm import __version__
+from edge_lstm.modelspec import Manifest
+from edge_lstm.outcomes import Outcome
+
+_LOG = logging.getLogger(__name__)
+
+NAMESPACE = "edge_lstm"
+DEFAULT_PORT = 9745
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_INFERENCE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+_BATCH_BUCKETS = tuple(float(2**i) for i in range(11))  # 1, 2, 4, ..., 1024
+_CHECKPOINT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Absolute errors span the target's units: a wide log scale.
+_ERROR_BUCKETS = tuple(m * 10.0**e for e in range(-3, 6) for m in (1.0, 2.5, 5.0))
+STREAM_ERROR_WINDOW = 32  # readings in the rolling mean of edge_lstm_stream_abs_error
+RESET_REASONS = ("gap", "model_change")
+RESTORE_RESULTS = ("restored", "cold", "rejected")
+RELOAD_RESULTS = ("ok", "failed")
+
+
+class Metrics:
+    """All metrics of one daemon, registered on ``registry``.
+
+    ``process_collectors`` adds the default ``process_*``, ``python_*`` and GC
+    collectors to the registry (the default registry already has them).
+    """
+
+    def __init__(self, registry: CollectorRegistry, *, max_stream_labels: int = 100, process_collectors: bool = True):
+        self.registry = registry
+        ns = NAMESPACE
+        r = registry
+        if process_collectors:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+        self.received = Counter(
+            "readings_received", "Readings received (an array body of n readings counts n)", namespace=ns, registry=r
+        )
+        self.readings = Counter(
+            "readings", "What became of each reading received, by outcome", ["outcome"], namespace=ns, registry=r
+        )
+        for o in Outcome:  # export zeros, so rates and sums work from the first scrape
+            self.readings.labels(o.value)
+        self._outcome_children = {o: self.readings.labels(o.value) for o in Outcome}
+        self.forecasts_published = Counter("forecasts_published", "Forecasts published", namespace=ns, registry=r)
+        self.publish_failures = Counter(
+            "publish_failures", "Forecasts the MQTT client refused to publish", namespace=ns, registry=r
+        )
+        self.latency = Histogram(
+            "latency_seconds",
+            "Reading received to forecast published",
+            namespace=ns,
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.inference = Histogram(
+            "inference_seconds", "One batched model step", namespace=ns, registry=r, buckets=_INFERENCE_BUCKETS
+        )
+        self.batch_size = Histogram(
+            "batch_size", "Readings per batched model step", namespace=ns, registry=r, buckets=_BATCH_BUCKETS
+        )
+        self.queue_depth = Gauge("queue_depth", "Readings waiting in the intake queue", namespace=ns, registry=r)
+        self.queue_capacity = Gauge("queue_capacity", "Bound of the intake queue", namespace=ns, registry=r)
+        self.streams_active = Gauge("streams_active", "Streams held in the state table", namespace=ns, registry=r)
+        self.streams_capacity = Gauge("streams_capacity", "Capacity of the state table", namespace=ns, registry=r)
+        self.evictions = Counter(
+            "stream_evictions", "Streams evicted (least recently seen) to make room", namespace=ns, registry=r
+        )
+        self.state_resets = Counter(
+            "state_resets", "Stream state resets by reason", ["reason"], namespace=ns, registry=r
+        )
+        for reason in RESET_REASONS:
+            self.state_resets.labels(reason)
+        self.forecast_abs_error = Histogram(
+            "forecast_abs_error",
+            "Absolute 1-step forecast error in the target's units",
+            ["model"],
+            namespace=ns,
+            registry=r,
+            buckets=_ERROR_BUCKETS,
+        )
+        self.forecast_trained_mae = Gauge(
+            "forecast_trained_mae",
+            "The model's hold-out 1-step MAE from its manifest (target units)",
+            ["model"],
+            namespace=ns,
+            registry=r,
+        )
+        self.stream_abs_error = Gauge(
+            "stream_abs_error",
+            f"Rolling mean ({STREAM_ERROR_WINDOW} readings) of the 1-step absolute error, for a capped set of streams",
+            ["stream"],
+            namespace=ns,
+            registry=r,
+        )
+        self.mqtt_connected = Gauge("mqtt_connected", "1 while connected to the broker", namespace=ns, registry=r)
+        self.mqtt_reconnects = Counter(
+            "mqtt_reconnects", "Connections to the broker after the first", namespace=ns, registry=r
+        )
+        self.mqtt_last_message = Gauge(
+            "mqtt_last_message_timestamp_seconds",
+            "Time the last input message arrived",
+            namespace=ns,
+            registry=r,
+        )
+        self.checkpoint_duration = Histogram(
+            "checkpoint_duration_seconds",
+            "Time to write one checkpoint",
+            namespace=ns,
+            registry=r,
+            buckets=_CHECKPOINT_BUCKETS,
+        )
+        self.checkpoint_size = Gauge(
+            "checkpoint_size_bytes", "Size of the last checkpoint written", namespace=ns, registry=r
+        )
+        self.checkpoint_last_success = Gauge(
+            "checkpoint_last_success_timestamp_seconds",
+            "Time of the last successful checkpoint",
+            namespace=ns,
+            registry=r,
+        )
+        self.checkpoint_failures = Counter(
+            "checkpoint_failures", "Checkpoints that could not be written", namespace=ns, registry=r
+        )
+        self.state_restores = Counter(
+            "state_restores", "State restores at start, by result", ["result"], namespace=ns, registry=r
+        )
+        for result in RESTORE_RESULTS:
+            self.state_restores.labels(result)
+        self.model_reloads = Counter(
+            "model_reloads", "Model reloads (SIGHUP), by result", ["result"], namespace=ns, registry=r
+        )
+        for result in RELOAD_RESULTS:
+            self.model_reloads.labels(result)
+        self.model_info = Info("model", "The model being served", namespace=ns, registry=r)
+        self.build_info = Info("build", "edge-lstm build", namespace=ns, registry=r)
+        self.build_info.info({"version": __version__, "python": platform.python_version()})
+
+        self._max_stream_labels = max_stream_labels
+        self._stream_errors: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+        self._model_id = ""
+
+    # -- updates at the point of work ----------------------------------------------------------
+
+    def outcome(self, outcome: Outcome, n: int = 1) -> None:
+        if n:
+            self._outcome_children[outcome].inc(n)
+
+    def outcomes(self, counts: Iterable[tuple[Outcome, int]]) -> None:
+        for outcome, n in counts:
+            self.outcome(outcome, n)
+
+    def set_model(self, manifest: Manifest, runtime_name: str, runtime_version: str) -> None:
+        """Publish the model's identity and its trained error (on start and after each reload)."""
+        old = self._model_id
+        self._model_id = manifest.model_id
+        self.model_info.info(
+            {
+                "model": manifest.model_id,
+                "name": manifest.name,
+                "sha256": manifest.sha256,
+                "quantization": manifest.quantization.value,
+                "runtime": runtime_name,
+                "runtime_version": runtime_version,
+                "horizon": str(manifest.horizon),
+                "layers": ",".join(str(n) for n in manifest.layers),
+            }
+        )
+        if old and old != manifest.model_id:
+            with contextlib.suppress(KeyError):
+                self.forecast_trained_mae.remove(old)
+        mae = trained_mae(manifest)
+        if mae is not None:
+            self.forecast_trained_mae.labels(manifest.model_id).set(mae)
+        self.forecast_abs_error.labels(manifest.model_id)
+
+    def abs_errors(self, model_id: str, errors: Iterable[tuple[str, float]]) -> None:
+        """Record 1-step absolute errors: the per-model histogram and capped per-stream rolling means."""
+        hist = self.forecast_abs_error.labels(model_id)
+        touched: dict[str, deque[float]] = {}
+        with self._lock:
+            for stream, err in errors:
+                hist.observe(err)
+                window = self._stream_errors.get(stream)
+                if window is None:
+                    if len(self._stream_errors) >= self._max_stream_labels:
+                        continue
+                    window = self._stream_errors[stream] = deque(maxlen=STREAM_ERROR_WINDOW)
+                window.append(err)
+                touched[stream] = window
+            for stream, window in touched.items():
+                self.stream_abs_error.labels(stream).set(sum(window) / len(window))
+
+
+def trained_mae(manifest: Manifest) -> float | None:
+    """The hold-out 1-step MAE of the model as recorded by the converter, if the manifest has it."""
+    extra = manifest.extra
+    candidates: list[object] = []
+    metrics = extra.get("metrics")
+    if isinstance(metrics, dict):
+        candidates += [metrics.get("holdout_mae_1"), metrics.get("mae_1"), metrics.get("holdout_mae")]
+        hold = metrics.get("holdout")
+        if isinstance(hold, dict):
+            mae = hold.get("mae")
+            if isinstance(mae, dict):
+                mae = mae.get("model")
+            candidates.append(mae)
+    candidates += [extra.get("holdout_mae_1"), extra.get("trained_mae")]
+    for c in candidates:
+        if isinstance(c, list) and c:
+            c = c[0]
+        if isinstance(c, (int, float)) and not isinstance(c, bool) and c >= 0:
+            return float(c)
+    return None
+
+
+class MetricsServer:
+    """The HTTP endpoint serving ``registry`` at ``http://BIND:PORT/metrics``."""
+
+    def __init__(self, registry: CollectorRegistry, bind: str, port: int) -> None:
+        self._registry = registry
+        self._bind = bind
+        self._port = port
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._server, self._thread = start_http_server(self._port, addr=self._bind, registry=self._registry)
+        self._thread.name = "metrics-http"
+        _LOG.info("metrics at %s", self.url)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_port if self._server is not None else self._port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self._bind}]" if ":" in self._bind else self._bind
+        return f"http://{host}:{self.port}/metrics"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
