@@ -1,0 +1,165 @@
+"""StateTable: rows, growth, least-recently-seen eviction, reset, gather/scatter, arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_lstm.state import StateTable
+
+
+def table(capacity: int = 4, layers: tuple[int, ...] = (3, 2), n_values: int = 2) -> StateTable:
+    return StateTable(layers, n_values, capacity)
+
+
+def test_new_streams_get_distinct_reset_rows() -> None:
+    t = table()
+    rows, evicted = t.rows_for(["a", "b"])
+    assert evicted == 0 and len(t) == 2 and len(set(rows.tolist())) == 2
+    assert [a.shape[1] for a in t.state] == [3, 3, 2, 2]
+    assert np.isnan(t.prev[rows]).all() and np.isnan(t.last_ts[rows]).all()
+    assert (t.ticks[rows] == 0).all()
+    again, _ = t.rows_for(["b", "a"])
+    assert again.tolist() == rows[::-1].tolist()
+    assert t.row("a") == rows[0] and t.stream_of(int(rows[1])) == "b" and "a" in t and "z" not in t
+
+
+def test_gather_scatter_round_trip() -> None:
+    t = table()
+    rows, _ = t.rows_for(["a", "b", "c"])
+    new = [np.full((3, h), k + 1, np.float32) * np.arange(1, 4, dtype=np.float32)[:, None]
+           for k, h in enumerate((3, 3, 2, 2))]  # fmt: skip
+    t.scatter(rows, new)
+    sub = t.gather(rows[[2, 0]])
+    for got, want in zip(sub, new, strict=True):
+        np.testing.assert_array_equal(got, want[[2, 0]])
+    sub[0][:] = -1  # gather returns copies
+    assert (t.state[0][rows] != -1).all()
+
+
+def test_least_recently_seen_is_evicted() -> None:
+    t = table(capacity=3)
+    t.rows_for(["a"])
+    t.rows_for(["b"])
+    t.rows_for(["c"])
+    t.rows_for(["a"])  # b is now the least recently seen
+    rows, evicted = t.rows_for(["d"])
+    assert evicted == 1 and t.evictions == 1
+    assert set(t.streams()) == {"a", "c", "d"}
+    assert t.ticks[rows[0]] == 0 and np.isnan(t.last_ts[rows[0]])
+    rows, evicted = t.rows_for(["e", "a", "f"])  # a is in the call: c and d go
+    assert evicted == 2 and set(t.streams()) == {"a", "e", "f"}
+
+
+def test_evicted_row_state_is_reset() -> None:
+    t = table(capacity=1, layers=(2,), n_values=1)
+    rows, _ = t.rows_for(["a"])
+    t.scatter(rows, [np.ones((1, 2), np.float32), np.ones((1, 2), np.float32)])
+    t.prev[rows] = 5.0
+    t.ticks[rows] = 9
+    rows2, evicted = t.rows_for(["b"])
+    assert evicted == 1 and rows2[0] == rows[0]
+    assert (t.state[0][rows2] == 0).all() and np.isnan(t.prev[rows2]).all() and t.ticks[rows2[0]] == 0
+
+
+def test_batch_larger_than_capacity_is_refused_without_damage() -> None:
+    t = table(capacity=2)
+    t.rows_for(["a"])
+    with pytest.raises(ValueError):
+        t.rows_for(["x", "y", "z"])
+    assert set(t.streams()) == {"a"}
+
+
+def test_growth_keeps_contents_and_stops_at_capacity() -> None:
+    t = StateTable((4,), 1, capacity=3000)
+    assert t.allocated == 1024
+    first, _ = t.rows_for(["s0"])
+    t.state[0][first] = 7.0
+    t.last_ts[first] = 123.0
+    t.rows_for([f"s{i}" for i in range(1, 2000)])
+    assert t.allocated == 2048
+    t.rows_for([f"s{i}" for i in range(2000, 3000)])
+    assert t.allocated == 3000 and len(t) == 3000
+    assert (t.state[0][t.row("s0")] == 7.0).all() and t.last_ts[t.row("s0")] == 123.0
+    t.rows_for(["new"])
+    assert t.allocated == 3000 and t.evictions == 1 and "s0" not in t
+
+
+def test_remove_and_reset_all() -> None:
+    t = table()
+    rows, _ = t.rows_for(["a", "b"])
+    t.ticks[rows] = 5
+    assert t.remove("a") and not t.remove("a")
+    assert len(t) == 1
+    assert t.reset_all() == 1 and t.ticks[t.row("b")] == 0
+    rows, evicted = t.rows_for(["c", "d", "e"])  # the freed row is reused, no eviction
+    assert evicted == 0 and len(t) == 4
+
+
+def test_arrays_round_trip() -> None:
+    t = table(capacity=5)
+    rows, _ = t.rows_for(["a", "b", "c"])
+    rng = np.random.default_rng(0)
+    t.scatter(rows, [rng.normal(size=(3, h)).astype(np.float32) for h in (3, 3, 2, 2)])
+    t.prev[rows] = rng.normal(size=(3, 2))
+    t.last_ts[rows] = [1.0, 2.0, 3.0]
+    t.ticks[rows] = [4, 5, 6]
+    t.pending_value[rows] = [0.5, np.nan, 1.5]
+    t.pending_ts[rows] = [10.0, np.nan, 30.0]
+    t.rows_for(["b"])
+    back = StateTable.from_arrays(t.to_arrays(), (3, 2), 2, capacity=5)
+    assert set(back.streams()) == {"a", "b", "c"}
+    for s in ("a", "b", "c"):
+        r, r2 = t.row(s), back.row(s)
+        for a, b in zip(t.state, back.state, strict=True):
+            np.testing.assert_array_equal(a[r], b[r2])
+        for name in ("prev", "last_ts", "ticks", "last_seen", "pending_value", "pending_ts"):
+            np.testing.assert_array_equal(getattr(t, name)[r], getattr(back, name)[r2])
+    # eviction order survives: a is the least recently seen
+    back.rows_for(["d", "e"])
+    back.rows_for(["f"])
+    assert "a" not in back and "b" in back
+
+
+def test_from_arrays_keeps_most_recent_when_capacity_shrinks() -> None:
+    t = table(capacity=4)
+    for s in ("a", "b", "c", "d"):
+        t.rows_for([s])
+    back = StateTable.from_arrays(t.to_arrays(), (3, 2), 2, capacity=2)
+    assert set(back.streams()) == {"c", "d"}
+
+
+def test_from_arrays_rejects_layout_mismatch() -> None:
+    arrays = table().to_arrays()
+    with pytest.raises(ValueError, match="h_0"):
+        StateTable.from_arrays(arrays, (4, 2), 2, capacity=4)
+    with pytest.raises(ValueError, match="prev"):
+        StateTable.from_arrays(arrays, (3, 2), 3, capacity=4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 12), min_size=1, max_size=4, unique=True), max_size=40),
+       st.integers(1, 6))  # fmt: skip
+def test_table_matches_an_lru_model(batches: list[list[int]], capacity: int) -> None:
+    t = StateTable((2,), 1, capacity)
+    seen: dict[str, int] = {}  # stream -> call number of its last access
+    evictions = 0
+    for clock, batch in enumerate(batches):
+        ids = [f"s{i}" for i in batch][:capacity]
+        before = set(t.streams())
+        rows, evicted = t.rows_for(ids)
+        after = set(t.streams())
+        expected_size = min(capacity, len(before | set(ids)))
+        assert len(after) == expected_size and set(ids) <= after
+        removed = before - after
+        assert evicted == len(removed) == len(before | set(ids)) - expected_size
+        evictions += evicted
+        survivors = after - set(ids)
+        assert all(seen[r] <= seen[k] for r in removed for k in survivors)  # least recently seen went first
+        for s in ids:
+            seen[s] = clock
+        assert len(set(rows.tolist())) == len(ids)
+        assert all(t.row(s) == r for s, r in zip(ids, rows.tolist(), strict=True))
+    assert t.evictions == evictions
