@@ -30,9 +30,9 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.broker import Broker
-from tests.support.collector import Collector
-from tests.support.ports import free_port
+from .broker import Broker
+from .collector import Collector
+from .ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TAYLOR_MODEL = REPO / "models" / "taylor"
