@@ -1,0 +1,342 @@
+"""Engine: time policy, gap filling, warm-up, online error, model swap; batched == sequential."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_lstm.engine import Engine
+from edge_lstm.features import FeatureKind, FeaturePipeline, FeatureSpec, OutputSpec, fill_gap, ticks_between
+from edge_lstm.modelspec import Manifest, Quantization, load_model
+from edge_lstm.outcomes import Outcome
+from edge_lstm.payload import Reading
+from edge_lstm.reference import LSTMLayerWeights, ReferenceModel, ReferenceWeights
+from edge_lstm.runtime import load_step_model
+from edge_lstm.state import StateTable
+
+CADENCE = 60.0
+T0 = 1_717_000_000.0
+MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "taylor"
+
+
+def make_manifest(layers: tuple[int, ...] = (5, 3), horizon: int = 3, columns: tuple[str, ...] = ("a", "b"),
+                  warmup: int = 3, max_gap: int = 4, name: str = "fake") -> Manifest:  # fmt: skip
+    feats = [FeatureSpec(f"d_{c}", FeatureKind.DIFF, c, 0.0, 2.0) for c in columns]
+    feats += [FeatureSpec(f"l_{c}", FeatureKind.LEVEL, c, 10.0, 5.0) for c in columns]
+    feats += [FeatureSpec("tod_sin", FeatureKind.TOD_SIN), FeatureSpec("tod_cos", FeatureKind.TOD_COS)]
+    pipeline = FeaturePipeline(columns, tuple(feats), OutputSpec(columns[0], horizon, scale=3.0))
+    return Manifest(name=name, sha256=f"{abs(hash((layers, name))):064d}"[-64:], quantization=Quantization.FLOAT32,
+                    pipeline=pipeline, cadence_s=CADENCE, layers=layers, target_units="u",
+                    warmup_ticks=warmup, max_gap_ticks=max_gap)  # fmt: skip
+
+
+class NumpyModel:
+    """A real (numpy) LSTM with random weights, standing in for the interpreter in unit tests."""
+
+    runtime_name = "numpy"
+    runtime_version = "test"
+
+    def __init__(self, manifest: Manifest, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        layers, d = [], manifest.pipeline.n_features
+        for h in manifest.layers:
+            layers.append(LSTMLayerWeights(rng.normal(0, 0.7, (d, 4 * h)).astype(np.float32),
+                                           rng.normal(0, 0.7, (h, 4 * h)).astype(np.float32),
+                                           rng.normal(0, 0.2, 4 * h).astype(np.float32)))  # fmt: skip
+            d = h
+        k = manifest.horizon
+        weights = ReferenceWeights(tuple(layers), rng.normal(0, 0.5, (d, k)).astype(np.float32),
+                                   rng.normal(0, 0.1, k).astype(np.float32))  # fmt: skip
+        self.manifest = manifest
+        self.ref = ReferenceModel(weights)
+        self.calls: list[int] = []
+
+    def step(self, x: np.ndarray, state: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        self.calls.append(int(x.shape[0]))
+        return self.ref.step(x, list(state))
+
+
+def engine_for(model: NumpyModel | object, capacity: int = 100, **kw: object) -> Engine:
+    m = model.manifest  # type: ignore[attr-defined]
+    return Engine(model, StateTable(m.layers, len(m.pipeline.columns), capacity), **kw)  # type: ignore[arg-type]
+
+
+def rd(stream: str, tick: float, *values: float) -> Reading:
+    return Reading(stream, tuple(values), T0 + tick * CADENCE, 0.5)
+
+
+def sequential(model: NumpyModel, readings: Sequence[Reading], max_gap: int) -> list[tuple[np.ndarray, bool] | None]:
+    """The oracle: one stream's readings, one at a time, straight from the time policy's definition."""
+    m = model.manifest
+    p = m.pipeline
+    state = model.ref.zero_state(1)
+    prev = np.full(len(p.columns), np.nan)
+    last: float | None = None
+    ticks = 0
+    out: list[tuple[np.ndarray, bool] | None] = []
+    for r in readings:
+        v = np.asarray(r.values, dtype=np.float64)
+        if last is not None and r.ts <= last:
+            out.append(None)
+            continue
+        n = 1 if last is None else ticks_between(last, r.ts, m.cadence_s)
+        if last is not None and n > max_gap:
+            state, prev, ticks, n = model.ref.zero_state(1), np.full_like(prev, np.nan), 0, 1
+        if n > 1:
+            assert last is not None
+            fts = last + (r.ts - last) * np.arange(1, n, dtype=np.float64) / n
+            for fv, ft in zip(fill_gap(prev, v, n), fts, strict=True):
+                _, state = model.ref.step(p.encode(fv[None], prev[None], [ft]), state)
+                prev, ticks = fv, ticks + 1
+        y, state = model.ref.step(p.encode(v[None], prev[None], [r.ts]), state)
+        ticks += 1
+        out.append((p.decode(y, [v[p.target_index]])[0], ticks < m.warmup_ticks))
+        prev, last = v, r.ts
+    return out
+
+
+# -- time policy ----------------------------------------------------------------------------------
+
+
+def test_one_step_for_a_batch_without_gaps_and_counts() -> None:
+    model = NumpyModel(make_manifest())
+    eng = engine_for(model)
+    res = eng.process([rd("s1", 0, 1, 2), rd("s2", 0, 3, 4)])
+    assert model.calls == [2]
+    assert res.outcomes == {Outcome.PROCESSED: 2}
+    assert [f.stream for f in res.forecasts] == ["s1", "s2"]
+    assert all(f.values.shape == (3,) and f.model_id == "fake@" + model.manifest.sha256[:12] for f in res.forecasts)
+    assert res.batch_size == 2 and res.model_steps == 1 and res.inference_seconds >= 0
+
+
+def test_out_of_order_and_duplicates_are_dropped_and_counted() -> None:
+    model = NumpyModel(make_manifest())
+    eng = engine_for(model)
+    eng.process([rd("s1", 5, 1, 1), rd("s2", 5, 1, 1)])
+    res = eng.process([rd("s1", 4, 2, 2), rd("s2", 5, 2, 2), rd("s3", 0, 2, 2)])
+    assert res.outcomes == {Outcome.OUT_OF_ORDER: 1, Outcome.DUPLICATE: 1, Outcome.PROCESSED: 1}
+    assert [f.stream for f in res.forecasts] == ["s3"]
+    assert eng.table.last_ts[eng.table.row("s1")] == T0 + 5 * CADENCE  # unchanged
+    res = eng.process([rd("s1", 4, 2, 2), rd("s2", 5, 2, 2)])
+    assert res.outcomes == {Outcome.OUT_OF_ORDER: 1, Outcome.DUPLICATE: 1} and model.calls == [2, 1]
+
+
+def test_short_gap_is_filled_with_extra_steps_only_for_that_stream() -> None:
+    model = NumpyModel(make_manifest(max_gap=4))
+    eng = engine_for(model)
+    eng.process([rd("s1", 0, 1, 1), rd("s2", 0, 1, 1)])
+    model.calls.clear()
+    res = eng.process([rd("s1", 4, 5, 5), rd("s2", 1, 2, 2)])  # s1: 3 filled ticks, s2: none
+    assert model.calls == [1, 1, 1, 2]
+    assert res.model_steps == 4 and res.batch_size == 2 and len(res.forecasts) == 2
+    assert eng.table.ticks[eng.table.row("s1")] == 5 and eng.table.ticks[eng.table.row("s2")] == 2
+    assert res.resets == {}
+
+
+def test_long_gap_resets_state() -> None:
+    model = NumpyModel(make_manifest(max_gap=4))
+    eng = engine_for(model)
+    for k in range(3):
+        eng.process([rd("s1", k, k, k)])
+    model.calls.clear()
+    res = eng.process([rd("s1", 2 + 5, 9, 9)])
+    assert res.resets == {"gap": 1}
+    assert model.calls == [1]
+    assert eng.table.ticks[eng.table.row("s1")] == 1
+    fresh = engine_for(model).process([rd("x", 7, 9, 9)]).forecasts[0]
+    np.testing.assert_allclose(res.forecasts[0].values, fresh.values)
+
+
+def test_jittered_timestamps_round_to_ticks() -> None:
+    model = NumpyModel(make_manifest())
+    eng = engine_for(model)
+    eng.process([rd("s1", 0, 1, 1)])
+    model.calls.clear()
+    eng.process([rd("s1", 1.3, 1, 1)])  # rounds to 1 tick
+    eng.process([rd("s1", 2.6, 1, 1)])  # 1.3 ticks later: 1 tick
+    eng.process([rd("s1", 4.4, 1, 1)])  # 1.8 ticks later: 2 ticks, one filled
+    assert model.calls == [1, 1, 1, 1]
+
+
+def test_warm_up_flag() -> None:
+    eng = engine_for(NumpyModel(make_manifest(warmup=3)))
+    flags = [eng.process([rd("s", k, 1, 1)]).forecasts[0].warming_up for k in range(4)]
+    assert flags == [True, True, False, False]
+
+
+def test_one_step_error_against_the_previous_forecast() -> None:
+    model = NumpyModel(make_manifest(warmup=1))
+    eng = engine_for(model)
+    f0 = eng.process([rd("s", 0, 10, 1)]).forecasts[0]
+    res = eng.process([rd("s", 1, 12, 1)])
+    assert res.abs_errors == [("s", pytest.approx(abs(f0.values[0] - 12.0)))]
+    res = eng.process([rd("s", 3, 13, 1)])  # after a filled gap: not scored
+    assert res.abs_errors == []
+
+
+def test_no_error_scored_for_forecasts_made_while_warming_up() -> None:
+    eng = engine_for(NumpyModel(make_manifest(warmup=3)))
+    errors = [eng.process([rd("s", k, k, 1)]).abs_errors for k in range(4)]
+    assert [len(e) for e in errors] == [0, 0, 0, 1]
+
+
+def test_repeated_stream_in_one_batch_is_processed_in_order() -> None:
+    model = NumpyModel(make_manifest())
+    batched = engine_for(model).process([rd("s", 0, 1, 1), rd("t", 0, 1, 1), rd("s", 1, 2, 2)])
+    assert [f.stream for f in batched.forecasts] == ["s", "t", "s"]
+    assert batched.outcomes == {Outcome.PROCESSED: 3}
+    one = engine_for(model)
+    one.process([rd("s", 0, 1, 1)])
+    np.testing.assert_allclose(batched.forecasts[2].values, one.process([rd("s", 1, 2, 2)]).forecasts[0].values)
+
+
+def test_evictions_are_reported() -> None:
+    eng = engine_for(NumpyModel(make_manifest()), capacity=2)
+    eng.process([rd("a", 0, 1, 1), rd("b", 0, 1, 1)])
+    res = eng.process([rd("c", 0, 1, 1), rd("d", 0, 1, 1), rd("e", 0, 1, 1)])
+    assert res.evictions == 3 and res.outcomes == {Outcome.PROCESSED: 3} and len(eng.table) == 2
+
+
+def test_table_must_fit_the_model() -> None:
+    with pytest.raises(ValueError, match="layout"):
+        Engine(NumpyModel(make_manifest()), StateTable((4,), 2, 10))  # type: ignore[arg-type]
+
+
+def test_max_gap_override() -> None:
+    model = NumpyModel(make_manifest(max_gap=4))
+    eng = engine_for(model, max_gap_ticks=1)
+    eng.process([rd("s", 0, 1, 1)])
+    assert eng.process([rd("s", 2, 1, 1)]).resets == {"gap": 1}
+
+
+# -- model swap -----------------------------------------------------------------------------------
+
+
+def test_replace_model_with_same_layout_keeps_state() -> None:
+    m1 = NumpyModel(make_manifest(), seed=1)
+    m2 = NumpyModel(dataclasses.replace(make_manifest(), name="other"), seed=2)
+    eng = engine_for(m1)
+    eng.process([rd("s", 0, 1, 1)])
+    state = [a[eng.table.row("s")].copy() for a in eng.table.state]
+    assert eng.replace_model(m2) is True
+    assert all(np.array_equal(a[eng.table.row("s")], b) for a, b in zip(eng.table.state, state, strict=True))
+    res = eng.process([rd("s", 1, 2, 2)])
+    assert res.resets == {} and res.forecasts[0].model_id.startswith("other@")
+    assert eng.table.ticks[eng.table.row("s")] == 2
+
+
+def test_replace_model_with_other_layers_resets_everything() -> None:
+    m1 = NumpyModel(make_manifest())
+    m2 = NumpyModel(make_manifest(layers=(4,), name="small"))
+    eng = engine_for(m1)
+    eng.process([rd("s", 0, 1, 1), rd("t", 0, 1, 1)])
+    assert eng.replace_model(m2) is False
+    assert eng.table.layers == (4,) and set(eng.table.streams()) == {"s", "t"}
+    res = eng.process([rd("s", 1, 2, 2)])
+    assert res.resets == {"model_change": 2}
+    assert res.forecasts[0].warming_up and eng.table.ticks[eng.table.row("s")] == 1
+    assert eng.process([rd("s", 2, 2, 2)]).resets == {}
+
+
+# -- batched == sequential -------------------------------------------------------------------------
+
+_offsets = st.one_of(
+    st.sampled_from([1.0, 1.0, 1.0, 1.0, 2.0, 3.0, 0.0, -1.0, 7.0]),
+    st.floats(min_value=0.6, max_value=1.4),
+)
+
+
+@st.composite
+def _scenario(draw: st.DrawFn) -> tuple[dict[str, list[Reading]], list[int]]:
+    per_stream: dict[str, list[Reading]] = {}
+    for s in range(draw(st.integers(1, 5))):
+        tick = draw(st.floats(min_value=0, max_value=10))
+        rs = []
+        for _ in range(draw(st.integers(1, 12))):
+            v = draw(st.floats(min_value=-20, max_value=40, allow_nan=False))
+            rs.append(rd(f"s{s}", tick, v, v / 2))
+            tick += draw(_offsets)
+        per_stream[f"s{s}"] = rs
+    order = draw(st.permutations([i for i, rs in enumerate(per_stream.values()) for _ in rs]))
+    sizes = draw(st.lists(st.integers(1, 6), min_size=len(order), max_size=len(order)))
+    return per_stream, [*order, *sizes]
+
+
+@settings(max_examples=60, deadline=None)
+@given(_scenario(), st.booleans())
+def test_batched_equals_sequential(scenario: tuple[dict[str, list[Reading]], list[int]], distinct: bool) -> None:
+    per_stream, plan = scenario
+    model = NumpyModel(make_manifest(max_gap=4, warmup=3))
+    n = sum(len(v) for v in per_stream.values())
+    order, sizes = plan[:n], plan[n:]
+    names = list(per_stream)
+    cursors = dict.fromkeys(names, 0)
+    interleaved = []
+    for i in order:
+        s = names[i]
+        interleaved.append(per_stream[s][cursors[s]])
+        cursors[s] += 1
+    batches: list[list[Reading]] = []
+    pos = 0
+    for size in sizes:
+        if pos >= n:
+            break
+        batch: list[Reading] = []
+        while pos < n and len(batch) < size:
+            if distinct and any(r.stream == interleaved[pos].stream for r in batch):
+                break
+            batch.append(interleaved[pos])
+            pos += 1
+        batches.append(batch)
+    eng = engine_for(model)
+    got: dict[str, list[tuple[np.ndarray, bool]]] = {s: [] for s in names}
+    counted = 0
+    for b in batches:
+        res = eng.process(b)
+        counted += sum(res.outcomes.values())
+        assert res.outcomes[Outcome.PROCESSED] == len(res.forecasts)
+        for f in res.forecasts:
+            got[f.stream].append((f.values, f.warming_up))
+    assert counted == n
+    for s, rs in per_stream.items():
+        want = [w for w in sequential(model, rs, 4) if w is not None]
+        assert len(got[s]) == len(want)
+        for (gv, gw), (wv, ww) in zip(got[s], want, strict=True):
+            assert gw == ww
+            np.testing.assert_allclose(gv, wv, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_equals_sequential_with_the_bundled_model() -> None:
+    bundle = load_model(MODEL_DIR)
+    model = load_step_model(bundle)
+    m = bundle.manifest
+    rng = np.random.default_rng(7)
+    series = {f"s{i}": 29000 + 3000 * np.sin(np.arange(60) / 7 + i) + rng.normal(0, 200, 60) for i in range(6)}
+    cad = m.cadence_s
+
+    def reading(s: str, k: int) -> Reading:
+        return Reading(s, (float(series[s][k]),), T0 + k * cad, 0.0)
+
+    def fresh() -> Engine:
+        return Engine(model, StateTable(m.layers, 1, 100))
+
+    batched = fresh()
+    got: dict[str, list[np.ndarray]] = {s: [] for s in series}
+    for k in range(60):
+        if k % 10 == 3:
+            continue  # a one-tick hole in every stream: filled
+        tick = [reading(s, k) for s in series]
+        cut = k % len(tick)  # batch composition changes from tick to tick
+        for part in (tick[:cut], tick[cut:]):
+            for f in batched.process(part).forecasts:
+                got[f.stream].append(f.values)
+    for s in series:
+        one = fresh()
+        want = [one.process([reading(s, k)]).forecasts[0].values for k in range(60) if k % 10 != 3]
+        np.testing.assert_allclose(np.array(got[s]), np.array(want), rtol=1e-4, atol=0.5)  # MW
