@@ -1,0 +1,130 @@
+"""Bounded intake queue between the MQTT thread and the worker, and batch forming (pure).
+
+The MQTT thread :meth:`~Batcher.put` s readings; the worker calls
+:meth:`~Batcher.take_batch`.  The queue holds at most ``max_queue`` readings:
+when it is full, the OLDEST reading is dropped to make room (it would be the
+stalest forecast anyway) and counted as ``Outcome.QUEUE_FULL``, so memory never
+grows without bound.
+
+A batch holds at most one reading per stream.  A stream's later readings stay
+queued, in their order and ahead of newer arrivals, for the next batch.  To
+keep batch forming O(batch) even when one stream floods the queue, at most
+``scan_factor * max_batch`` queued readings are examined per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from edge_lstm.payload import Reading
+
+_LOG = logging.getLogger(__name__)
+
+
+class Batcher:
+    """A thread-safe, bounded, drop-oldest queue of readings that forms per-stream-unique batches."""
+
+    def __init__(self, max_queue: int, scan_factor: int = 4, clock: Callable[[], float] = time.monotonic) -> None:
+        if max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
+        if scan_factor < 1:
+            raise ValueError("scan_factor must be at least 1")
+        self.max_queue = int(max_queue)
+        self.scan_factor = int(scan_factor)
+        self._clock = clock
+        self._queue: deque[Reading] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._closed = False
+        self.dropped = 0  # cumulative readings dropped because the queue was full
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def put(self, reading: Reading) -> int:
+        """Queue one reading; returns how many old readings were dropped to make room (0 or 1)."""
+        with self._cond:
+            dropped = 0
+            if len(self._queue) >= self.max_queue:
+                self._queue.popleft()
+                dropped = 1
+                self.dropped += 1
+            self._queue.append(reading)
+            self._cond.notify()
+        return dropped
+
+    def put_many(self, readings: Iterable[Reading]) -> int:
+        """Queue several readings in order; returns how many readings were dropped (old ones first)."""
+        items = list(readings)
+        if not items:
+            return 0
+        with self._cond:
+            q = self._queue
+            dropped = 0
+            if len(items) > self.max_queue:
+                dropped += len(items) - self.max_queue
+                items = items[-self.max_queue :]
+            over = len(q) + len(items) - self.max_queue
+            if over > 0:
+                dropped += over
+                for _ in range(over):
+                    q.popleft()
+            q.extend(items)
+            self.dropped += dropped
+            self._cond.notify()
+        return dropped
+
+    def take_batch(self, max_batch: int, max_wait_s: float) -> list[Reading]:
+        """Wait up to ``max_wait_s`` for a first reading, then take up to ``max_batch`` readings.
+
+        The batch has at most one reading per stream, in queue order.  Returns
+        an empty list on timeout or when the batcher is closed and empty.
+        """
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        with self._cond:
+            q = self._queue
+            if not q and not self._closed:
+                deadline = self._clock() + max_wait_s
+                while not q and not self._closed:
+                    remaining = deadline - self._clock()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+            if not q:
+                return []
+            batch: list[Reading] = []
+            seen: set[str] = set()
+            skipped: list[Reading] = []
+            budget = self.scan_factor * max_batch
+            while q and len(batch) < max_batch and budget > 0:
+                r = q.popleft()
+                budget -= 1
+                if r.stream in seen:
+                    skipped.append(r)
+                else:
+                    seen.add(r.stream)
+                    batch.append(r)
+            if skipped:
+                q.extendleft(reversed(skipped))
+            return batch
+
+    def drain(self) -> list[Reading]:
+        """Remove and return everything queued (at shutdown, to count what was not processed)."""
+        with self._cond:
+            items = list(self._queue)
+            self._queue.clear()
+            return items
+
+    def close(self) -> None:
+        """Wake waiting takers; later takes return what is left, then empty batches at once."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
