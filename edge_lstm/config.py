@@ -35,6 +35,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from edge_lstm.runtime import Runtime
+
 _LOG = logging.getLogger(__name__)
 
 STREAM_PLACEHOLDER = "{stream}"
@@ -45,14 +47,6 @@ _HOST_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 class ConfigError(Exception):
     """A configuration that cannot be used; the message names the key and the problem."""
-
-
-class Runtime(str, enum.Enum):
-    """Which TFLite interpreter package runs the model."""
-
-    AUTO = "auto"
-    AI_EDGE_LITERT = "ai-edge-litert"
-    TFLITE_RUNTIME = "tflite-runtime"
 
 
 class MqttProtocol(str, enum.Enum):
@@ -246,7 +240,11 @@ class EngineConfig:
         default=256, metadata=_doc("Most readings (one per stream) in one batched model step.")
     )
     max_wait_ms: float = dataclasses.field(
-        default=5.0, metadata=_doc("Longest wait for more readings before a partial batch runs.")
+        default=5.0,
+        metadata=_doc(
+            "Reserved: the worker runs a batch of whatever is queued as soon as it is free and never holds "
+            "a reading back to fill a batch (batches grow by themselves under load)."
+        ),
     )
     queue_size: int = dataclasses.field(
         default=10000, metadata=_doc("Intake queue bound; when full the oldest reading is dropped (`queue_full`).")

@@ -17,7 +17,10 @@
   delays small publishes made right after a read by up to ~40 ms.
 
 Handlers registered with :meth:`MqttLink.route` run on paho's network thread
-and must be quick (the daemon's only decodes and enqueues).
+and must be quick (the daemon's only decodes and enqueues).  Acknowledgements
+are manual: a QoS 1 message is acknowledged only once its handler took it in,
+so readings that arrive while the daemon is stopping stay with the broker and
+are delivered again to the next run.
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ SUBSCRIBE_QOS = 1
 MAX_QUEUED_PUBLISHES = 10_000  # paho's own outgoing queue while disconnected: bounded
 MAX_INFLIGHT = 64
 
-MessageHandler = Callable[[str, bytes], None]
+# Returns True when the message was taken in (it is then acknowledged), False to leave it
+# unacknowledged: the broker delivers it again after the next connect (persistent session).
+MessageHandler = Callable[[str, bytes], bool]
 
 
 class MqttLink:
@@ -74,6 +79,7 @@ class MqttLink:
             clean_session=None if v5 else False,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             reconnect_on_failure=True,
+            manual_ack=True,
         )
         c = self.client
         c.enable_logger(logging.getLogger("paho.mqtt"))
@@ -104,8 +110,9 @@ class MqttLink:
     def route(self, topic_filter: str, handler: MessageHandler) -> None:
         """Subscribe to ``topic_filter`` (QoS 1) and pass its messages to ``handler(topic, payload)``."""
 
-        def on_message(_client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
-            handler(msg.topic, bytes(msg.payload))
+        def on_message(client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+            if handler(msg.topic, bytes(msg.payload)) and msg.qos > 0:
+                client.ack(msg.mid, msg.qos)
 
         self.client.message_callback_add(topic_filter, on_message)
         self._subscriptions.append(topic_filter)
@@ -255,8 +262,10 @@ class MqttLink:
             else:
                 _LOG.info("subscribed to %r (QoS %d)", topic, rc.value)
 
-    def _on_unrouted(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+    def _on_unrouted(self, client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
         _LOG.debug("message on unexpected topic %r ignored", msg.topic)
+        if msg.qos > 0:
+            client.ack(msg.mid, msg.qos)
 
 
 def describe_connack(reason_code: ReasonCode) -> str:
