@@ -254,7 +254,7 @@ class Daemon:
             _LOG.info("received SIGHUP: reloading the model")
             self.request_reload()
 
-        old = {}
+        old: dict[int, Any] = {}
         for sig, handler in ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop), (signal.SIGHUP, on_hup)):
             old[sig] = signal.signal(sig, handler)
         return old
@@ -426,9 +426,20 @@ class Daemon:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StartError(f"cannot create state.dir {directory}: {e.strerror or e}") from None
-        restored = ckpt.restore(directory, manifest, capacity=cfg.state.capacity)
-        self.metrics.state_restores.labels(restored.result.value).inc()
-        return restored.table
+        res = ckpt.load_checkpoint(
+            directory, manifest.sha256, manifest.layers, len(manifest.pipeline.columns), cfg.state.capacity
+        )
+        if res.table is not None:
+            self.metrics.state_restores.labels("restored").inc()
+            _LOG.info("state restored: %d stream(s) from %s", len(res.table), res.path)
+            return res.table
+        if res.status is ckpt.LoadStatus.REJECTED:
+            self.metrics.state_restores.labels("rejected").inc()
+            _LOG.warning("state checkpoint rejected (%s): starting cold", res.reason)
+        else:
+            self.metrics.state_restores.labels("cold").inc()
+            _LOG.info("no usable state checkpoint (%s): starting cold", res.reason)
+        return StateTable(manifest.layers, len(manifest.pipeline.columns), cfg.state.capacity)
 
     def _checkpointer(self) -> None:
         interval = self.cfg.state.checkpoint_interval_s
@@ -442,12 +453,12 @@ class Daemon:
             arrays = self.engine.table.to_arrays()
             manifest = self.model.manifest
         try:
-            size = ckpt.save(Path(self.cfg.state.dir), arrays, manifest)
+            saved = ckpt.save_checkpoint(arrays, Path(self.cfg.state.dir), manifest.sha256)
         except OSError as e:
             self.metrics.checkpoint_failures.inc()
             _LOG.error("checkpoint failed: %s", e)
             return
         self.metrics.checkpoint_duration.observe(time.monotonic() - start)
-        self.metrics.checkpoint_size.set(size)
+        self.metrics.checkpoint_size.set(saved.size)
         self.metrics.checkpoint_last_success.set(self.clock())
-        _LOG.debug("checkpoint: %d stream(s), %d bytes", len(arrays["streams"]), size)
+        _LOG.debug("checkpoint: %d stream(s), %d bytes", saved.streams, saved.size)
