@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--horizon", type=int, default=16, help="forecast ticks ahead, K (default 16)")
     t.add_argument("--units", type=int, default=64, help="LSTM units per layer (default 64)")
     t.add_argument("--layers", type=int, default=1, help="stacked LSTM layers (default 1)")
-    t.add_argument("--epochs", type=int, default=60, help="maximum epochs; early stopping ends sooner (default 60)")
+    t.add_argument("--epochs", type=int, default=100, help="maximum epochs; early stopping ends sooner (default 100)")
     t.add_argument("--seed", type=int, default=0, help="random seed: same seed, same data, same model")
     t.add_argument("--quantize", type=Quantization, default=Quantization.DYNAMIC, metavar="MODE",
                    help=f"quantization of the written model: {modes} (default dynamic)")  # fmt: skip
@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--name", default=None, help="model name (default: the --out directory's name)")
     t.add_argument("--max-gap-ticks", type=int, default=4,
                    help="gaps up to this many ticks are interpolated, longer ones split the series")  # fmt: skip
-    t.add_argument("--level", type=LevelMode, default=LevelMode.TARGET, choices=list(LevelMode),
-                   help="columns also fed as a clipped level (default target)")  # fmt: skip
+    t.add_argument("--level", type=LevelMode, default=LevelMode.AUTO, choices=list(LevelMode),
+                   help="columns also fed as a clipped level; auto: the target unless the series trends")  # fmt: skip
     t.add_argument("--calendar", type=CalendarMode, default=CalendarMode.AUTO, choices=list(CalendarMode),
                    help="time-of-day/day-of-week inputs as the cadence allows (auto) or none")  # fmt: skip
     t.add_argument("--utc-offset", type=float, default=0.0, metavar="HOURS",
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--window", type=int, default=None, metavar="TICKS", help="training window length")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--learning-rate", type=_positive_float, default=3e-3)
-    t.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs (default 8)")
+    t.add_argument("--patience", type=int, default=12, help="early-stopping patience in epochs (default 12)")
     t.add_argument("--split", default="0.7,0.15", metavar="TRAIN,VAL",
                    help="chronological fractions for training and validation; the rest is the hold-out")  # fmt: skip
     t.add_argument("--modes", type=_modes, default=tuple(Quantization), metavar="LIST",

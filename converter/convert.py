@@ -64,14 +64,14 @@ class TrainConfig:
     horizon: int = 16
     units: int = 64
     layers: int = 1
-    epochs: int = 60
+    epochs: int = 100
     seed: int = 0
     quantize: Quantization = Quantization.DYNAMIC
     cadence_s: float | None = None
     units_label: str = ""
     name: str | None = None
     max_gap_ticks: int = 4
-    level: LevelMode = LevelMode.TARGET
+    level: LevelMode = LevelMode.AUTO
     calendar: CalendarMode = CalendarMode.AUTO
     utc_offset_s: float = 0.0
     warmup_ticks: int | None = None
@@ -79,7 +79,7 @@ class TrainConfig:
     window: int | None = None
     batch_size: int = 16
     learning_rate: float = 3e-3
-    patience: int = 8
+    patience: int = 12
     split: Split = dataclasses.field(default_factory=Split)
     modes: tuple[Quantization, ...] = ALL_MODES
     plot: bool = True
@@ -218,9 +218,6 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> TrainResult:
-    from converter.export import representative_from_inputs
-    from converter.train import FitConfig, apply_gains, extract_weights, fit, fit_gains, model_from_weights
-
     t_start = time.monotonic()
     grid = data_mod.load(cfg.data, cfg.time_col, columns, cfg.cadence_s, cfg.max_gap_ticks)
     season = cfg.season or season_ticks(grid.cadence_s)
@@ -240,6 +237,10 @@ def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> Train
         "features %s; %d training windows of %d ticks, %d validation windows; warm-up %d, season %d",
         [f.name for f in pipeline.features], x_tr.shape[0], window, x_va.shape[0], warmup, season,
     )  # fmt: skip
+    # TensorFlow loads only once the data has passed every check.
+    from converter.export import representative_from_inputs
+    from converter.train import FitConfig, apply_gains, extract_weights, fit, fit_gains, model_from_weights
+
     fit_cfg = FitConfig(
         units=(cfg.units,) * cfg.layers,
         epochs=cfg.epochs,

@@ -197,7 +197,8 @@ def resample(raw: RawSeries, cadence_s: float | None = None, max_gap_ticks: int 
     n_missing = int((~ok).sum())
     if ts.shape[0] < 2:
         raise ConvertError(f"too few complete rows: {ts.shape[0]} of {raw.timestamps.shape[0]}")
-    cadence = float(cadence_s) if cadence_s is not None else infer_cadence(ts)
+    # Rows with a missing value still tell the cadence.
+    cadence = float(cadence_s) if cadence_s is not None else infer_cadence(raw.timestamps)
     if not (cadence > 0 and math.isfinite(cadence)):
         raise ConvertError(f"cadence must be a positive number of seconds, got {cadence}")
     segments: list[Segment] = []

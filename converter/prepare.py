@@ -50,9 +50,14 @@ class Part(enum.IntEnum):
 class LevelMode(str, enum.Enum):
     """Which value columns also enter the network as a clipped, scaled level."""
 
+    AUTO = "auto"  # the target, unless the series trends out of its training range
     NONE = "none"
     TARGET = "target"
     ALL = "all"
+
+
+# Share of validation readings outside the training range above which a series counts as trending.
+TREND_OUTSIDE_SHARE = 0.1
 
 
 class CalendarMode(str, enum.Enum):
@@ -148,7 +153,7 @@ def build_pipeline(
     parts: Sequence[npt.NDArray[np.int8]],
     target: str,
     horizon: int,
-    level: LevelMode = LevelMode.TARGET,
+    level: LevelMode = LevelMode.AUTO,
     calendar: CalendarMode = CalendarMode.AUTO,
     utc_offset_s: float = 0.0,
 ) -> FeaturePipeline:
@@ -170,6 +175,9 @@ def build_pipeline(
     for j, c in enumerate(cols):
         scale = positive(diffs[:, j].std())
         features.append(FeatureSpec(name=f"{c}_diff", kind=FeatureKind.DIFF, column=c, scale=scale))
+    if level is LevelMode.AUTO:
+        level = LevelMode.NONE if trends(grid, parts, target) else LevelMode.TARGET
+        _LOG.info("level input: %s", "none (the series trends)" if level is LevelMode.NONE else "target")
     level_cols = {LevelMode.NONE: (), LevelMode.TARGET: (target,), LevelMode.ALL: cols}[level]
     for c in level_cols:
         j = cols.index(c)
@@ -195,6 +203,22 @@ def build_pipeline(
     out_scale = positive(math.sqrt(float(np.mean(deltas)))) if deltas else 1.0
     output = OutputSpec(target=target, horizon=horizon, kind=OutputKind.DELTA, scale=out_scale)
     return FeaturePipeline(columns=tuple(cols), features=tuple(features), output=output, utc_offset_s=utc_offset_s)
+
+
+def trends(grid: GridSeries, parts: Sequence[npt.NDArray[np.int8]], column: str) -> bool:
+    """Whether ``column`` leaves its training range in the validation part.
+
+    A level input only helps while future levels look like the training ones;
+    on a trending series it pushes the network into a range it never saw, so
+    the level is left out and the model works on differences alone.
+    """
+    j = grid.columns.index(column)
+    train = np.concatenate([s.values[p == Part.TRAIN, j] for s, p in zip(grid.segments, parts, strict=True)])
+    val = np.concatenate([s.values[p == Part.VAL, j] for s, p in zip(grid.segments, parts, strict=True)])
+    if train.size == 0 or val.size == 0:
+        return False
+    outside = float(np.mean((val < train.min()) | (val > train.max())))
+    return outside > TREND_OUTSIDE_SHARE
 
 
 def encode_segment(pipeline: FeaturePipeline, seg: Segment, part: npt.NDArray[np.int8]) -> EncodedSegment:

@@ -67,12 +67,29 @@ def build_model(n_features: int, units: Sequence[int], horizon: int) -> keras.Mo
     return keras.Model(inp, out, name="edge_lstm_forecaster")
 
 
-def masked_mse(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-    """Mean squared error over the finite targets only."""
-    mask = tf.math.is_finite(y_true)
-    diff = tf.where(mask, y_pred - tf.where(mask, y_true, tf.zeros_like(y_true)), tf.zeros_like(y_pred))
-    n = tf.maximum(tf.reduce_sum(tf.cast(mask, y_pred.dtype)), 1.0)
-    return tf.reduce_sum(tf.square(diff)) / n
+def masked_mse(horizon_weights: F32) -> Any:
+    """Weighted mean squared error over the finite targets only.
+
+    ``horizon_weights`` balance the horizons: a 1-tick change is much smaller
+    than a 16-tick one, and unweighted the long horizons would drown it out.
+    """
+    w = tf.constant(np.asarray(horizon_weights, dtype=np.float32))
+
+    def loss(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        mask = tf.math.is_finite(y_true)
+        diff = tf.where(mask, y_pred - tf.where(mask, y_true, tf.zeros_like(y_true)), tf.zeros_like(y_pred))
+        n = tf.maximum(tf.reduce_sum(tf.cast(mask, y_pred.dtype)), 1.0)
+        return tf.reduce_sum(tf.square(diff) * w) / n
+
+    return loss
+
+
+def horizon_weights(y: F32) -> F32:
+    """Inverse mean square of each horizon's finite targets, normalised to mean 1."""
+    ms = np.array([np.nanmean(np.square(y[..., k])) for k in range(y.shape[-1])], dtype=np.float64)
+    ms = np.where(np.isfinite(ms) & (ms > 0), ms, 1.0)
+    w = 1.0 / ms
+    return (w / w.mean()).astype(np.float32)
 
 
 class _Progress(keras.callbacks.Callback):
@@ -102,7 +119,7 @@ def fit(
     model = build_model(n_features, cfg.units, horizon)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=cfg.learning_rate, clipnorm=1.0),
-        loss=masked_mse,
+        loss=masked_mse(horizon_weights(train[1])),
     )
     callbacks: list[keras.callbacks.Callback] = [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True),

@@ -1,0 +1,244 @@
+"""CSV parsing, cadence, gap policy and bad input of the converter (no TensorFlow, fast)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from converter.cli import main
+from converter.data import infer_cadence, load, parse_timestamp, read_csv, resample
+from converter.prepare import (
+    LevelMode,
+    Part,
+    Split,
+    assign_parts,
+    build_pipeline,
+    encode,
+    eval_runs,
+    season_ticks,
+    training_windows,
+    trends,
+)
+from edge_lstm.features import FeatureKind, fill_gap
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _series_csv(
+    path: Path, n: int = 200, cadence: int = 3600, drop: tuple[int, ...] = (), blank: tuple[int, ...] = ()
+) -> Path:
+    t0 = 1_700_000_000
+    lines = ["ts,v,w"]
+    for i in range(n):
+        if i in drop:
+            continue
+        v = "" if i in blank else f"{10 + math.sin(i / 5):.4f}"
+        lines.append(f"{t0 + i * cadence},{v},{i}")
+    return _write(path, "\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2000-06-05T00:30:00Z", dt.datetime(2000, 6, 5, 0, 30, tzinfo=dt.timezone.utc).timestamp()),
+        ("2000-06-05T02:30:00+02:00", dt.datetime(2000, 6, 5, 0, 30, tzinfo=dt.timezone.utc).timestamp()),
+        ("2000-06-05 00:30:00", dt.datetime(2000, 6, 5, 0, 30, tzinfo=dt.timezone.utc).timestamp()),
+        ("2010-01-04", dt.datetime(2010, 1, 4, tzinfo=dt.timezone.utc).timestamp()),
+        ("1700000000", 1_700_000_000.0),
+        ("1700000000.5", 1_700_000_000.5),
+        ("1700000000123", 1_700_000_000.123),
+    ],
+)
+def test_parse_timestamp_formats(text: str, expected: float) -> None:
+    assert parse_timestamp(text) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("text", ["", "yesterday", "2000-13-01", "nan"])
+def test_parse_timestamp_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_timestamp(text)
+
+
+def test_empty_and_nan_cells_are_missing_readings_filled_by_the_gap_policy(tmp_path: Path) -> None:
+    p = _write(tmp_path / "d.csv", "ts,v\n0,1\n60,\n120,NaN\n180,4\n240,5\n")
+    raw = read_csv(p, "ts", ["v"])
+    assert np.isnan(raw.values[1, 0]) and np.isnan(raw.values[2, 0])
+    grid = resample(raw, max_gap_ticks=4)
+    assert grid.n_missing == 2 and grid.n_filled == 2 and len(grid.segments) == 1
+    seg = grid.segments[0]
+    np.testing.assert_allclose(seg.values[:, 0], [1, 2, 3, 4, 5])
+    np.testing.assert_allclose(seg.timestamps, [0, 60, 120, 180, 240])
+    assert seg.observed.tolist() == [True, False, False, True, True]
+    # The fill is the daemon's own function.
+    np.testing.assert_allclose(seg.values[1:3], fill_gap(np.array([1.0]), np.array([4.0]), 3))
+
+
+def test_long_gap_splits_the_series_into_segments(tmp_path: Path) -> None:
+    p = _series_csv(tmp_path / "d.csv", n=100, drop=tuple(range(40, 50)))
+    grid = load(p, "ts", ["v"], max_gap_ticks=4)
+    assert [len(s) for s in grid.segments] == [40, 50]
+    assert grid.cadence_s == 3600
+
+
+def test_short_gap_is_interpolated_not_split(tmp_path: Path) -> None:
+    p = _series_csv(tmp_path / "d.csv", n=100, drop=(40, 41, 42))
+    grid = load(p, "ts", ["v"], max_gap_ticks=4)
+    assert [len(s) for s in grid.segments] == [100]
+    assert grid.n_filled == 3
+    assert (~grid.segments[0].observed).sum() == 3
+
+
+def test_cadence_is_the_median_spacing_or_given(tmp_path: Path) -> None:
+    ts = np.array([0, 60, 120, 300, 360, 420], dtype=np.float64)
+    assert infer_cadence(ts) == 60
+    p = _series_csv(tmp_path / "d.csv", n=50, cadence=1800)
+    assert load(p, "ts", ["v"]).cadence_s == 1800
+    grid = load(p, "ts", ["v"], cadence_s=900, max_gap_ticks=4)
+    assert grid.cadence_s == 900 and grid.n_filled == 49  # every other tick filled
+
+
+def test_split_is_chronological_and_targets_never_cross_parts(tmp_path: Path) -> None:
+    p = _series_csv(tmp_path / "d.csv", n=400)
+    grid = load(p, "ts", ["v", "w"])
+    split = Split(0.6, 0.2)
+    parts = assign_parts(grid, split)
+    assert (np.diff(parts[0]) >= 0).all()
+    assert [(parts[0] == q).sum() for q in Part] == [240, 80, 80]
+    pipe = build_pipeline(grid, parts, "v", horizon=3, level=LevelMode.TARGET)
+    enc = encode(grid, pipe, split)[0]
+    # Inputs are exactly FeaturePipeline.encode of (values, previous values).
+    v = grid.segments[0].values
+    prev = np.vstack([np.full((1, 2), np.nan), v[:-1]])
+    np.testing.assert_array_equal(enc.x, pipe.encode(v, prev, grid.segments[0].timestamps))
+    # Delta targets in network units, NaN across the train/val boundary and past the end.
+    k = 2
+    t = 100
+    assert enc.y[t, k - 1] == pytest.approx((v[t + k, 0] - v[t, 0]) / pipe.output.scale, rel=1e-5)
+    assert np.isnan(enc.y[239, 0]) and np.isfinite(enc.y[238, 0])
+    assert np.isnan(enc.y[-1]).all()
+    # Scaling comes from the training part only.
+    level = next(f for f in pipe.features if f.kind is FeatureKind.LEVEL)
+    assert level.center == pytest.approx(v[:240, 0].mean())
+
+
+def test_windows_and_eval_runs_cover_their_part(tmp_path: Path) -> None:
+    p = _series_csv(tmp_path / "d.csv", n=600)
+    grid = load(p, "ts", ["v"])
+    split = Split()
+    parts = assign_parts(grid, split)
+    pipe = build_pipeline(grid, parts, "v", horizon=4)
+    enc = encode(grid, pipe, split)
+    x, y = training_windows(enc, Part.TRAIN, length=64, stride=8, warmup=16)
+    assert x.shape[1:] == (64, pipe.n_features) and y.shape[1:] == (64, 4)
+    assert np.isfinite(y).any(axis=(1, 2)).all()
+    runs = eval_runs(enc, Part.HOLDOUT, warmup=16)
+    first_holdout = int(np.flatnonzero(enc[0].part == Part.HOLDOUT)[0])
+    assert runs[0].start == first_holdout - 16 and runs[0].score_from == first_holdout and runs[0].stop == 600
+
+
+def test_calendar_inputs_follow_the_cadence(tmp_path: Path) -> None:
+    hourly = load(_series_csv(tmp_path / "h.csv", n=300, cadence=3600), "ts", ["v"])
+    daily = load(_series_csv(tmp_path / "d.csv", n=300, cadence=86400), "ts", ["v"])
+    kinds_h = {f.kind for f in build_pipeline(hourly, assign_parts(hourly, Split()), "v", 2).features}
+    kinds_d = {f.kind for f in build_pipeline(daily, assign_parts(daily, Split()), "v", 2).features}
+    assert FeatureKind.TOD_SIN in kinds_h and FeatureKind.DOW_SIN in kinds_h
+    assert FeatureKind.TOD_SIN not in kinds_d and FeatureKind.DOW_SIN in kinds_d
+    assert season_ticks(1800) == 48 and season_ticks(86400) == 7
+
+
+def test_trending_series_drops_the_level_input(tmp_path: Path) -> None:
+    lines = ["ts,v"] + [f"{i * 3600},{i * 0.5 + math.sin(i):.3f}" for i in range(400)]
+    grid = load(_write(tmp_path / "t.csv", "\n".join(lines) + "\n"), "ts", ["v"])
+    parts = assign_parts(grid, Split())
+    assert trends(grid, parts, "v")
+    kinds = {f.kind for f in build_pipeline(grid, parts, "v", 2, level=LevelMode.AUTO).features}
+    assert FeatureKind.LEVEL not in kinds and FeatureKind.DIFF in kinds
+    flat = load(_series_csv(tmp_path / "f.csv", n=400), "ts", ["v"])
+    fparts = assign_parts(flat, Split())
+    assert not trends(flat, fparts, "v")
+    kinds = {f.kind for f in build_pipeline(flat, fparts, "v", 2, level=LevelMode.AUTO).features}
+    assert FeatureKind.LEVEL in kinds
+
+
+# --- bad input through the command line: one line naming the problem, non-zero exit, nothing written ---
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if "error:" in line]
+    assert len(errors) == 1, err
+    return code, errors[0]
+
+
+@pytest.mark.parametrize(
+    ("content", "args", "needle"),
+    [
+        ("ts,v\n0,1\n60,2\n", ["--target", "nope"], "'nope' not found"),
+        ("ts,v\n0,1\n60,2\n", ["--target", "v", "--features", "x"], "'x' not found"),
+        ("time,v\n0,1\n60,2\n", ["--target", "v"], "'ts' not found"),
+        ("ts,v\n0,1\n60,abc\n120,3\n", ["--target", "v"], "line 3: column 'v': 'abc' is not a finite number"),
+        ("ts,v\n0,1\n60,inf\n", ["--target", "v"], "'inf' is not a finite number"),
+        ("ts,v\n0,1\n60,2\n60,3\n", ["--target", "v"], "duplicate timestamp"),
+        ("ts,v\n0,1\n120,2\n60,3\n", ["--target", "v"], "not sorted"),
+        ("ts,v\n0,1\nsoon,2\n", ["--target", "v"], "line 3: column 'ts'"),
+        ("ts,v\n" + "".join(f"{i * 60},{i % 7}\n" for i in range(40)), ["--target", "v"], "series too short"),
+        ("", ["--target", "v"], "empty"),
+    ],
+)
+def test_bad_input_fails_with_one_line_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, args: list[str], needle: str
+) -> None:
+    data = _write(tmp_path / "bad.csv", content)
+    out = tmp_path / "model"
+    code, line = _run(["train", str(data), "--time-col", "ts", *args, "--out", str(out)], capsys)
+    assert code != 0
+    assert needle in line
+    assert line.startswith("edge-lstm-convert: error:")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv"]  # no --out, no temp dir
+
+
+def test_missing_data_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, line = _run(
+        ["train", str(tmp_path / "none.csv"), "--time-col", "ts", "--target", "v", "--out", str(tmp_path / "m")],
+        capsys,
+    )
+    assert code != 0 and "data file not found" in line
+
+
+def test_unwritable_out_fails_before_reading_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = _write(tmp_path / "file", "x")
+    data = _series_csv(tmp_path / "d.csv")
+    code, line = _run(
+        ["train", str(data), "--time-col", "ts", "--target", "v", "--out", str(blocker / "model")], capsys
+    )
+    assert code != 0 and "--out" in line
+    code, line = _run(["train", str(data), "--time-col", "ts", "--target", "v", "--out", str(blocker)], capsys)
+    assert code != 0 and "not a directory" in line
+
+
+def test_out_refuses_to_replace_a_directory_that_is_not_a_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _series_csv(tmp_path / "d.csv")
+    precious = tmp_path / "docs"
+    precious.mkdir()
+    _write(precious / "notes.txt", "keep me")
+    code, line = _run(["train", str(data), "--time-col", "ts", "--target", "v", "--out", str(precious)], capsys)
+    assert code != 0 and "holds no model" in line
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_help_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--help"], ["train", "--help"], ["verify", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+        assert "usage: edge-lstm-convert" in capsys.readouterr().out
