@@ -30,6 +30,8 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 from edge_lstm.outcomes import Outcome
 
 _LOG = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ _NON_FINITE_WORD = re.compile(r"\s*[-+]?(?:nan|inf|infinity)\s*", re.IGNORECASE)
 # Tokens that matter for nesting: escapes (skipped), quotes (string bounds) and brackets.
 _NESTING_TOKEN = re.compile(r'\\.|["\[\]{}]', re.DOTALL)
 _MAX_TS_STRING = 64
+_VECTOR_SCAN_MIN = 2048  # longer bodies are scanned for nesting with numpy
 
 # Epoch magnitudes: below 1e11 seconds (the year 5138), below 1e14 ms, 1e17 us, else ns.
 _EPOCH_SCALES = ((1e11, 1.0), (1e14, 1e-3), (1e17, 1e-6))
@@ -111,6 +114,13 @@ def _nesting_exceeds(text: str, limit: int) -> bool:
     """True when the JSON text nests arrays/objects deeper than ``limit`` (linear time)."""
     if text.count("[") + text.count("{") <= limit:
         return False
+    if len(text) > _VECTOR_SCAN_MIN:
+        return _nesting_exceeds_vector(text.encode("utf-8", "surrogatepass"), limit)
+    return _nesting_exceeds_scan(text, limit)
+
+
+def _nesting_exceeds_scan(text: str, limit: int) -> bool:
+    """The nesting test token by token (fast for short bodies)."""
     depth = 0
     in_string = False
     for m in _NESTING_TOKEN.finditer(text):
@@ -126,6 +136,25 @@ def _nesting_exceeds(text: str, limit: int) -> bool:
         else:
             depth -= 1
     return False
+
+
+def _nesting_exceeds_vector(data: bytes, limit: int) -> bool:
+    """The same test with numpy, for long bodies (all the bytes that matter are ASCII)."""
+    b = np.frombuffer(data, dtype=np.uint8)
+    if b.size == 0:
+        return False
+    quote = b == 0x22
+    if b"\\" in data:
+        # Backslashes right before each byte: a quote after an odd number of them is escaped.
+        idx = np.arange(b.size, dtype=np.int32)
+        last_plain = np.maximum.accumulate(np.where(b != 0x5C, idx, np.int32(-1)))
+        before = np.empty_like(last_plain)
+        before[0] = -1
+        before[1:] = last_plain[:-1]
+        quote &= (idx - 1 - before) % 2 == 0
+    outside = (np.cumsum(quote, dtype=np.int32) - quote) % 2 == 0
+    step = ((b == 0x5B) | (b == 0x7B)).astype(np.int32) - ((b == 0x5D) | (b == 0x7D))
+    return bool(np.cumsum(np.where(outside, step, 0), dtype=np.int32).max() > limit)
 
 
 def parse_timestamp(raw: object) -> float:

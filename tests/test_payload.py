@@ -316,3 +316,19 @@ def test_valid_arrays_round_trip(items: list[tuple[float, int]]) -> None:
     res = single().decode(body, "s", NOW, 0.0)
     assert res.rejected == []
     assert [(r.values[0], r.ts) for r in res.readings] == [(v, NOW + d) for v, d in items]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet='[]{}"\\ a,:é', max_size=60), st.integers(0, 6))
+def test_both_nesting_scans_agree(text: str, limit: int) -> None:
+    from edge_lstm.payload import _nesting_exceeds_scan, _nesting_exceeds_vector
+
+    assert _nesting_exceeds_scan(text, limit) == _nesting_exceeds_vector(text.encode(), limit)
+
+
+def test_long_bodies_use_the_vector_scan_correctly() -> None:
+    dec = single(max_payload_bytes=1 << 20, max_array_len=100_000)
+    flat = json.dumps([{"value": 1, "note": "]]]}}\\\\\"[[[[" * 3} for _ in range(200)])
+    assert len(decode(dec, flat).readings) == 200
+    deep = json.dumps([{"value": 1, "x": [[[[1]]]]}] * 200)
+    assert outcome_of(dec, deep) is Outcome.BAD_PAYLOAD
