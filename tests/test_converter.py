@@ -1,0 +1,278 @@
+"""Train, export, quantize and verify end to end on real data (a small model, a few epochs).
+
+Every quantization mode is checked by numbers: the test streams each exported
+model through the LiteRT interpreter itself and compares with the numpy
+reference (parity) and with the actual readings (accuracy).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from converter.cli import main
+from converter.convert import TrainConfig, train
+from converter.data import load
+from converter.prepare import Part, Split, encode
+from converter.report import REPORT_NAME
+from converter.verify import TFLiteStepper
+from edge_lstm.features import FeatureKind
+from edge_lstm.modelspec import Quantization, load_model
+from edge_lstm.reference import ReferenceModel, ReferenceWeights
+
+REPO = Path(__file__).resolve().parent.parent
+TAYLOR = REPO / "data" / "taylor.csv"
+
+# Largest |TFLite - float reference| (network units) and largest hold-out MAE increase over float32.
+BOUNDS: dict[Quantization, tuple[float, float]] = {
+    Quantization.FLOAT32: (1e-5, 1e-6),
+    Quantization.FLOAT16: (2e-3, 0.005),
+    Quantization.DYNAMIC: (2e-2, 0.02),
+    Quantization.INT16X8: (2e-2, 0.02),
+    Quantization.INT8: (0.15, 0.05),
+}
+
+
+@pytest.fixture(scope="module")
+def holey_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four weeks of taylor with empty cells, a NaN, a short gap and a long gap."""
+    with open(TAYLOR, newline="") as f:
+        rows = list(csv.reader(f))
+    header, body = rows[0], rows[1 : 1 + 4 * 336]
+    for i in (100, 101, 700):
+        body[i][1] = ""
+    body[400][1] = "NaN"
+    del body[900:912]  # six hours missing: longer than max_gap_ticks, splits the series
+    del body[500:502]  # one hour missing: interpolated
+    path = tmp_path_factory.mktemp("data") / "taylor_holes.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *body])
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(holey_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "small"
+    cfg = TrainConfig(
+        data=holey_csv,
+        out=out,
+        time_col="timestamp",
+        target="demand_mw",
+        horizon=4,
+        units=16,
+        epochs=8,
+        patience=3,
+        quantize=Quantization.FLOAT32,
+        units_label="MW",
+        seed=3,
+    )
+    train(cfg)
+    return out
+
+
+def _holdout_sequences(
+    model_dir: Path, data: Path
+) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """Hold-out input sequences and (actual next readings, last readings, observed) for 1-step scoring."""
+    man = load_model(model_dir).manifest
+    grid = load(data, "timestamp", man.pipeline.columns, man.cadence_s, man.max_gap_ticks)
+    enc = encode(grid, man.pipeline, Split())
+    seqs, truth = [], []
+    for e in enc:
+        idx = np.flatnonzero(e.part == Part.HOLDOUT)
+        if idx.size < 10:
+            continue
+        seqs.append(e.x[idx])
+        obs = e.segment.observed[idx]
+        truth.append((e.target[idx], obs, idx))
+    return seqs, truth
+
+
+def _mae_1(
+    preds: list[np.ndarray], truth: list[tuple[np.ndarray, np.ndarray, np.ndarray]], scale: float, warm: int
+) -> float:
+    errs = []
+    for p, (tgt, obs, _) in zip(preds, truth, strict=True):
+        f = tgt[:-1] + p[:-1, 0] * scale
+        ok = obs[:-1] & obs[1:]
+        ok[:warm] = False
+        errs.append(np.abs(f - tgt[1:])[ok])
+    return float(np.mean(np.concatenate(errs)))
+
+
+def test_model_directory_is_complete_and_consistent(trained: Path) -> None:
+    names = sorted(p.name for p in trained.iterdir())
+    assert names == ["forecast.png", "manifest.json", "model.tflite", REPORT_NAME, "weights.npz"]
+    assert not list(trained.parent.glob(".*tmp"))  # staging directory renamed away
+    bundle = load_model(trained)  # checks the SHA-256
+    m = bundle.manifest
+    assert m.quantization is Quantization.FLOAT32
+    assert m.layers == (16,) and m.horizon == 4 and m.cadence_s == 1800
+    assert m.target_units == "MW" and m.warmup_ticks == 48 and m.max_gap_ticks == 4
+    assert [f.kind for f in m.pipeline.features][:2] == [FeatureKind.DIFF, FeatureKind.LEVEL]
+    assert m.extra["metrics"]["holdout_mae_1"] > 0
+    assert "tensorflow" in json.dumps(m.extra["versions"])
+    assert (trained / "forecast.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_has_the_fixed_keys_and_consistent_numbers(trained: Path, holey_csv: Path) -> None:
+    r = json.loads((trained / REPORT_NAME).read_text())
+    for metric in ("mae", "rmse"):
+        for who in ("model", "persistence", "seasonal_naive"):
+            vals = r["holdout"][metric][who]
+            assert len(vals) == 4 and all(v > 0 for v in vals)
+    assert set(r["parity"]) == {q.value for q in Quantization}
+    assert r["parity"]["float32"] <= 1e-4
+    assert r["data"]["rows_missing"] == 4 and r["data"]["segments"] == 2 and r["data"]["ticks_filled"] >= 5
+    # Persistence in the report equals persistence computed here from the CSV.
+    _, truth = _holdout_sequences(trained, holey_csv)
+    errs = []
+    for tgt, obs, _ in truth:
+        ok = obs[:-1] & obs[1:]
+        errs.append(np.abs(tgt[1:] - tgt[:-1])[ok])
+    assert r["holdout"]["mae"]["persistence"][0] == pytest.approx(float(np.mean(np.concatenate(errs))), rel=0.02)
+    # Even a few epochs of training must beat persistence one tick ahead on this series.
+    assert r["holdout"]["mae"]["model"][0] < r["holdout"]["mae"]["persistence"][0]
+    assert r["modes"]["float32"]["mae"] == pytest.approx(r["holdout"]["mae"]["model"], rel=1e-4)
+
+
+@pytest.mark.parametrize("mode", list(Quantization), ids=lambda q: q.value)
+def test_each_quantization_mode_streams_like_the_float_model(
+    mode: Quantization, trained: Path, holey_csv: Path
+) -> None:
+    from converter.export import export_tflite, representative_from_inputs
+
+    weights = ReferenceWeights.load(trained)
+    man = load_model(trained).manifest
+    seqs, truth = _holdout_sequences(trained, holey_csv)
+    rep = representative_from_inputs(weights, seqs, max_samples=300)
+    content = export_tflite(weights, mode, rep)
+    stepper = TFLiteStepper(content, weights.layers)
+    ref = ReferenceModel(weights)
+    lite = [stepper.run(s) for s in seqs]
+    flt = [ref.run(s) for s in seqs]
+    dev = max(float(np.max(np.abs(a - b))) for a, b in zip(lite, flt, strict=True))
+    max_dev, max_rel = BOUNDS[mode]
+    assert dev <= max_dev, f"{mode.value}: deviation {dev:.3g}"
+    scale = man.pipeline.output.scale
+    mae_lite = _mae_1(lite, truth, scale, man.warmup_ticks)
+    mae_float = _mae_1(flt, truth, scale, man.warmup_ticks)
+    assert mae_lite <= mae_float * (1 + max_rel) + 1e-9, f"{mode.value}: MAE {mae_lite:.2f} vs float {mae_float:.2f}"
+    # The report's number for this mode agrees with this independent measurement.
+    r = json.loads((trained / REPORT_NAME).read_text())
+    assert r["modes"][mode.value]["parity"] <= max_dev
+    # Batch of 3 streams in one call equals three separate calls.
+    x3 = np.stack([s[5] for s in seqs[:1]] * 3) + np.array([[0.0], [0.1], [-0.1]], dtype=np.float32)
+    y3, _ = stepper.step(x3, stepper.zero_state(3))
+    for b in range(3):
+        y1, _ = stepper.step(x3[b : b + 1], stepper.zero_state(1))
+        np.testing.assert_allclose(y3[b], y1[0], atol=1e-5)
+
+
+def test_training_is_reproducible_with_a_seed(tmp_path: Path, holey_csv: Path, trained: Path) -> None:
+    cfg = TrainConfig(
+        data=holey_csv,
+        out=tmp_path / "again",
+        time_col="timestamp",
+        target="demand_mw",
+        horizon=4,
+        units=16,
+        epochs=8,
+        patience=3,
+        quantize=Quantization.FLOAT32,
+        units_label="MW",
+        seed=3,
+        modes=(),
+        plot=False,
+    )
+    again = train(cfg)
+    assert again.manifest.sha256 == load_model(trained).manifest.sha256
+
+
+def test_verify_command_passes_and_catches_a_mismatch(
+    trained: Path, holey_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["-q", "verify", str(trained), str(holey_csv), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["ok"] and res["parity"]["float32"] <= 1e-4
+    # Weights that no longer match the exported model: the float32 deviation shows and verify fails.
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(trained, bad)
+    w = ReferenceWeights.load(bad)
+    w = ReferenceWeights(lstm=w.lstm, dense_kernel=w.dense_kernel * 1.05, dense_bias=w.dense_bias)
+    w.save(bad / "weights.npz")
+    assert main(["-q", "verify", str(bad), str(holey_csv), "--json"]) == 3
+    res = json.loads(capsys.readouterr().out)
+    assert not res["ok"] and res["parity"]["float32"] > 1e-4
+
+
+def test_classic_shape_10_features_32_outputs(tmp_path: Path) -> None:
+    """LSTM(64) on (None, 10) + Dense(32): trains, exports, and streams a batch through LiteRT."""
+    rng = np.random.default_rng(0)
+    n = 700
+    t = np.arange(n)
+    cols = [f"s{i}" for i in range(9)]
+    data = np.stack([np.sin(t / (5 + i)) + 0.05 * rng.standard_normal(n) + i for i in range(9)], axis=1)
+    path = tmp_path / "multi.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["ts", *cols])
+        for i in range(n):
+            w.writerow([1_000_000 + 86400 * 7 * i, *(f"{v:.5f}" for v in data[i])])  # weekly: no calendar inputs
+    out = tmp_path / "classic"
+    code = main(
+        [
+            "-q", "train", str(path), "--time-col", "ts", "--target", "s0", "--features", ",".join(cols[1:]),
+            "--level", "target", "--horizon", "32", "--units", "64", "--epochs", "1", "--modes", "none",
+            "--quantize", "float32", "--no-plot", "--warmup", "8", "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    bundle = load_model(out)
+    assert bundle.manifest.pipeline.n_features == 10 and bundle.manifest.horizon == 32
+    assert bundle.manifest.layers == (64,)
+    stepper = TFLiteStepper(bundle.content, (64,))
+    assert stepper.n_features == 10 and stepper.horizon == 32
+    x = rng.standard_normal((5, 10)).astype(np.float32)
+    state = stepper.zero_state(5)
+    ref = ReferenceModel.load(out)
+    ref_state = ref.zero_state(5)
+    for _ in range(3):
+        y, state = stepper.step(x, state)
+        y_ref, ref_state = ref.step(x, ref_state)
+        assert y.shape == (5, 32)
+        np.testing.assert_allclose(y, y_ref, atol=1e-5)
+
+
+def test_trending_series_with_gaps_beats_persistence(tmp_path: Path) -> None:
+    """A series that climbs far above its training range: the model must still beat persistence."""
+    rng = np.random.default_rng(1)
+    n = 1500
+    t = np.arange(n)
+    y = 0.4 * t + 20 * np.sin(2 * np.pi * t / 24) + rng.standard_normal(n)
+    path = tmp_path / "trend.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["ts", "v"])
+        for i in range(n):
+            if i % 97 in (3, 4):  # two-hour holes
+                continue
+            w.writerow([1_600_000_000 + 3600 * i, "" if i % 131 == 0 else f"{y[i]:.3f}"])
+    out = tmp_path / "trend"
+    res = train(
+        TrainConfig(
+            data=path, out=out, time_col="ts", target="v", horizon=3, units=16, epochs=12, patience=4,
+            modes=(Quantization.DYNAMIC,), plot=False,
+        )
+    )  # fmt: skip
+    kinds = {f.kind for f in res.manifest.pipeline.features}
+    assert FeatureKind.LEVEL not in kinds  # the hold-out is far outside the training range
+    h = res.report["holdout"]["mae"]
+    assert h["model"][0] < 0.8 * h["persistence"][0]
+    assert res.report["modes"]["dynamic"]["mae"][0] < 0.8 * h["persistence"][0]
