@@ -1,0 +1,54 @@
+"""The offline streaming run of a model: the reference the daemon's forecasts are compared with.
+
+Built from the model runtime and the shared feature pipeline only (no daemon code), one tick at a
+time with batch 1, exactly as the converter's streaming verification feeds the one-step model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_lstm.modelspec import load_model
+from edge_lstm.runtime import StepModel, load_step_model
+
+
+@dataclass
+class StreamState:
+    """One stream's LSTM state and previous raw values (NaN before the first tick)."""
+
+    state: list[np.ndarray]
+    prev: np.ndarray
+    last_ts: float = float("nan")
+    ticks: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def open_model(model_dir: Path) -> StepModel:
+    return load_step_model(load_model(model_dir))
+
+
+def cold_state(model: StepModel) -> StreamState:
+    m = model.manifest
+    state = [np.zeros((1, h), np.float32) for h in m.layers for _ in (0, 1)]
+    return StreamState(state, np.full((1, len(m.pipeline.columns)), np.nan))
+
+
+def stream_forecasts(
+    model: StepModel, ts: np.ndarray, values: np.ndarray, start: StreamState | None = None
+) -> tuple[np.ndarray, StreamState]:
+    """Forecasts ``[N, K]`` (target units) for consecutive ticks; ``values`` is ``[N]`` or ``[N, V]``."""
+    pipe = model.manifest.pipeline
+    s = start if start is not None else cold_state(model)
+    state = [a.copy() for a in s.state]
+    prev = s.prev.copy()
+    v = np.asarray(values, np.float64).reshape(len(ts), -1)
+    out = np.empty((len(ts), model.manifest.horizon))
+    for i in range(len(ts)):
+        x = pipe.encode(v[i : i + 1], prev, ts[i : i + 1])
+        y, state = model.step(x, state)
+        out[i] = pipe.decode(y, v[i : i + 1, pipe.target_index])[0]
+        prev = v[i : i + 1].copy()
+    return out, StreamState(state, prev, float(ts[-1]), s.ticks + len(ts))
