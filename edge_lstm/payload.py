@@ -144,16 +144,18 @@ def _nesting_exceeds_vector(data: bytes, limit: int) -> bool:
     if b.size == 0:
         return False
     quote = b == 0x22
+    step = ((b == 0x5B) | (b == 0x7B)).astype(np.int32) - ((b == 0x5D) | (b == 0x7D))
     if b"\\" in data:
-        # Backslashes right before each byte: a quote after an odd number of them is escaped.
+        # A byte after an odd number of backslashes is escaped: neither a quote nor a bracket.
         idx = np.arange(b.size, dtype=np.int32)
         last_plain = np.maximum.accumulate(np.where(b != 0x5C, idx, np.int32(-1)))
         before = np.empty_like(last_plain)
         before[0] = -1
         before[1:] = last_plain[:-1]
-        quote &= (idx - 1 - before) % 2 == 0
+        plain = (idx - 1 - before) % 2 == 0
+        quote &= plain
+        step *= plain
     outside = (np.cumsum(quote, dtype=np.int32) - quote) % 2 == 0
-    step = ((b == 0x5B) | (b == 0x7B)).astype(np.int32) - ((b == 0x5D) | (b == 0x7D))
     return bool(np.cumsum(np.where(outside, step, 0), dtype=np.int32).max() > limit)
 
 
