@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -102,7 +103,10 @@ class PrivateBroker:
         )
         log = open(self.workdir / "mosquitto.log", "wb")  # noqa: SIM115 - handed to the child
         try:
-            self.proc = subprocess.Popen([self.binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+            # Own session: Ctrl-C in the terminal stops the demo, which then stops the broker itself.
+            self.proc = subprocess.Popen(
+                [self.binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         finally:
             log.close()
         deadline = time.monotonic() + timeout
@@ -234,6 +238,7 @@ def run_demo(opts: DemoOptions, out: TextIO | None = None) -> int:
             return 1
         daemon = None
         clients: list[paho.Client] = []
+        stats: dict[str, _StreamStats] = {}
         try:
             try:
                 cfg = parse_config(
@@ -279,13 +284,18 @@ def run_demo(opts: DemoOptions, out: TextIO | None = None) -> int:
             print(f"replaying {data_path.name}: {opts.streams} stream(s) at {opts.rate:g} ticks/s; Ctrl-C stops\n",
                   file=out)  # fmt: skip
             stats = _replay(opts, pub, book, stamps, rows, col_idx, target, manifest, out)
+        except KeyboardInterrupt:
+            print("\ninterrupted: stopping", file=out)
         finally:
+            # A second Ctrl-C must not leave the broker behind: cleanup takes a few seconds at most.
+            old_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
             for c in clients:
                 c.disconnect()
                 c.loop_stop()
             if daemon is not None:
                 daemon.stop()
             broker.stop()
+            signal.signal(signal.SIGINT, old_sigint)
         _summary(stats, manifest.target_units, out)
         if daemon is not None:
             reg = daemon.registry
@@ -324,7 +334,6 @@ def _replay(
         print(f"{'stream':<8} {'time (UTC)':<15} {'actual':>9} {'forecast':>9} {'error':>8} "
               f"{'+' + str(manifest.horizon) + ' ticks':>10}  {units}", file=out)  # fmt: skip
 
-    interrupted = False
     start = time.monotonic()
     try:
         for i in range(n_ticks):
@@ -361,8 +370,6 @@ def _replay(
                     flag = "  (warming up)" if fc is not None and fc.get("warming_up") else ""
                     print(f"{name:<8} {_fmt_time(ts):<15} {actual:9.0f} {fcs} {err} {ahead}{flag}", file=out)
     except KeyboardInterrupt:
-        interrupted = True
-    if interrupted:
         print("\ninterrupted: stopping", file=out)
     return stats
 
