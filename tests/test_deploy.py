@@ -89,6 +89,17 @@ def test_unit_verify_catches_mistakes(tmp_path: Path) -> None:
     assert "ProtectHomes" in result.stderr
 
 
+def test_unit_sandbox_exposure_is_low(tmp_path: Path) -> None:
+    """``systemd-analyze security`` rates the unit's sandbox at 2.0 or better (0 best, 10 worst)."""
+    exe = Path(sys.executable).parent / "edge-lstm"
+    copy = tmp_path / "edge-lstm.service"
+    copy.write_text(UNIT.read_text().replace(UNIT_EXEC, str(exe)))
+    # --threshold is in tenths: the command fails when the exposure is above 2.0.
+    result = _run(_tool("systemd-analyze"), "security", "--offline=yes", "--threshold=20", "--no-pager", str(copy))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+    assert "Overall exposure level for edge-lstm.service" in result.stdout
+
+
 def test_unit_runs_the_daemon_as_a_hardened_notify_service() -> None:
     d = _unit_directives(UNIT.read_text())
     expect_exact = {
