@@ -1,0 +1,88 @@
+"""``edge-lstm demo``: private broker, replay, live table, summary, clean stop."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_lstm import demo
+from edge_lstm.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _demo_brokers() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "mosquitto" in line and "edge-lstm-demo-" in line]
+
+
+def test_demo_replays_and_summarises() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "edge_lstm", "demo", "--ticks", "80", "--rate", "200", "--streams", "2"],
+        capture_output=True, text=True, timeout=120, cwd="/",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert re.search(r"metrics\s+http://127\.0\.0\.1:\d+/metrics", out)
+    # live table: both streams, with actual values and forecasts
+    rows = [line for line in out.splitlines() if re.match(r"s[01]\s+\w{3} \d\d-\d\d \d\d:\d\d", line)]
+    assert len(rows) == 160
+    assert "readings published   160" in out and "forecasts received   160" in out
+    assert "daemon: received 160, processed 160, published 160" in out
+    m = re.search(r"model/persistence = ([0-9.]+)", out)
+    assert m is not None and float(m.group(1)) < 1.0  # the model beats persistence after warm-up
+    assert not _demo_brokers()
+
+
+def test_demo_stops_cleanly_on_ctrl_c() -> None:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "edge_lstm", "demo", "--rate", "20"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    try:
+        assert p.stdout is not None
+        deadline = time.monotonic() + 60
+        seen = 0
+        while seen < 5 and time.monotonic() < deadline:  # wait for a few table rows
+            line = p.stdout.readline()
+            seen += line.startswith("taylor ")
+        assert seen == 5
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err
+    assert "interrupted: stopping" in out and "summary" in out
+    assert "Traceback" not in err
+    assert not _demo_brokers()
+
+
+def test_demo_without_mosquitto_says_how_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(demo, "find_mosquitto", lambda: None)
+    assert main(["demo", "--ticks", "5"]) == 1
+    assert "apt-get install mosquitto" in capsys.readouterr().err
+
+
+def test_demo_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--rate", "0"]) == 2
+    assert main(["demo", "--streams", "0"]) == 2
+
+
+def test_demo_finds_the_bundled_model_and_data_from_anywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir("/")
+    model = demo.find_bundled("models/taylor")
+    data = demo.find_bundled("data/taylor.csv")
+    assert model is not None and (model / "manifest.json").is_file()
+    assert data is not None and data.is_file()
+    cols, ts, rows = demo.load_csv(data)
+    assert cols == ["demand_mw"] and len(ts) == len(rows) == 4032
+    assert ts[1] - ts[0] == 1800
