@@ -400,7 +400,8 @@ def test_every_alert_expression_returns_the_expected_shape(scenario: Scenario) -
         assert data["resultType"] == "vector", name
         instances = {s["metric"].get("instance") for s in data["result"]}
         if name == "EdgeLstmDown":
-            assert instances == {scenario.dead_instance}, name
+            # (Not "== {dead}": on a loaded machine one scrape of the daemon may time out.)
+            assert scenario.dead_instance in instances, name
         elif holds:
             assert instances == {scenario.instance}, (name, data["result"])
         else:
