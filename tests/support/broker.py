@@ -15,6 +15,7 @@ the listener block entirely (for TLS or password listeners; use ``{port}`` in it
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -88,6 +89,9 @@ class Broker:
             "max_queued_messages 100000",
         ]
         lines += self.extra_config
+        if not any(line.strip().startswith("user ") for line in "\n".join(lines).splitlines()):
+            # As root, Mosquitto switches to the "mosquitto" user, which cannot read the test's files.
+            lines.append(f"user {getpass.getuser()}")
         self.conf_path.write_text("\n".join(lines) + "\n")
 
     def start(self, timeout: float = 10.0) -> Broker:

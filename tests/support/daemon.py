@@ -237,7 +237,10 @@ class DaemonProcess:
         deadline = time.monotonic() + timeout
         last = 0.0
         while time.monotonic() < deadline:
-            last = self.metric(name, **labels)
+            try:
+                last = self.metric(name, **labels)
+            except OSError:  # not serving yet (URLError is an OSError)
+                last = 0.0
             if last >= value:
                 return last
             time.sleep(0.05)

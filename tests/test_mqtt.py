@@ -1,0 +1,208 @@
+"""The MQTT link against a real Mosquitto: protocols, persistent session, auth, TCP_NODELAY, status."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from edge_lstm.config import MqttConfig, MqttProtocol
+from edge_lstm.metrics import Metrics
+from edge_lstm.mqtt import MqttLink
+from tests.support.broker import Broker
+from tests.support.collector import Collector
+from tests.support.daemon import DaemonProcess
+
+
+def link_config(broker: Broker, **kw: object) -> MqttConfig:
+    cfg = MqttConfig(host=broker.host, port=broker.port, client_id="link-test", reconnect_min_s=1, reconnect_max_s=1)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def pub(broker: Broker, topic: str, payload: str, *extra: str) -> None:
+    subprocess.run(
+        ["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-q", "1", "-t", topic, "-m", payload, *extra],
+        check=True, timeout=30,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("protocol", [MqttProtocol.V5, MqttProtocol.V311])
+def test_link_routes_messages_and_keeps_its_session_across_reconnects(broker: Broker, protocol: MqttProtocol) -> None:
+    got: list[tuple[str, bytes]] = []
+    arrived = threading.Condition()
+
+    def handler(topic: str, payload: bytes) -> bool:
+        with arrived:
+            got.append((topic, payload))
+            arrived.notify_all()
+        return True
+
+    def wait_count(n: int) -> bool:
+        with arrived:
+            return arrived.wait_for(lambda: len(got) >= n, timeout=15)
+
+    link = MqttLink(link_config(broker, protocol=protocol), "t/status")
+    link.route("in/+/v", handler)
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        # TCP_NODELAY is on: no Nagle delay for forecasts published right after a read
+        sock = link.client.socket()
+        assert sock is not None and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        pub(broker, "in/a/v", "1")
+        pub(broker, "other/topic", "x")  # not routed
+        assert wait_count(1)
+        assert got == [("in/a/v", b"1")]
+        link.stop()
+        # QoS 1 readings published while away wait in the persistent session
+        pub(broker, "in/b/v", "2")
+        link2 = MqttLink(link_config(broker, protocol=protocol), "t/status")
+        link2.route("in/+/v", handler)
+        link2.start()
+        try:
+            assert wait_count(2)
+            assert got[1] == ("in/b/v", b"2")
+        finally:
+            link2.stop()
+    finally:
+        link.stop()
+
+
+def test_unacknowledged_messages_come_back_after_reconnect(broker: Broker) -> None:
+    """A handler that refuses a message (the daemon does while stopping) leaves it with the broker."""
+    refused: list[bytes] = []
+    taken: list[bytes] = []
+    event = threading.Event()
+
+    def refuse(_t: str, payload: bytes) -> bool:
+        refused.append(payload)
+        event.set()
+        return False
+
+    def take(_t: str, payload: bytes) -> bool:
+        taken.append(payload)
+        event.set()
+        return True
+
+    link = MqttLink(link_config(broker), "t/status")
+    link.route("in/#", refuse)
+    link.start()
+    assert link.wait_connected(10)
+    pub(broker, "in/x", "kept")
+    assert event.wait(10)
+    link.stop()
+    event.clear()
+    link2 = MqttLink(link_config(broker), "t/status")
+    link2.route("in/#", take)
+    link2.start()
+    try:
+        assert event.wait(15)
+        assert refused == [b"kept"] and taken == [b"kept"]
+    finally:
+        link2.stop()
+
+
+def test_status_online_when_ready_and_offline_on_stop(broker: Broker) -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, process_collectors=False)
+    with Collector(broker.host, broker.port, ["t/status"]) as col:
+        link = MqttLink(link_config(broker), "t/status", metrics)
+        link.start()
+        assert link.wait_connected(10)
+        assert registry.get_sample_value("edge_lstm_mqtt_connected") == 1
+        assert not col.select("t/status")  # connected is not ready
+        link.set_ready()
+        assert col.wait_payload("t/status", b"online", timeout=10)
+        link.stop()
+        assert col.wait_payload("t/status", b"offline", timeout=10)
+        assert registry.get_sample_value("edge_lstm_mqtt_connected") == 0
+    with Collector(broker.host, broker.port, ["t/status"]) as col:
+        msgs = col.wait_for(1, timeout=10)
+        assert msgs[0].retain and msgs[0].payload == b"offline"
+
+
+@pytest.fixture
+def password_broker(broker_factory: Callable[..., Broker], tmp_path: Path) -> Broker:
+    pwfile = tmp_path / "passwd"
+    pwfile.write_text("")
+    subprocess.run(["mosquitto_passwd", "-b", str(pwfile), "edge", "right-pw"], check=True)
+    subprocess.run(["mosquitto_passwd", "-b", str(pwfile), "sensor", "sensor-pw"], check=True)
+    pwfile.chmod(0o600)
+    acl = tmp_path / "acl"
+    acl.write_text(
+        "user edge\ntopic read sensors/#\ntopic write forecasts/#\ntopic readwrite edge-lstm/#\n"
+        "user sensor\ntopic write sensors/#\ntopic read forecasts/#\n"
+    )
+    acl.chmod(0o600)
+    return broker_factory(
+        listener_config=f"listener {{port}} 127.0.0.1\nallow_anonymous false\npassword_file {pwfile}\nacl_file {acl}",
+    ).start()
+
+
+def test_bad_password_is_reported_clearly_and_never_logged(
+    password_broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, process_collectors=False)
+    cfg = link_config(password_broker, username="edge", password="wrong-pw")
+    with caplog.at_level(logging.INFO):
+        link = MqttLink(cfg, "edge-lstm/x/status", metrics)
+        link.start()
+        try:
+            assert not link.wait_connected(3)
+            assert "Bad user name or password" in link.last_error or "Not authorized" in link.last_error
+        finally:
+            link.stop()
+    refused = [r.getMessage() for r in caplog.records if "refused the connection" in r.getMessage()]
+    assert refused and ("check mqtt.username and the password" in refused[0] or "does not allow" in refused[0])
+    assert "wrong-pw" not in caplog.text
+    assert registry.get_sample_value("edge_lstm_mqtt_connected") == 0
+
+
+def test_daemon_with_password_and_acl_forecasts(
+    password_broker: Broker, daemon_factory: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    secret = tmp_path / "creds" / "mqtt-password"
+    secret.parent.mkdir()
+    secret.write_text("right-pw\n")
+    secret.chmod(0o600)
+    d = daemon_factory(
+        password_broker,
+        overrides={"mqtt": {"username": "edge", "password_file": "$CREDENTIALS_DIRECTORY/mqtt-password"}},
+        env={"CREDENTIALS_DIRECTORY": str(secret.parent)},
+    )
+    # no anonymous status watcher on this broker: wait for the metrics instead
+    d.start(wait_online=False)
+    assert d.wait_metric("edge_lstm_mqtt_connected", 1, timeout=20) == 1, d.log()
+    subprocess.run(
+        ["mosquitto_pub", "-h", password_broker.host, "-p", str(password_broker.port), "-q", "1",
+         "-u", "sensor", "-P", "sensor-pw", "-t", "sensors/acl/value", "-m", "25000"],
+        check=True, timeout=30,
+    )  # fmt: skip
+    assert d.wait_metric("edge_lstm_forecasts_published_total", 1, timeout=20) == 1, d.log()
+    assert "right-pw" not in d.log()
+    assert d.terminate() == 0
+
+
+def test_daemon_refused_by_broker_logs_reason_and_stops_on_sigterm(
+    password_broker: Broker, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    d = daemon_factory(
+        password_broker, overrides={"mqtt": {"username": "edge", "password_env": "PW"}}, env={"PW": "no"}
+    )
+    d.start(wait_online=False)
+    deadline = time.monotonic() + 20
+    while "refused the connection" not in d.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "refused the connection: Bad user name or password" in d.log() or "Not authorized" in d.log()
+    assert d.metric("edge_lstm_mqtt_connected") == 0
+    assert d.terminate() == 0  # not ready yet, still stops cleanly
