@@ -6,6 +6,10 @@ dynamic.  It is written out from the weights (Keras gate order i, f, c, o), so
 the graph holds only FULLY_CONNECTED, ADD, MUL, LOGISTIC, TANH, SPLIT and
 CONCATENATION, which every runtime and every quantization mode supports.
 
+In the ``dynamic`` mode the first layer's input kernel and the dense head are
+built from blocks small enough for the converter to keep in float (see
+``_StepModule._edge_matmul``); everything else is quantized as usual.
+
 Inputs and outputs stay float32 in every mode, so the daemon's interface does
 not change with the quantization.  Feed and read tensors through the
 ``serving_default`` signature (keys ``x``, ``h_0``, ``c_0``, ... and ``y``,
@@ -27,6 +31,8 @@ from edge_lstm.reference import ReferenceModel, ReferenceWeights
 _LOG = logging.getLogger(__name__)
 
 SIGNATURE_KEY = "serving_default"
+# The TFLite converter's default: dynamic-range quantization skips smaller weight tensors.
+_DYNAMIC_MIN_ELEMENTS = 1024
 
 F32 = npt.NDArray[np.float32]
 RepresentativeData = Callable[[], Iterator[dict[str, F32]]]
@@ -35,9 +41,10 @@ RepresentativeData = Callable[[], Iterator[dict[str, F32]]]
 class _StepModule(tf.Module):
     """Holds the step function; weights are graph constants."""
 
-    def __init__(self, weights: ReferenceWeights) -> None:
+    def __init__(self, weights: ReferenceWeights, float_edges: bool = False) -> None:
         super().__init__()
         self._weights = weights
+        self._float_edges = float_edges
         d = weights.n_features
         specs = [tf.TensorSpec([None, d], tf.float32, name="x")]
         for name, h in zip(state_names(weights.layers), [h for h in weights.layers for _ in range(2)], strict=True):
@@ -49,17 +56,36 @@ class _StepModule(tf.Module):
         inp = x
         for i, layer in enumerate(self._weights.lstm):
             h, c = state[2 * i], state[2 * i + 1]
-            # One matmul over [x, h] per layer: the same numbers as Keras' x@W + h@U.
-            kernel = tf.constant(np.concatenate([layer.kernel, layer.recurrent_kernel], axis=0))
-            z = tf.matmul(tf.concat([inp, h], axis=1), kernel) + tf.constant(layer.bias)
+            # Two matmuls, not one over [x, h]: dynamic-range quantization then scales the
+            # inputs and the state separately, and the state keeps its precision.
+            zx = self._edge_matmul(inp, layer.kernel) if i == 0 else tf.matmul(inp, tf.constant(layer.kernel))
+            z = zx + tf.matmul(h, tf.constant(layer.recurrent_kernel))
+            z = z + tf.constant(layer.bias)
             gi, gf, gc, go = tf.split(z, 4, axis=1)
             c_new = tf.sigmoid(gf) * c + tf.sigmoid(gi) * tf.tanh(gc)
             h_new = tf.sigmoid(go) * tf.tanh(c_new)
             out[f"h_{i}"] = h_new
             out[f"c_{i}"] = c_new
             inp = h_new
-        out["y"] = tf.matmul(inp, tf.constant(self._weights.dense_kernel)) + tf.constant(self._weights.dense_bias)
+        out["y"] = self._edge_matmul(inp, self._weights.dense_kernel) + tf.constant(self._weights.dense_bias)
         return out
+
+    def _edge_matmul(self, inp: tf.Tensor, kernel: F32) -> tf.Tensor:
+        """``inp @ kernel``; with ``float_edges``, as column blocks small enough to stay float.
+
+        Dynamic-range quantization leaves weight tensors below
+        ``_DYNAMIC_MIN_ELEMENTS`` in float.  The input kernel (where the small
+        1-tick differences enter) and the dense head (where the small 1-tick
+        forecast leaves) are the most sensitive weights and are small; keeping
+        them float holds the dynamic model's accuracy to that of float32 for a
+        few kilobytes.
+        """
+        rows, cols = kernel.shape
+        if not self._float_edges or rows * cols < _DYNAMIC_MIN_ELEMENTS:
+            return tf.matmul(inp, tf.constant(kernel))
+        step = max(1, (_DYNAMIC_MIN_ELEMENTS - 1) // rows)
+        parts = [tf.matmul(inp, tf.constant(kernel[:, j : j + step])) for j in range(0, cols, step)]
+        return tf.concat(parts, axis=1)
 
 
 def representative_from_inputs(
@@ -93,7 +119,7 @@ def export_tflite(
     ``int8`` and ``int16x8`` need ``representative``: real inputs and states
     (see :func:`representative_from_inputs`), never zeros.
     """
-    module = _StepModule(weights)
+    module = _StepModule(weights, float_edges=mode is Quantization.DYNAMIC)
     concrete = module.step.get_concrete_function()
     conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], module)
     if mode is not Quantization.FLOAT32:

@@ -42,7 +42,7 @@ FloatArray = npt.NDArray[np.floating]
 
 DAY_SECONDS = 86_400.0
 WEEK_SECONDS = 7 * DAY_SECONDS
-# 1970-01-01 was a Thursday; shifting by 3 days puts Monday 00:00 at phase 0.
+# 1970-01-01 was a Thursday; shifting by 3 days puts Sunday 00:00 (UTC + offset) at phase 0.
 _EPOCH_WEEKDAY_SHIFT = 3 * DAY_SECONDS
 LEVEL_CLIP = 8.0
 
@@ -266,7 +266,7 @@ def ticks_between(t_prev: float, t_now: float, cadence_s: float) -> int:
     Readings need not land exactly on the cadence grid: the elapsed time is
     rounded to the nearest number of cadences.
     """
-    return max(1, int(round((t_now - t_prev) / cadence_s)))
+    return max(1, round((t_now - t_prev) / cadence_s))
 
 
 def fill_gap(v_prev: FloatArray, v_now: FloatArray, n_ticks: int) -> FloatArray:

@@ -114,7 +114,9 @@ class Manifest:
             raise ModelError(f"not an edge-lstm manifest (format={d.get('format')!r})")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
-            raise ModelError(f"manifest format_version {version!r} is not supported (this build reads {FORMAT_VERSION})")
+            raise ModelError(
+                f"manifest format_version {version!r} is not supported (this build reads {FORMAT_VERSION})"
+            )
         known = {
             "format", "format_version", "name", "model_file", "sha256", "quantization", "cadence_seconds",
             "layers", "target_units", "warmup_ticks", "max_gap_ticks", "inputs", "outputs",

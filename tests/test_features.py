@@ -1,0 +1,118 @@
+"""The shared feature pipeline: calendar phases, diff/level scaling, decode, gap policy."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pytest
+
+from edge_lstm.features import (
+    LEVEL_CLIP,
+    FeatureKind,
+    FeaturePipeline,
+    FeatureSpec,
+    OutputKind,
+    OutputSpec,
+    calendar_features,
+    fill_gap,
+    ticks_between,
+)
+
+
+def _utc(*args: int) -> float:
+    return dt.datetime(*args, tzinfo=dt.timezone.utc).timestamp()
+
+
+def _pipeline(kind: OutputKind = OutputKind.DELTA, utc_offset_s: float = 0.0) -> FeaturePipeline:
+    return FeaturePipeline(
+        columns=("a", "b"),
+        features=(
+            FeatureSpec("a_diff", FeatureKind.DIFF, "a", scale=2.0),
+            FeatureSpec("b_diff", FeatureKind.DIFF, "b", scale=0.5),
+            FeatureSpec("a_level", FeatureKind.LEVEL, "a", center=10.0, scale=5.0),
+            FeatureSpec("tod_sin", FeatureKind.TOD_SIN),
+            FeatureSpec("dow_cos", FeatureKind.DOW_COS),
+        ),
+        output=OutputSpec(target="a", horizon=3, kind=kind, center=10.0, scale=4.0),
+        utc_offset_s=utc_offset_s,
+    )
+
+
+def test_calendar_phases() -> None:
+    kinds = [FeatureKind.TOD_SIN, FeatureKind.TOD_COS, FeatureKind.DOW_SIN, FeatureKind.DOW_COS]
+    sunday_midnight = _utc(2000, 6, 4)  # a Sunday: the week's phase 0
+    f = calendar_features([sunday_midnight, sunday_midnight + 6 * 3600, _utc(2000, 6, 8, 12)], kinds)
+    np.testing.assert_allclose(f[0], [0, 1, 0, 1], atol=1e-12)
+    np.testing.assert_allclose(f[1, :2], [1, 0], atol=1e-12)  # 06:00 is a quarter day
+    week_phase = 2 * np.pi * 4.5 / 7  # Thursday noon
+    np.testing.assert_allclose(f[2], [0, -1, np.sin(week_phase), np.cos(week_phase)], atol=1e-12)
+    # A fixed UTC offset shifts the phase: 22:00 UTC at +2 h is local midnight.
+    shifted = calendar_features([sunday_midnight - 2 * 3600], kinds, utc_offset_s=2 * 3600)
+    np.testing.assert_allclose(shifted[0], [0, 1, 0, 1], atol=1e-12)
+    with pytest.raises(ValueError):
+        calendar_features([0.0], [FeatureKind.DIFF])
+
+
+def test_encode_diff_level_calendar() -> None:
+    p = _pipeline()
+    t = _utc(2000, 6, 4, 6)  # Sunday 06:00
+    x = p.encode([[12.0, 1.0]], [[10.0, 2.0]], [t])
+    assert x.dtype == np.float32 and x.shape == (1, 5)
+    np.testing.assert_allclose(x[0], [1.0, -2.0, 0.4, 1.0, np.cos(2 * np.pi * 0.25 / 7)], atol=1e-6)
+
+
+def test_first_tick_difference_is_zero_and_level_is_clipped() -> None:
+    p = _pipeline()
+    x = p.encode([[1000.0, 1.0], [-1000.0, 1.0]], [[np.nan, np.nan], [np.nan, 0.0]], [0.0, 0.0])
+    assert x[0, 0] == 0 and x[0, 1] == 0 and x[1, 1] == 2.0
+    assert x[0, 2] == LEVEL_CLIP and x[1, 2] == -LEVEL_CLIP
+
+
+def test_encode_rejects_wrong_width() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        _pipeline().encode([[1.0]], [[1.0]], [0.0])
+
+
+def test_decode_delta_is_persistence_plus_scaled_change() -> None:
+    p = _pipeline(OutputKind.DELTA)
+    out = p.decode([[0.0, 0.5, -1.0]], [100.0])
+    np.testing.assert_allclose(out, [[100.0, 102.0, 96.0]])
+    # Persistence is the network's zero, whatever the level: a trending series stays in range.
+    np.testing.assert_allclose(p.decode(np.zeros((2, 3)), [5.0, 5000.0]), [[5.0] * 3, [5000.0] * 3])
+
+
+def test_decode_level() -> None:
+    p = _pipeline(OutputKind.LEVEL)
+    np.testing.assert_allclose(p.decode([[0.0, 1.0, -1.0]], [123.0]), [[10.0, 14.0, 6.0]])
+
+
+def test_pipeline_round_trip_and_validation() -> None:
+    p = _pipeline(utc_offset_s=3600.0)
+    assert FeaturePipeline.from_dict(p.to_dict()) == p
+    with pytest.raises(ValueError, match="target"):
+        FeaturePipeline(columns=("a",), features=(), output=OutputSpec(target="z", horizon=1))
+    with pytest.raises(ValueError, match="unknown column"):
+        FeaturePipeline(
+            columns=("a",),
+            features=(FeatureSpec("q", FeatureKind.DIFF, "q"),),
+            output=OutputSpec(target="a", horizon=1),
+        )
+    with pytest.raises(ValueError, match="scale"):
+        FeatureSpec.from_dict({"name": "a", "kind": "diff", "column": "a", "scale": 0})
+    with pytest.raises(ValueError, match="horizon"):
+        OutputSpec.from_dict({"target": "a", "horizon": 0})
+
+
+def test_ticks_between_rounds_to_whole_cadences() -> None:
+    assert ticks_between(0, 60, 60) == 1
+    assert ticks_between(0, 89, 60) == 1
+    assert ticks_between(0, 91, 60) == 2
+    assert ticks_between(0, 1, 60) == 1  # never 0 for a later reading
+    assert ticks_between(0, 300, 60) == 5
+
+
+def test_fill_gap_interpolates_the_ticks_in_between() -> None:
+    filled = fill_gap(np.array([0.0, 10.0]), np.array([4.0, 2.0]), 4)
+    np.testing.assert_allclose(filled, [[1.0, 8.0], [2.0, 6.0], [3.0, 4.0]])
+    assert fill_gap(np.array([1.0]), np.array([2.0]), 1).shape == (0, 1)

@@ -1,0 +1,112 @@
+"""The model directory contract: manifest round trip, validation and the SHA-256 check."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from edge_lstm.features import FeatureKind, FeaturePipeline, FeatureSpec, OutputSpec
+from edge_lstm.modelspec import (
+    MANIFEST_NAME,
+    MODEL_NAME,
+    Manifest,
+    ModelError,
+    Quantization,
+    load_manifest,
+    load_model,
+    sha256_file,
+    state_names,
+)
+
+
+def _manifest(content: bytes, **kw: object) -> Manifest:
+    pipe = FeaturePipeline(
+        columns=("v",),
+        features=(FeatureSpec("v_diff", FeatureKind.DIFF, "v", scale=2.0), FeatureSpec("tod_sin", FeatureKind.TOD_SIN)),
+        output=OutputSpec(target="v", horizon=4, scale=3.0),
+    )
+    args: dict[str, object] = dict(
+        name="m",
+        sha256=hashlib.sha256(content).hexdigest(),
+        quantization=Quantization.DYNAMIC,
+        pipeline=pipe,
+        cadence_s=60.0,
+        layers=(8, 4),
+        target_units="W",
+        warmup_ticks=10,
+        max_gap_ticks=3,
+        extra={"metrics": {"holdout_mae_1": 1.5}},
+    )
+    args.update(kw)
+    return Manifest(**args)  # type: ignore[arg-type]
+
+
+def _model_dir(tmp_path: Path, content: bytes = b"model bytes") -> Path:
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / MODEL_NAME).write_bytes(content)
+    _manifest(content).write(d)
+    return d
+
+
+def test_state_names_and_tensor_names() -> None:
+    assert state_names((8, 4)) == ["h_0", "c_0", "h_1", "c_1"]
+    m = _manifest(b"x")
+    assert m.input_names == ["x", "h_0", "c_0", "h_1", "c_1"]
+    assert m.output_names == ["y", "h_0", "c_0", "h_1", "c_1"]
+    assert m.horizon == 4 and m.model_id == f"m@{m.sha256[:12]}"
+
+
+def test_round_trip_keeps_everything_including_extra(tmp_path: Path) -> None:
+    d = _model_dir(tmp_path)
+    m = load_manifest(d)
+    assert m == _manifest(b"model bytes")
+    assert m.extra["metrics"]["holdout_mae_1"] == 1.5
+    assert load_manifest(d / MANIFEST_NAME) == m
+
+
+def test_load_model_checks_the_hash(tmp_path: Path) -> None:
+    d = _model_dir(tmp_path)
+    bundle = load_model(d)
+    assert bundle.content == b"model bytes" and sha256_file(bundle.model_path) == bundle.manifest.sha256
+    (d / MODEL_NAME).write_bytes(b"model bytez")
+    with pytest.raises(ModelError, match="does not match its manifest"):
+        load_model(d)
+    (d / MODEL_NAME).unlink()
+    with pytest.raises(ModelError, match="model file not found"):
+        load_model(d)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (lambda d: d.pop("layers"), "missing the field 'layers'"),
+        (lambda d: d.update(format="other"), "not an edge-lstm manifest"),
+        (lambda d: d.update(format_version=99), "format_version 99"),
+        (lambda d: d.update(layers=[]), "layers"),
+        (lambda d: d.update(cadence_seconds=0), "cadence_seconds"),
+        (lambda d: d.update(sha256="abc"), "sha256"),
+        (lambda d: d.update(quantization="int4"), "invalid"),
+    ],
+)
+def test_invalid_manifests_are_refused(tmp_path: Path, change: object, needle: str) -> None:
+    d = _model_dir(tmp_path)
+    raw = json.loads((d / MANIFEST_NAME).read_text())
+    change(raw)  # type: ignore[operator]
+    (d / MANIFEST_NAME).write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match=needle):
+        load_manifest(d)
+
+
+def test_unreadable_manifests(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="not found"):
+        load_manifest(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(ModelError, match="not valid JSON"):
+        load_manifest(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text("[1, 2]")
+    with pytest.raises(ModelError, match="JSON object"):
+        load_manifest(tmp_path)
