@@ -76,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--name", default=None, help="model name (default: the --out directory's name)")
     t.add_argument("--max-gap-ticks", type=int, default=4,
                    help="gaps up to this many ticks are interpolated, longer ones split the series")  # fmt: skip
-    t.add_argument("--level", type=LevelMode, default=LevelMode.AUTO, choices=list(LevelMode),
+    t.add_argument("--level", type=LevelMode, default=LevelMode.AUTO, choices=list(LevelMode), metavar="{" + ",".join(m.value for m in LevelMode) + "}",
                    help="columns also fed as a clipped level; auto: the target unless the series trends")  # fmt: skip
-    t.add_argument("--calendar", type=CalendarMode, default=CalendarMode.AUTO, choices=list(CalendarMode),
+    t.add_argument("--calendar", type=CalendarMode, default=CalendarMode.AUTO, choices=list(CalendarMode), metavar="{" + ",".join(m.value for m in CalendarMode) + "}",
                    help="time-of-day/day-of-week inputs as the cadence allows (auto) or none")  # fmt: skip
     t.add_argument("--utc-offset", type=float, default=0.0, metavar="HOURS",
                    help="fixed offset from UTC for the calendar inputs (default 0)")  # fmt: skip

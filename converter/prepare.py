@@ -115,13 +115,16 @@ def calendar_kinds(cadence_s: float) -> tuple[FeatureKind, ...]:
     return tuple(kinds)
 
 
+YEAR_SECONDS = 365.25 * DAY_SECONDS
+
+
 def season_ticks(cadence_s: float) -> int:
-    """The seasonal-naive period: one day below daily cadence, one week at daily cadence, else 1."""
+    """The seasonal-naive period: a day below daily cadence, a week at daily cadence, else a year."""
     if cadence_s < DAY_SECONDS:
         return max(1, round(DAY_SECONDS / cadence_s))
     if cadence_s < WEEK_SECONDS:
         return max(1, round(WEEK_SECONDS / cadence_s))
-    return 1
+    return max(1, round(YEAR_SECONDS / cadence_s))
 
 
 def assign_parts(grid: GridSeries, split: Split) -> list[npt.NDArray[np.int8]]:

@@ -276,3 +276,19 @@ def test_trending_series_with_gaps_beats_persistence(tmp_path: Path) -> None:
     h = res.report["holdout"]["mae"]
     assert h["model"][0] < 0.8 * h["persistence"][0]
     assert res.report["modes"]["dynamic"]["mae"][0] < 0.8 * h["persistence"][0]
+
+
+def test_real_series_with_trend_and_holes_beats_persistence(tmp_path: Path) -> None:
+    """Weekly Mauna Loa CO2 (bundled): rising trend, yearly season, 59 missing weeks."""
+    data = Path(__file__).resolve().parent.parent / "data" / "co2.csv"
+    res = train(
+        TrainConfig(
+            data=data, out=tmp_path / "co2", time_col="date", target="co2_ppm", horizon=4, units=16,
+            epochs=25, patience=5, modes=(Quantization.DYNAMIC,), plot=False,
+        )
+    )  # fmt: skip
+    h = res.report["holdout"]["mae"]
+    assert res.report["holdout"]["season_ticks"] == 52
+    for k in range(4):
+        assert h["model"][k] < 0.9 * h["persistence"][k]
+        assert h["model"][k] < h["seasonal_naive"][k]

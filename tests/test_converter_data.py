@@ -150,7 +150,7 @@ def test_calendar_inputs_follow_the_cadence(tmp_path: Path) -> None:
     kinds_d = {f.kind for f in build_pipeline(daily, assign_parts(daily, Split()), "v", 2).features}
     assert FeatureKind.TOD_SIN in kinds_h and FeatureKind.DOW_SIN in kinds_h
     assert FeatureKind.TOD_SIN not in kinds_d and FeatureKind.DOW_SIN in kinds_d
-    assert season_ticks(1800) == 48 and season_ticks(86400) == 7
+    assert season_ticks(1800) == 48 and season_ticks(86400) == 7 and season_ticks(7 * 86400) == 52
 
 
 def test_trending_series_drops_the_level_input(tmp_path: Path) -> None:
