@@ -49,6 +49,7 @@ OFFLINE = b"offline"
 SUBSCRIBE_QOS = 1
 MAX_QUEUED_PUBLISHES = 10_000  # paho's own outgoing queue while disconnected: bounded
 MAX_INFLIGHT = 64
+PUBLISH_BACKPRESSURE_S = 2.0  # longest a publish waits for room in paho's queue while connected
 
 # Returns True when the message was taken in (it is then acknowledged), False to leave it
 # unacknowledged: the broker delivers it again after the next connect (persistent session).
@@ -154,9 +155,17 @@ class MqttLink:
         """Queue one message; False (and counted) when paho refuses it.
 
         While disconnected, QoS > 0 messages wait in paho's bounded queue and go
-        out after the reconnect.
+        out after the reconnect.  While connected and that queue is full, the
+        call waits (up to ``PUBLISH_BACKPRESSURE_S``) for the broker to catch up.
         """
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE and self.connected:
+            # Backpressure: the broker acknowledges slower than we publish.  Wait for room (the
+            # intake queue absorbs the delay, dropping oldest when full) rather than lose forecasts.
+            deadline = time.monotonic() + PUBLISH_BACKPRESSURE_S
+            while info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE and self.connected and time.monotonic() < deadline:
+                time.sleep(0.001)
+                info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0):
             return True
         if self._metrics is not None:

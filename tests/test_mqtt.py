@@ -206,3 +206,22 @@ def test_daemon_refused_by_broker_logs_reason_and_stops_on_sigterm(
     assert "refused the connection: Bad user name or password" in d.log() or "Not authorized" in d.log()
     assert d.metric("edge_lstm_mqtt_connected") == 0
     assert d.terminate() == 0  # not ready yet, still stops cleanly
+
+
+def test_publish_bursts_beyond_pahos_queue_wait_instead_of_dropping(broker: Broker) -> None:
+    from edge_lstm.mqtt import MAX_QUEUED_PUBLISHES
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, process_collectors=False)
+    n = MAX_QUEUED_PUBLISHES + 5000
+    with Collector(broker.host, broker.port, ["burst/#"]) as col:
+        link = MqttLink(link_config(broker), "t/status", metrics)
+        link.start()
+        try:
+            assert link.wait_connected(10)
+            ok = sum(link.publish("burst/x", b"%d" % i, qos=1) for i in range(n))
+            assert ok == n
+            assert len(col.wait_for(n, "burst/#", timeout=60)) == n
+        finally:
+            link.stop()
+    assert registry.get_sample_value("edge_lstm_publish_failures_total") == 0
