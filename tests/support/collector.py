@@ -97,13 +97,15 @@ class Collector:
     ) -> list[Message]:
         """Wait until at least ``count`` matching messages arrived; returns them (maybe fewer on timeout)."""
         deadline = time.monotonic() + timeout
+        got: list[Message] = []
+        scanned = 0
         with self._cond:
             while True:
-                got = [
-                    m
-                    for m in self.messages
-                    if (topic is None or paho.topic_matches_sub(topic, m.topic)) and (retained or not m.retain)
-                ]
+                # only look at what arrived since the last wake-up: bursts of 10k+ messages stay cheap
+                for m in self.messages[scanned:]:
+                    if (topic is None or paho.topic_matches_sub(topic, m.topic)) and (retained or not m.retain):
+                        got.append(m)
+                scanned = len(self.messages)
                 left = deadline - time.monotonic()
                 if len(got) >= count or left <= 0:
                     return got
@@ -112,11 +114,13 @@ class Collector:
     def wait_payload(self, topic: str, payload: bytes, *, timeout: float = 10.0, retained: bool = True) -> bool:
         """Wait for a message with exactly this payload on ``topic``."""
         deadline = time.monotonic() + timeout
+        scanned = 0
         with self._cond:
             while True:
-                for m in self.messages:
+                for m in self.messages[scanned:]:
                     if m.payload == payload and paho.topic_matches_sub(topic, m.topic) and (retained or not m.retain):
                         return True
+                scanned = len(self.messages)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
