@@ -225,3 +225,56 @@ def test_publish_bursts_beyond_pahos_queue_wait_instead_of_dropping(broker: Brok
         finally:
             link.stop()
     assert registry.get_sample_value("edge_lstm_publish_failures_total") == 0
+
+
+def _make_pki(d: Path) -> dict[str, Path]:
+    """A test CA, a broker certificate for 127.0.0.1 and a client certificate (openssl)."""
+
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d, timeout=60)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "2", "-subj", "/CN=edge-lstm test CA")  # fmt: skip
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("server", "client"):
+        ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={name}")  # fmt: skip
+        ssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.crt", "-days", "2", "-extfile", "san.ext")  # fmt: skip
+    for p in d.iterdir():
+        p.chmod(0o600)
+    return {n: d / n for n in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
+
+
+def test_daemon_over_tls_with_client_certificate(
+    broker_factory: Callable[..., Broker], daemon_factory: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    pki_dir = tmp_path / "pki"
+    pki_dir.mkdir()
+    pki = _make_pki(pki_dir)
+    tls_broker = broker_factory(
+        listener_config="listener {port} 127.0.0.1\nallow_anonymous true\n"
+        f"cafile {pki['ca.crt']}\ncertfile {pki['server.crt']}\nkeyfile {pki['server.key']}\n"
+        "require_certificate true",
+    ).start()
+    d = daemon_factory(
+        tls_broker,
+        overrides={
+            "mqtt": {
+                "tls": True,
+                "ca_file": str(pki["ca.crt"]),
+                "cert_file": str(pki["client.crt"]),
+                "key_file": str(pki["client.key"]),
+            }
+        },
+    )
+    d.start(wait_online=False)
+    assert d.wait_metric("edge_lstm_mqtt_connected", 1, timeout=20) == 1, d.log()
+    subprocess.run(
+        ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(tls_broker.port), "-q", "1", "--cafile", str(pki["ca.crt"]),
+         "--cert", str(pki["client.crt"]), "--key", str(pki["client.key"]),
+         "-t", "sensors/tls/value", "-m", "25000"],
+        check=True, timeout=30,
+    )  # fmt: skip
+    assert d.wait_metric("edge_lstm_forecasts_published_total", 1, timeout=20) == 1, d.log()
+    assert d.terminate() == 0
