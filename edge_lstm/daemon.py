@@ -51,6 +51,7 @@ _LOG = logging.getLogger(__name__)
 
 WORKER_IDLE_S = 0.5  # longest sleep of the worker without a batch (it pings the watchdog after each)
 CONNECT_LOG_EVERY_S = 10.0
+CHECKPOINT_LOCK_TIMEOUT_S = 10.0
 
 
 class StartError(Exception):
@@ -141,6 +142,7 @@ class Daemon:
         self.link: MqttLink | None = None
         self.metrics_server: MetricsServer | None = None
         self._worker_done = threading.Event()
+        self.failed = False  # the worker died: exit non-zero so a supervisor restarts the daemon
         self._last_watchdog = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -154,7 +156,7 @@ class Daemon:
                 if self._reload_event.is_set():
                     self._reload_event.clear()
                     self._load_replacement()
-            return 0
+            return 1 if self.failed else 0
         finally:
             self.stop()
             for sig, handler in old_handlers.items():
@@ -332,6 +334,7 @@ class Daemon:
                 _LOG.warning("%d queued reading(s) not processed before the drain timeout", len(left))
         except Exception:
             _LOG.exception("worker failed; stopping the daemon")
+            self.failed = True
             self.stop_event.set()
         finally:
             self._worker_done.set()
@@ -449,9 +452,15 @@ class Daemon:
     def _checkpoint(self) -> None:
         assert self.engine is not None and self.model is not None
         start = time.monotonic()
-        with self._engine_lock:
+        if not self._engine_lock.acquire(timeout=CHECKPOINT_LOCK_TIMEOUT_S):
+            self.metrics.checkpoint_failures.inc()
+            _LOG.error("checkpoint skipped: the worker holds the state for more than %.0f s", CHECKPOINT_LOCK_TIMEOUT_S)
+            return
+        try:
             arrays = self.engine.table.to_arrays()
             manifest = self.model.manifest
+        finally:
+            self._engine_lock.release()
         try:
             saved = ckpt.save_checkpoint(arrays, Path(self.cfg.state.dir), manifest.sha256)
         except OSError as e:
