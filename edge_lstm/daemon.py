@@ -52,6 +52,7 @@ _LOG = logging.getLogger(__name__)
 WORKER_IDLE_S = 0.5  # longest sleep of the worker without a batch (it pings the watchdog after each)
 CONNECT_LOG_EVERY_S = 10.0
 CHECKPOINT_LOCK_TIMEOUT_S = 10.0
+STATUS_EVERY_S = 10.0
 
 
 class StartError(Exception):
@@ -144,6 +145,8 @@ class Daemon:
         self._worker_done = threading.Event()
         self.failed = False  # the worker died: exit non-zero so a supervisor restarts the daemon
         self._last_watchdog = 0.0
+        self._status_at = time.monotonic()
+        self._status_count = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -328,6 +331,7 @@ class Daemon:
                     self._publish(result)
                 self.metrics.queue_depth.set(len(batcher))
                 self._watchdog()
+                self._status(len(batch) if batch else 0)
             left = batcher.drain()
             if left:
                 self.metrics.outcome(Outcome.SHUTDOWN, len(left))
@@ -367,6 +371,18 @@ class Daemon:
         m.batch_size.observe(result.batch_size)
         assert self.engine is not None
         m.streams_active.set(len(self.engine.table))
+
+    def _status(self, processed: int) -> None:
+        """A ``STATUS=`` line for ``systemctl status`` every ``STATUS_EVERY_S``."""
+        if not self.notifier.enabled:
+            return
+        self._status_count += processed
+        now = time.monotonic()
+        if now - self._status_at >= STATUS_EVERY_S:
+            rate = self._status_count / (now - self._status_at)
+            streams = len(self.engine.table) if self.engine is not None else 0
+            self.notifier.status(f"serving {self._model_id()}: {streams} streams, {rate:.1f} readings/s")
+            self._status_at, self._status_count = now, 0
 
     def _watchdog(self) -> None:
         interval = self.notifier.watchdog_interval_s

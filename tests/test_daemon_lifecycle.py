@@ -104,3 +104,12 @@ def test_json_logs_one_object_per_line(broker: Broker, daemon_factory: Callable[
     assert {"ts", "level", "logger", "msg"} <= set(docs[0])
     messages = [doc["msg"] for doc in docs]
     assert any(m.startswith("ready:") for m in messages) and "stopped" in messages
+
+
+def test_sigint_stops_like_sigterm(broker: Broker, daemon_factory: Callable[..., DaemonProcess]) -> None:
+    d = daemon_factory(broker).start()
+    with Collector(broker.host, broker.port, [d.status_topic]) as col:
+        d.signal(signal.SIGINT)
+        assert d.wait(30) == 0
+        assert col.wait_payload(d.status_topic, b"offline", timeout=10, retained=False)
+    assert "received SIGINT" in d.log() and "stopped" in d.log()
