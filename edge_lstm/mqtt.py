@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -237,7 +238,10 @@ class MqttLink:
         self._connected.set()
 
     def _on_connect_fail(self, _client: paho.Client, _userdata: Any) -> None:
-        _LOG.warning("MQTT broker %s:%d not reachable; retrying", self.cfg.host, self.cfg.port)
+        # paho calls this inside its ``except OSError`` block: the exception says why.
+        err = sys.exc_info()[1]
+        self.last_error = describe_connect_error(err) if err is not None else "not reachable"
+        _LOG.warning("MQTT broker %s:%d: %s; retrying", self.cfg.host, self.cfg.port, self.last_error)
 
     def _on_disconnect(
         self,
@@ -291,3 +295,27 @@ def describe_connack(reason_code: ReasonCode) -> str:
         if key.lower() in name.lower():
             return f"{name} ({hint})"
     return name
+
+
+def describe_connect_error(err: BaseException) -> str:
+    """A failed connection attempt (socket or TLS error) in words an operator can act on."""
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return (
+            f"TLS: the broker's certificate was not accepted: {err.verify_message or err.reason} "
+            "(check mqtt.ca_file and that the broker's certificate is current and names this host)"
+        )
+    if isinstance(err, ssl.SSLError):
+        reason = str(err.reason or err).lower()
+        if "certificate" in reason or "unknown ca" in reason or "alert" in reason:
+            return (
+                f"TLS: the broker refused the handshake ({err.reason or err}): check mqtt.cert_file and "
+                "mqtt.key_file (client certificate signed by a CA the broker trusts, and not expired)"
+            )
+        return f"TLS handshake failed: {err.reason or err}"
+    if isinstance(err, ConnectionRefusedError):
+        return "connection refused (is the broker running and listening on this port?)"
+    if isinstance(err, socket.gaierror):
+        return f"cannot resolve the host name: {err.strerror or err}"
+    if isinstance(err, TimeoutError):
+        return "connection timed out"
+    return f"not reachable: {getattr(err, 'strerror', None) or err}"
