@@ -237,12 +237,15 @@ def remount(path: Path, mode: str) -> None:
 def fill_disk(directory: Path) -> Path:
     """Write a filler file until the file system is full; returns its path."""
     filler = directory / "filler"
-    with open(filler, "wb") as f:
-        chunk = b"\0" * 4096
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(chunk)
-                f.flush()
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    chunk = b"\0" * 4096
+    try:
+        while True:
+            os.write(fd, chunk)
+    except OSError:
+        pass  # ENOSPC: full
+    finally:
+        os.close(fd)
     return filler
 
 
@@ -452,7 +455,7 @@ def _flood(a: argparse.Namespace) -> None:
                     "value": 20000.0 + (published + i) % 977,
                 }
                 for i in range(n)
-            ]  # noqa: E501
+            ]
         else:  # every reading a new stream
             items = [{"id": f"{a.prefix}{published + i}", "ts": ts0, "value": 20000.0} for i in range(n)]
         infos.append(client.publish(a.topic, json.dumps(items, separators=(",", ":")).encode(), qos=1))
