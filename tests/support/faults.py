@@ -72,8 +72,8 @@ SCENARIOS: dict[str, tuple[str, str, str]] = {
     "5": (
         "Overload",
         "A flood process publishes array bodies far above what the daemon can process, against a small intake queue.",
-        "The issue asks for 10x the sustainable rate for 30 s; the suite floods for a shorter time at a "
-        "higher multiple (see the numbers).",
+        "The issue asks for 10x the sustainable rate for 30 s; the suite offers about 10x (60k readings/s "
+        "against the ~6k/s the daemon sustains with 1000 streams on 2 shared cores) for 8 s.",
     ),
     "6": (
         "Stream explosion",
@@ -442,7 +442,8 @@ def _flood(a: argparse.Namespace) -> None:
     ts0 = 1_000_000_000.0
     published = 0
     messages = 0
-    deadline = time.monotonic() + a.seconds
+    started = time.monotonic()
+    deadline = started + a.seconds
     infos = []
     tick = 0
     while (a.seconds <= 0 or time.monotonic() < deadline) and (a.total <= 0 or published < a.total):
@@ -462,6 +463,10 @@ def _flood(a: argparse.Namespace) -> None:
         published += n
         messages += 1
         tick += 1
+        if a.rate > 0:  # pace to the offered rate (readings per second)
+            ahead = published / a.rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
         if len(infos) > 500:
             infos.pop(0).wait_for_publish(30)
     for info in infos:
@@ -483,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--array", type=int, default=500, help="readings per message")
     f.add_argument("--streams", type=int, default=0, help="cycle over this many streams (0: a new stream each)")
     f.add_argument("--prefix", default="s")
+    f.add_argument("--rate", type=float, default=0.0, help="readings per second (0: as fast as possible)")
     f.add_argument("--cadence", type=float, default=1800.0)
     a = p.parse_args(argv)
     if a.cmd == "flood":
