@@ -51,6 +51,7 @@ SUBSCRIBE_QOS = 1
 MAX_QUEUED_PUBLISHES = 10_000  # paho's own outgoing queue while disconnected: bounded
 MAX_INFLIGHT = 64
 PUBLISH_BACKPRESSURE_S = 2.0  # longest a publish waits for room in paho's queue while connected
+REFUSAL_LOG_EVERY_S = 60.0  # a broker refusing every forecast logs once a minute, not per forecast
 
 # Returns True when the message was taken in (it is then acknowledged), False to leave it
 # unacknowledged: the broker delivers it again after the next connect (persistent session).
@@ -73,6 +74,8 @@ class MqttLink:
         self._connects = 0
         self._lock = threading.Lock()
         self.last_error: str = ""
+        self.publish_refusals = 0  # QoS 1/2 publishes the broker acknowledged with a failure (MQTT 5)
+        self._refusal_logged_at = -REFUSAL_LOG_EVERY_S
         v5 = cfg.protocol is MqttProtocol.V5
         self._v5 = v5
         self.client = paho.Client(
@@ -104,6 +107,7 @@ class MqttLink:
         c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_subscribe = self._on_subscribe
+        c.on_publish = self._on_publish
         c.on_socket_open = self._on_socket_open
         c.on_message = self._on_unrouted
 
@@ -274,6 +278,27 @@ class MqttLink:
                 _LOG.error("MQTT subscription to %r refused by the broker: %s", topic, rc)
             else:
                 _LOG.info("subscribed to %r (QoS %d)", topic, rc.value)
+
+    def _on_publish(
+        self, _client: paho.Client, _userdata: Any, _mid: int, reason_code: ReasonCode, _properties: Properties | None
+    ) -> None:
+        # MQTT 5 brokers say in the PUBACK when they refuse a publish (e.g. 0x87 Not authorized by an ACL);
+        # MQTT 3.1.1 brokers drop it silently.
+        if not reason_code.is_failure:
+            return
+        self.publish_refusals += 1
+        if self._metrics is not None:
+            self._metrics.publish_failures.inc()
+        now = time.monotonic()
+        if now - self._refusal_logged_at >= REFUSAL_LOG_EVERY_S:
+            self._refusal_logged_at = now
+            _LOG.error(
+                "MQTT broker refused a publish: %s (%d refused so far; check the broker's ACL for the output "
+                "and status topics of user %r)",
+                reason_code,
+                self.publish_refusals,
+                self.cfg.username or "anonymous",
+            )
 
     def _on_unrouted(self, client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
         _LOG.debug("message on unexpected topic %r ignored", msg.topic)
