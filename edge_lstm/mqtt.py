@@ -311,7 +311,7 @@ def describe_connack(reason_code: ReasonCode) -> str:
     name = str(reason_code)
     hints = {
         "Bad user name or password": "check mqtt.username and the password",
-        "Not authorized": "the broker does not allow this user or client id",
+        "Not authorized": "the broker does not allow this user, password or client id",
         "Client identifier not valid": "the broker rejects mqtt.client_id",
         "Unsupported protocol version": 'try mqtt.protocol = "3.1.1"',
         "Server unavailable": "the broker is not accepting connections",
