@@ -1,0 +1,382 @@
+"""Load generator and receiver processes, and one paced step of load through a system under test.
+
+Three processes besides the broker and the system under test (the daemon or the ceiling):
+
+* the **generator** publishes readings at a set rate.  It runs paho without a network thread,
+  so each ``publish`` writes straight to the socket and its send time is taken just before;
+  between bursts it sleeps in ``client.loop(timeout)`` (a ``select`` on the socket) until the
+  next reading is due: no busy-wait.
+* the **receiver** subscribes to the output topics and records the arrival time of every
+  message on paho's network thread; its main thread only waits for commands.
+* this process only sends commands and reads ``/proc`` and the daemon's metrics between steps.
+
+Message ``g`` of a series (counted from 0 across all its steps) goes to stream ``g % S`` with
+tick ``g // S``: streams are visited round robin, each stream's readings are exactly one model
+cadence apart (no gaps, no out-of-order), and the receiver maps an output message back to ``g``
+from its stream id and timestamp.  Times are ``time.monotonic()`` (CLOCK_MONOTONIC, the same
+clock in every process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import multiprocessing as mp
+import os
+import socket
+import threading
+import time
+import uuid
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_LOG = logging.getLogger(__name__)
+
+T0 = 1_704_067_200  # 2024-01-01T00:00:00Z: the first tick's timestamp
+CADENCE = 1800.0  # the bundled model's cadence
+KEEPALIVE = 600
+# A day of half-hourly demand-like values (MW), so the model sees realistic inputs.
+LEVELS = [round(30000.0 + 5000.0 * math.sin(2 * math.pi * i / 48), 1) for i in range(48)]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def in_topic(prefix: str, s: int) -> str:
+    return f"sensors/{prefix}-{s}/value"
+
+
+def payload(g: int, streams: int) -> bytes:
+    k = g // streams
+    return b'{"ts":%d,"value":%.1f}' % (T0 + int(k * CADENCE), LEVELS[k % 48])
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process (and its finished children are not counted)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_bytes(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of a process, in bytes."""
+    out: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def _paho_client(name: str) -> Any:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=f"bench-{name}-{uuid.uuid4().hex[:6]}",
+        protocol=paho.MQTTv5,
+    )
+
+    def nodelay(_c: Any, _u: Any, sock: Any) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    client.on_socket_open = nodelay
+    return client
+
+
+# -- generator process ---------------------------------------------------------------------------
+
+
+def _generator_step(client: Any, cmd: dict[str, Any], qos: int) -> dict[str, Any]:
+    prefix, streams, rate = cmd["prefix"], int(cmd["streams"]), float(cmd["rate"])
+    first, n = int(cmd["first"]), int(cmd["count"])
+    topics = [in_topic(prefix, s) for s in range(streams)]
+    sends = np.full(n, np.nan)
+    mono = time.monotonic
+    publish = client.publish
+    start = mono() + 0.005
+    j = 0
+    info = None
+    while j < n:
+        now = mono()
+        due = min(n, int((now - start) * rate) + 1)
+        if due <= j:
+            client.loop(timeout=max(start + j / rate - now, 0.0001))  # sleeps in select() until due
+            continue
+        while j < due:
+            g = first + j
+            sends[j] = mono()
+            info = publish(topics[g % streams], payload(g, streams), qos)
+            j += 1
+            if j % 256 == 0:
+                client.loop(timeout=0)  # read acknowledgements during long bursts
+    deadline = mono() + 30
+    while mono() < deadline and (client.want_write() or (qos and info is not None and not info.is_published())):
+        client.loop(timeout=0.01)
+    return {"sends": sends, "unacked": bool(qos and info is not None and not info.is_published())}
+
+
+def generator_main(conn: Connection, host: str, port: int, qos: int) -> None:
+    """The load generator (a child process): one step per command until ``None``."""
+    client = _paho_client("gen")
+    client.max_inflight_messages_set(0)  # unlimited: never hold a reading back
+    client.connect(host, port, keepalive=KEEPALIVE)
+    deadline = time.monotonic() + 10
+    while not client.is_connected() and time.monotonic() < deadline:
+        client.loop(timeout=0.05)
+    conn.send({"ready": client.is_connected(), "pid": os.getpid()})
+    while True:
+        while not conn.poll(1.0):
+            client.loop(timeout=0)  # keepalive while idle
+        cmd = conn.recv()
+        if cmd is None:
+            break
+        conn.send(_generator_step(client, cmd, qos))
+    client.disconnect()
+
+
+# -- receiver process ----------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Arrival times of the expected messages (paho's network thread writes, the main thread reads)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.prefix = ""
+        self.streams = 1
+        self.first = 0
+        self.recv = np.zeros(0)
+        self.count = 0
+        self.stray = 0
+        self.last_at = 0.0
+
+    def expect(self, prefix: str, streams: int, first: int, n: int) -> None:
+        with self.cond:
+            self.prefix, self.streams, self.first = prefix, streams, first
+            self.recv = np.full(n, np.nan)
+            self.count = self.stray = 0
+            self.last_at = time.monotonic()
+
+    def on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        now = time.monotonic()
+        body: bytes = msg.payload
+        stream = msg.topic.rsplit("/", 1)[-1] if msg.topic.startswith(("forecasts/", "ceiling/")) else ""
+        i = body.find(b'"ts_epoch":')
+        if i >= 0:
+            i += 11
+        else:
+            i = body.find(b'"ts":') + 5
+        end = body.find(b",", i)
+        with self.cond:
+            self.last_at = now
+            try:
+                prefix, _, s = stream.rpartition("-")
+                ts = float(body[i:end])
+                idx = round((ts - T0) / CADENCE) * self.streams + int(s) - self.first
+            except ValueError:
+                self.stray += 1
+                return
+            if prefix != self.prefix or not 0 <= idx < len(self.recv) or self.recv[idx] == self.recv[idx]:
+                self.stray += 1
+                return
+            self.recv[idx] = now
+            self.count += 1
+            if self.count == len(self.recv):
+                self.cond.notify_all()
+
+    def collect(self, quiet_s: float, cap_s: float) -> dict[str, Any]:
+        """Wait until everything arrived, or nothing arrived for ``quiet_s``, or ``cap_s`` passed."""
+        end = time.monotonic() + cap_s
+        with self.cond:
+            while self.count < len(self.recv):
+                now = time.monotonic()
+                if now >= end or now - self.last_at >= quiet_s:
+                    break
+                self.cond.wait(min(0.05, end - now))
+            return {"recv": self.recv.copy(), "count": self.count, "stray": self.stray}
+
+
+def receiver_main(conn: Connection, host: str, port: int, topic_filter: str, qos: int) -> None:
+    """The receiver (a child process): records arrivals on ``topic_filter``."""
+    rec = _Recorder()
+    subscribed = threading.Event()
+    client = _paho_client("recv")
+    client.on_message = rec.on_message
+    client.on_subscribe = lambda *_a: subscribed.set()
+    client.on_connect = lambda c, *_a: c.subscribe(topic_filter, qos)
+    client.connect(host, port, keepalive=KEEPALIVE)
+    client.loop_start()
+    conn.send({"ready": subscribed.wait(10), "pid": os.getpid()})
+    while True:
+        cmd = conn.recv()
+        if cmd is None:
+            break
+        if cmd[0] == "expect":
+            rec.expect(*cmd[1:])
+            conn.send("ok")
+        elif cmd[0] == "collect":
+            conn.send(rec.collect(*cmd[1:]))
+    client.disconnect()
+    client.loop_stop()
+
+
+# -- one step ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class StepResult:
+    """One paced step of load through a system under test."""
+
+    streams: int
+    rate: float  # offered readings/s
+    count: int
+    received: int
+    stray: int
+    generator_rate: float  # readings/s the generator really sent
+    delivered_rate: float  # received / (last arrival - first send)
+    lag_s: float  # last arrival - last send
+    latency_ms: dict[str, float]
+    cpu_s: dict[str, float]  # CPU seconds of each process during the step
+    drops: int  # readings the system under test reports it dropped
+    passed: bool
+    why: str  # what failed, empty when passed
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def latency_stats(lat_s: np.ndarray) -> dict[str, float]:
+    if len(lat_s) == 0:
+        return {}
+    ms = lat_s * 1e3
+    p = np.percentile(ms, [50, 90, 99, 99.9])
+    return {
+        "p50": float(p[0]),
+        "p90": float(p[1]),
+        "p99": float(p[2]),
+        "p99.9": float(p[3]),
+        "max": float(ms.max()),
+        "mean": float(ms.mean()),
+        "n": len(ms),
+    }
+
+
+class Load:
+    """A generator and a receiver process for one system under test (its output topic filter)."""
+
+    def __init__(self, host: str, port: int, out_filter: str, qos: int, series: dict[str, int] | None = None) -> None:
+        """``series``: next message number of each series, shared by the loads of one run (a system under
+        test that keeps state must see every stream's ticks continue, not start again)."""
+        self.qos = qos
+        ctx = mp.get_context("spawn")
+        self._gen, gen_child = ctx.Pipe()
+        self._rec, rec_child = ctx.Pipe()
+        self._procs = [
+            ctx.Process(target=generator_main, args=(gen_child, host, port, qos), name="bench-generator", daemon=True),
+            ctx.Process(
+                target=receiver_main, args=(rec_child, host, port, out_filter, qos), name="bench-receiver", daemon=True
+            ),
+        ]
+        for p in self._procs:
+            p.start()
+        hello_gen, hello_rec = self._gen.recv(), self._rec.recv()
+        if not (hello_gen["ready"] and hello_rec["ready"]):
+            self.close()
+            raise RuntimeError("load generator or receiver could not connect to the broker")
+        self.pids = {"generator": int(hello_gen["pid"]), "receiver": int(hello_rec["pid"])}
+        self._next: dict[str, int] = series if series is not None else {}
+
+    def step(
+        self,
+        prefix: str,
+        streams: int,
+        rate: float,
+        count: int,
+        watch: dict[str, int],
+        drops: Any = None,
+        lag_limit_s: float = 0.25,
+        quiet_s: float = 1.0,
+        cap_s: float = 30.0,
+    ) -> StepResult:
+        """Offer ``count`` readings at ``rate`` to ``streams`` streams of series ``prefix``.
+
+        ``watch``: more processes (name -> pid) whose CPU time is measured; ``drops``: a callable
+        returning the system under test's cumulative drop count (None when it has none).
+        """
+        first = self._next.get(prefix, 0)
+        self._next[prefix] = first + count
+        pids = {**self.pids, **watch}
+        cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
+        drops0 = drops() if drops else 0
+        self._rec.send(("expect", prefix, streams, first, count))
+        self._rec.recv()
+        self._gen.send({"prefix": prefix, "streams": streams, "rate": rate, "first": first, "count": count})
+        sent = self._gen.recv()
+        self._rec.send(("collect", quiet_s, cap_s))
+        got = self._rec.recv()
+        cpu1 = {k: cpu_seconds(p) for k, p in pids.items()}
+        dropped = (drops() - drops0) if drops else 0
+        sends, recv = sent["sends"], got["recv"]
+        ok = ~np.isnan(recv)
+        gen_span = float(sends[-1] - sends[0]) if count > 1 else 0.0
+        gen_rate = (count - 1) / gen_span if gen_span > 0 else float("inf")
+        last = float(np.nanmax(recv)) if ok.any() else float("nan")
+        delivered_rate = got["count"] / (last - float(sends[0])) if ok.any() and last > sends[0] else 0.0
+        lag = last - float(sends[-1]) if ok.any() else float("inf")
+        duration = count / rate
+        limit = max(lag_limit_s, 0.05 * duration)
+        why = []
+        if got["count"] < count:
+            why.append(f"{count - got['count']} not received")
+        if dropped:
+            why.append(f"{dropped} dropped")
+        if lag > limit:
+            why.append(f"backlog: last output {lag:.2f} s after the last reading (limit {limit:.2f} s)")
+        if gen_rate < 0.97 * rate:
+            why.append(f"generator-limited ({gen_rate:.0f}/s)")
+        cpu = {}
+        for k in pids:
+            before, after = cpu0[k], cpu1[k]
+            if before is not None and after is not None:
+                cpu[k] = after - before
+        return StepResult(
+            streams=streams,
+            rate=rate,
+            count=count,
+            received=got["count"],
+            stray=got["stray"],
+            generator_rate=gen_rate,
+            delivered_rate=delivered_rate,
+            lag_s=lag,
+            latency_ms=latency_stats(recv[ok] - sends[ok]),
+            cpu_s=cpu,
+            drops=dropped,
+            passed=not why,
+            why="; ".join(why),
+        )
+
+    def close(self) -> None:
+        for conn in (self._gen, self._rec):
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(None)
+        for p in self._procs:
+            p.join(5)
+            if p.is_alive():
+                p.terminate()
+                p.join(2)
+
+    def __enter__(self) -> Load:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

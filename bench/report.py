@@ -1,0 +1,338 @@
+"""``docs/performance.md`` from the JSON result files (plus the hand-written ``bench/interpretation.md``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from bench import results
+
+_LOG = logging.getLogger(__name__)
+
+NAMES = ("model", "ceiling", "daemon", "latency", "footprint", "profile")
+INTERPRETATION = Path(__file__).resolve().parent / "interpretation.md"
+BATCH_TARGET = 64
+
+
+def _f(value: Any, digits: int = 1, unit: str = "") -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, (int, float)):
+        return f"{value:,.{digits}f}{unit}"
+    return str(value)
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _machine(docs: dict[str, dict[str, Any]]) -> list[str]:
+    doc = next(iter(docs.values()))
+    m = doc["machine"]
+    p = m.get("packages", {})
+    rows = [
+        ["CPU", f"{m.get('cpu')} ({m.get('arch')}), {m.get('cores')} cores, {_f(m.get('memory_mb'), 0)} MB"],
+        ["OS", str(m.get("os"))],
+        ["Python", str(m.get("python"))],
+        ["numpy", f"{p.get('numpy')} ({m.get('blas') or 'BLAS unknown'})"],
+        ["ai-edge-litert", str(p.get("ai-edge-litert"))],
+        ["paho-mqtt", str(p.get("paho-mqtt"))],
+        ["Mosquitto", str(m.get("mosquitto"))],
+        ["load average at start", str(m.get("loadavg_at_start"))],
+    ]
+    tfl = docs.get("model", {}).get("results", {}).get("runtimes", {}).get("tflite-runtime", {})
+    if tfl.get("version"):
+        rows.insert(5, ["tflite-runtime", f"{tfl['version']} (own venv, numpy {tfl.get('numpy')})"])
+    runs = sorted({(d["run_id"], d["benchmark"]) for d in docs.values()})
+    out = ["## Machine", "", *_table(["", ""], rows)]
+    out += ["", "Result files and runs: " + ", ".join(f"`{b}.json` ({r})" for r, b in runs) + "."]
+    return out
+
+
+def _targets(docs: dict[str, dict[str, Any]]) -> list[str]:
+    rows: list[list[str]] = []
+    d = docs.get("daemon", {}).get("results", {}).get("streams", {})
+    for s, v in d.items():
+        ratio = v.get("ratio_to_ceiling")
+        rows.append(
+            [
+                f"daemon ≥ 80 % of the ceiling ({int(s):,} streams)",
+                _f(ratio * 100 if ratio else None, 0, " %"),
+                _ok(ratio is not None and ratio >= 0.8),
+            ]
+        )
+    lat = docs.get("latency", {}).get("results", {}).get("daemon", {})
+    for s, v in lat.items():
+        half = v["levels"].get("50%")
+        if half:
+            p99 = half["latency_ms"].get("p99")
+            rows.append(
+                [
+                    f"p99 ≤ 10 ms at half the sustained max ({int(s):,} streams)",
+                    _f(p99, 2, " ms"),
+                    _ok(p99 is not None and p99 <= 10),
+                ]
+            )
+    model = docs.get("model", {}).get("results", {})
+    best = _best_row_cost(model)
+    if best:
+        label, cost = best
+        rows.append(
+            [
+                f"model ≤ 1 µs per stream-tick at batch ≥ {BATCH_TARGET} (bundled model)",
+                f"{cost:.2f} µs ({label})",
+                _ok(cost <= 1.0),
+            ]
+        )
+    fp = docs.get("footprint", {}).get("results", {})
+    for m in fp.get("memory", []):
+        if m["streams"] == 10_000:
+            rows.append(["RSS ≤ 64 MB with 10k streams (H=64)", _f(m["rss_mb"], 1, " MB"), _ok(m["rss_mb"] <= 64)])
+    st = fp.get("startup")
+    if st:
+        rows.append(["ready in ≤ 1 s", _f(st["ready_s_median"], 2, " s"), _ok(st["ready_s_median"] <= 1.0)])
+    if not rows:
+        return []
+    return ["## Targets", "", *_table(["target", "measured", "met"], rows)]
+
+
+def _ok(flag: bool) -> str:
+    return "yes" if flag else "**no**"
+
+
+def _best_row_cost(model: dict[str, Any]) -> tuple[str, float] | None:
+    """Cost per stream-tick of the bundled model through edge_lstm.runtime at batch 64 (else the smallest >= 64)."""
+    rt = model.get("runtimes", {}).get("edge_lstm.runtime", {}).get("models", {}).get("bundled", {})
+    batches = rt.get("batches", {})
+    for b in sorted((int(k) for k in batches), key=lambda b: (b < BATCH_TARGET, b)):
+        if b >= BATCH_TARGET:
+            return f"batch {b}, edge_lstm.runtime", float(batches[str(b)]["us_per_row"])
+    return None
+
+
+def _throughput(docs: dict[str, dict[str, Any]]) -> list[str]:
+    d = docs.get("daemon", {}).get("results", {}).get("streams", {})
+    c = docs.get("ceiling", {}).get("results", {}).get("streams", {})
+    if not (d or c):
+        return []
+    rows = []
+    for s in sorted({*d, *c}, key=int):
+        dv, cv = d.get(s, {}), c.get(s, {})
+        ratio = dv.get("ratio_to_ceiling")
+        rows.append(
+            [
+                f"{int(s):,}",
+                _f(cv.get("sustained_rate"), 0),
+                _f(cv.get("peak_delivered_rate"), 0),
+                _f(dv.get("sustained_rate"), 0),
+                _f(dv.get("peak_delivered_rate"), 0),
+                _f(ratio * 100 if ratio else None, 0, " %"),
+                ", ".join(
+                    x
+                    for x in (
+                        "ceiling" if cv.get("generator_limited") else "",
+                        "daemon" if dv.get("generator_limited") else "",
+                    )
+                    if x
+                )
+                or "—",
+            ]
+        )
+    out = ["## Throughput: daemon against the ceiling (same run, same broker)", ""]
+    out += _table(
+        [
+            "streams",
+            "ceiling sustained /s",
+            "ceiling peak /s",
+            "daemon sustained /s",
+            "daemon peak /s",
+            "daemon / ceiling",
+            "generator-limited",
+        ],
+        rows,
+    )
+    out += [
+        "",
+        "*Sustained*: highest offered rate with every output received, no drop reported, and the last "
+        "output at most max(0.25 s, 5 % of the step) after the last reading. *Peak*: the most output "
+        "messages per second seen in any step (failing ones included).",
+        "",
+    ]
+    for name, doc in (("ceiling", c), ("daemon", d)):
+        for s, v in doc.items():
+            steps = ", ".join(f"{st['rate']:.0f}{'' if st['passed'] else '✗'}" for st in v.get("steps", []))
+            out.append(f"- {name}, {int(s):,} streams, steps (readings/s, ✗ failed): {steps}")
+    return out
+
+
+def _latency(docs: dict[str, dict[str, Any]]) -> list[str]:
+    lat = docs.get("latency", {}).get("results", {})
+    if not lat:
+        return []
+    rows = []
+    for who, data in (("daemon", lat.get("daemon", {})), ("ceiling", lat.get("ceiling_at_daemon_rates", {}))):
+        for s, v in data.items():
+            for level, r in v["levels"].items():
+                q = r["latency_ms"]
+                rows.append(
+                    [
+                        who,
+                        f"{int(s):,}",
+                        level,
+                        _f(r["rate"], 0),
+                        _f(q.get("p50"), 2),
+                        _f(q.get("p99"), 2),
+                        _f(q.get("p99.9"), 2),
+                        _f(q.get("max"), 1),
+                        f"{r['received']:,}/{r['count']:,}",
+                        _f(r.get("cpu_s_per_1k"), 3),
+                    ]
+                )
+    out = ["## Latency: reading published → output received", ""]
+    out += _table(
+        [
+            "system",
+            "streams",
+            "of daemon max",
+            "rate /s",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "max ms",
+            "received",
+            "CPU s per 1k readings",
+        ],
+        rows,
+    )
+    return out
+
+
+def _footprint(docs: dict[str, dict[str, Any]]) -> list[str]:
+    fp = docs.get("footprint", {}).get("results", {})
+    if not fp:
+        return []
+    out = ["## Footprint", ""]
+    st = fp.get("startup")
+    if st:
+        runs = ", ".join(f"{r['ready_s']:.2f}/{r['first_forecast_s']:.2f}" for r in st["runs"])
+        out.append(
+            f"Start to `READY=1`: **{st['ready_s_median']:.2f} s**, to the first forecast: "
+            f"**{st['first_forecast_s_median']:.2f} s** (medians; runs ready/first: {runs})."
+        )
+        out.append("")
+    rows = [
+        [
+            f"{m['streams']:,}",
+            f"{m['capacity']:,}",
+            f"{m['streams_held']:,}",
+            _f(m["rss_idle_mb"]),
+            _f(m["rss_mb"]),
+            _f(m["rss_peak_mb"]),
+            _f(m.get("cpu_s_per_1k"), 3),
+        ]
+        for m in fp.get("memory", [])
+    ]
+    out += _table(
+        [
+            "streams fed",
+            "capacity",
+            "streams held",
+            "RSS at start MB",
+            "RSS after MB",
+            "peak RSS MB",
+            "CPU s per 1k readings",
+        ],
+        rows,
+    )
+    return out
+
+
+def _model(docs: dict[str, dict[str, Any]]) -> list[str]:
+    model = docs.get("model", {}).get("results", {})
+    if not model:
+        return []
+    batches = [str(b) for b in model["batches"]]
+    out = ["## Model cost: one batched step (µs per step / µs per stream-tick)", ""]
+    info = model["models"]
+    out += _table(
+        ["model", "quantization", "model.tflite bytes", "weights.npz bytes"],
+        [[k, v["quantization"], f"{v['model_bytes']:,}", _f(v.get("weights_npz_bytes"), 0)] for k, v in info.items()],
+    )
+    out.append("")
+    rows = []
+    for runtime, data in model["runtimes"].items():
+        if "models" not in data:
+            rows.append([runtime, "—"] + ["—"] * len(batches) + [data.get("error", "")])
+            continue
+        for name, r in data["models"].items():
+            if r.get("status") != "ok":
+                rows.append([runtime, name] + ["—"] * len(batches) + [f"cannot load: {r.get('error', '')[:120]}"])
+                continue
+            cells = [f"{r['batches'][b]['us_per_step']:,.1f} / {r['batches'][b]['us_per_row']:.2f}" for b in batches]
+            var = r.get("varying")
+            note = f"varying 1..256: {var['us_per_row']:.2f} µs/row" if var else ""
+            rows.append([runtime, name, *cells, note])
+    out += _table(["runtime", "model", *[f"batch {b}" for b in batches], "notes"], rows)
+    missing = model.get("modes_missing")
+    if missing:
+        out += ["", f"Not measured (models not built; `python -m bench model --build-models`): {', '.join(missing)}."]
+    return out
+
+
+def _profile(docs: dict[str, dict[str, Any]]) -> list[str]:
+    prof = docs.get("profile", {}).get("results", {})
+    summ = prof.get("summary")
+    if not summ:
+        return []
+    out = ["## Profile of the daemon at its sustained maximum", ""]
+    out.append(
+        f"{prof['tool']}, {prof['streams']} streams at {prof['rate']:.0f} readings/s; the daemon used "
+        f"{prof['daemon_cores_used']:.2f} cores. Samples of threads holding the GIL (`--gil`), "
+        f"{summ['samples']:,} in all; collapsed stacks in `bench/results/{prof.get('stacks_file')}`."
+    )
+    out.append("")
+    for thread, t in summ["threads"].items():
+        out.append(
+            f"**{thread}**: {t['share_of_all'] * 100:.0f} % of the samples. Own time by package: "
+            + ", ".join(f"{p['package']} {p['share'] * 100:.0f} %" for p in t["own_by_package"][:8])
+            + "."
+        )
+        out.append("")
+        incl = [e for e in t["inclusive"] if not e["function"].startswith("threading.py")][:12]
+        rows = [[f"`{e['function']}`", f"{e['share'] * 100:.0f} %"] for e in incl]
+        own = [[f"`{e['function']}`", f"{e['share'] * 100:.0f} %"] for e in t["own"][:12]]
+        n = max(len(rows), len(own))
+        rows += [["", ""]] * (n - len(rows))
+        own += [["", ""]] * (n - len(own))
+        out += _table(["inclusive", "share", "own", "share"], [a + b for a, b in zip(rows, own, strict=True)])
+        out.append("")
+    return out
+
+
+def render(docs: dict[str, dict[str, Any]], interpretation: str = "") -> str:
+    lines = [
+        "# Performance",
+        "",
+        "Generated by `python -m bench` (`make bench`) from the JSON files in `bench/results/`; do not edit by "
+        "hand: change `bench/interpretation.md` or the suite, and run it again.",
+        "",
+    ]
+    if not docs:
+        return "\n".join([*lines, "No results yet.", ""])
+    for part in (_machine, _targets, _throughput, _latency, _footprint, _model, _profile):
+        section = part(docs)
+        if section:
+            lines += [*section, ""]
+    if interpretation:
+        lines += [interpretation.strip(), ""]
+    return "\n".join(lines)
+
+
+def write(directory: Path, doc_path: Path) -> Path:
+    docs = results.read_all(directory, NAMES)
+    text = INTERPRETATION.read_text() if INTERPRETATION.exists() else ""
+    doc_path.parent.mkdir(parents=True, exist_ok=True)
+    doc_path.write_text(render(docs, text))
+    _LOG.info("wrote %s", doc_path)
+    return doc_path

@@ -1,0 +1,127 @@
+"""The systems under test: the ceiling republisher and the daemon, each in its own process.
+
+The broker and the daemon process reuse the test suite's helpers (``tests/support``): a private
+Mosquitto on a free loopback port and ``edge-lstm run`` with a generated configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bench import ceiling
+from tests.support.broker import Broker
+from tests.support.daemon import DaemonProcess
+
+_LOG = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_CAPACITY = 20_000  # room for the streams of every stream count in one daemon run
+
+
+def start_broker(workdir: Path) -> Broker:
+    """A private Mosquitto for the whole run (loopback only, no persistence)."""
+    return Broker(
+        workdir / "broker",
+        extra_config=["max_inflight_messages 100", "max_queued_messages 1000000", "set_tcp_nodelay true"],
+    ).start()
+
+
+class Ceiling:
+    """``python -m bench.ceiling`` in a subprocess."""
+
+    out_filter = ceiling.OUT_FILTER
+    name = "ceiling"
+
+    def __init__(self, broker: Broker, qos: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.ceiling", broker.host, str(broker.port), str(qos)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if line != "ready":
+            self.close()
+            raise RuntimeError(f"ceiling republisher did not start (said {line!r})")
+        self._pid = self.proc.pid
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    def drops(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def daemon_overrides(qos: int, capacity: int = BENCH_CAPACITY, **extra: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {
+        "output": {"qos": qos},
+        "state": {"capacity": capacity, "checkpoint_interval_s": 3600},
+        "log": {"level": "warning"},
+    }
+    for section, values in extra.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+class Daemon:
+    """``edge-lstm run`` on the bundled model, configured for the benchmark."""
+
+    out_filter = "forecasts/+"
+    name = "daemon"
+
+    def __init__(
+        self,
+        broker: Broker,
+        workdir: Path,
+        qos: int,
+        *,
+        capacity: int = BENCH_CAPACITY,
+        env: Mapping[str, str] | None = None,
+        start: bool = True,
+    ) -> None:
+        self.process = DaemonProcess(workdir, broker, overrides=daemon_overrides(qos, capacity), env=env)
+        if start:
+            self.process.start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        for attempt in range(3):
+            try:
+                return self.process.metrics()
+            except OSError:
+                if attempt == 2:
+                    raise
+                time.sleep(0.2)
+        return {}
+
+    def drops(self) -> int:
+        """Readings dropped (queue full, not processed at shutdown) plus forecasts not published."""
+        m = self.metrics()
+        total = m.get(("edge_lstm_publish_failures_total", ()), 0.0)
+        for outcome in ("queue_full", "shutdown"):
+            total += m.get(("edge_lstm_readings_total", (("outcome", outcome),)), 0.0)
+        return int(total)
+
+    def close(self) -> None:
+        self.process.close()
