@@ -209,8 +209,8 @@ def test_hostile_batch_through_the_daemon_is_counted_exactly(
     dec = _decoder()
     bodies = hostile_bodies(now)
     want: collections.Counter[Outcome] = collections.Counter()
-    for _label, _body, expected in bodies:
-        want.update(expected)
+    for _label, _body, per_body in bodies:
+        want.update(per_body)
     assert _decode_outcomes(dec, bodies[-2][1], now) == collections.Counter(bodies[-2][2])
 
     c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
@@ -237,7 +237,7 @@ def test_hostile_batch_through_the_daemon_is_counted_exactly(
     while sum(d.outcomes().values()) < total and time.monotonic() < deadline:
         time.sleep(0.05)
     outcomes = d.outcomes()
-    expected = {o.value: rounds * n for o, n in want.items()}
+    expected: dict[str, int] = {str(o.value): rounds * n for o, n in want.items()}
     expected["processed"] = expected.get("processed", 0) + good
     got = {k: int(v) for k, v in outcomes.items() if v}
     assert got == expected

@@ -249,7 +249,7 @@ def test_corrupt_state_is_set_aside_logged_counted_and_the_daemon_starts_cold(
         reason = next(line for line in log.splitlines() if "rejected (" in line).split("rejected (", 1)[1]
         record("3", f"{kind}: restores{{result=\"rejected\"}}, streams after start, file set aside",
                f"{int(rejected)}, {int(active)}, yes", "1, 0 (cold), original bytes kept")  # fmt: skip
-        record("3", f"{kind}: reason logged", reason.split(")")[0][:70], "logged with the set-aside path")
+        record("3", f"{kind}: reason logged", reason.split("), set aside", 1)[0][:80], "logged with the set-aside path")
     record("3", "forecasts right after each cold start", f"{len(STREAMS)} per start, warming_up", "one per stream")
 
 

@@ -59,8 +59,8 @@ SCENARIOS: dict[str, tuple[str, str, str]] = {
     ),
     "3": (
         "Corrupt state",
-        "The daemon is started on a state directory holding a truncated, a bit-flipped, a foreign-model "
-        "and a newer-format checkpoint in turn.",
+        "The daemon is started on a state directory holding a truncated, a bit-flipped, a foreign-model, "
+        "a newer-format and an empty checkpoint in turn.",
         "As in the issue.",
     ),
     "4": (
@@ -371,7 +371,7 @@ class PersistentClient:
         )
         self.client.max_queued_messages_set(0)  # unbounded: nothing may be dropped while the broker is down
         self.client.max_inflight_messages_set(100)
-        self.client.reconnect_delay_set(0.2, 1)
+        self.client.reconnect_delay_set(1, 1)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *_a: self._subscribed.set()
         self.client.on_message = self._on_message
