@@ -175,9 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.quick:
                 results.write(out, "profile", run, {"skipped": "not run in quick mode"})
             else:
-                results.write(out, "profile", run, _profile(s, out, sustained.get(100, 1000.0)))
+                profiles = {str(n): _profile(s, out, sustained.get(n, 1000.0), n) for n in (100, 1)}
+                results.write(out, "profile", run, {"profiles": profiles})
         if Bench.FOOTPRINT in names:
-            feed = 0.8 * sustained.get(10_000, 2500.0)
+            feed = 0.5 * sustained.get(10_000, 4000.0)  # new streams cost more than known ones
             res = footprint.run(s.broker, s.workdir / "footprint", qos=args.qos, quick=args.quick, feed_rate=feed)
             results.write(out, "footprint", run, res)
     _LOG.info("benchmarks done in %.0f s", time.monotonic() - t_start)
@@ -244,7 +245,7 @@ def _profile(s: Session, out: Path, rate: float, streams: int = 100, seconds: in
     from bench.throughput import prefix_for
 
     d = s.daemon()
-    stacks_path = out / "profile-stacks.txt"
+    stacks_path = out / f"profile-stacks-{streams}.txt"
     found: dict[str, Any] = {}
 
     def sample() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -38,6 +39,8 @@ VENVS = Path(__file__).resolve().parent / ".venvs"
 TFLITE_VENV = VENVS / "tflite-runtime"
 WORKER = Path(__file__).resolve().parent / "model_worker.py"
 VARYING_MAX_BATCH = 256  # the daemon's default engine.max_batch
+# BLAS thread pools spin on a shared 2-core machine and make small products erratic: one thread.
+BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def time_call(fn: Callable[[], object], min_time: float, repeats: int = 3) -> float:
@@ -137,6 +140,18 @@ def bench_step_model(directory: Path, batches: tuple[int, ...], min_time: float)
 
 
 def bench_reference(directory: Path, batches: tuple[int, ...], min_time: float) -> dict[str, Any]:
+    """The numpy reference step, in a child process with one BLAS thread (like the runtimes' one thread)."""
+    env = {**os.environ, **{k: "1" for k in BLAS_THREAD_VARS}}
+    cmd = [sys.executable, "-m", "bench.modelcost", str(directory), json.dumps(list(batches)), str(min_time)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=models.REPO)
+    try:
+        doc: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"status": "failed", "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+    return doc
+
+
+def _reference_in_process(directory: Path, batches: tuple[int, ...], min_time: float) -> dict[str, Any]:
     from edge_lstm.reference import ReferenceModel
 
     try:
@@ -144,7 +159,7 @@ def bench_reference(directory: Path, batches: tuple[int, ...], min_time: float) 
     except (OSError, ValueError, KeyError) as e:
         return {"status": "cannot load", "error": str(e)}
     rng = np.random.default_rng(0)
-    out: dict[str, Any] = {"status": "ok", "batches": {}}
+    out: dict[str, Any] = {"status": "ok", "blas_threads": 1, "batches": {}}
     for b in batches:
         x, state = _inputs(rng, b, ref.n_features, ref.layers)
         s = time_call(functools.partial(ref.step, x, state), min_time)
@@ -206,3 +221,7 @@ def run(*, quick: bool, tflite: bool, build_models: bool) -> dict[str, Any]:
         "models": {k: bench_reference(v, batches, min_time) for k, v in ref_dirs.items()},
     }
     return results
+
+
+if __name__ == "__main__":  # the reference timing, in its own process (see bench_reference)
+    print(json.dumps(_reference_in_process(Path(sys.argv[1]), tuple(json.loads(sys.argv[2])), float(sys.argv[3]))))

@@ -57,7 +57,7 @@ def _targets(docs: dict[str, dict[str, Any]]) -> list[str]:
         ratio = v.get("ratio_to_ceiling")
         rows.append(
             [
-                f"daemon ≥ 80 % of the ceiling ({int(s):,} streams)",
+                f"daemon ≥ 80 % of the ceiling ({_streams(s)})",
                 _f(ratio * 100 if ratio else None, 0, " %"),
                 _ok(ratio is not None and ratio >= 0.8),
             ]
@@ -69,7 +69,7 @@ def _targets(docs: dict[str, dict[str, Any]]) -> list[str]:
             p99 = half["latency_ms"].get("p99")
             rows.append(
                 [
-                    f"p99 ≤ 10 ms at half the sustained max ({int(s):,} streams)",
+                    f"p99 ≤ 10 ms at half the sustained max ({_streams(s)})",
                     _f(p99, 2, " ms"),
                     _ok(p99 is not None and p99 <= 10),
                 ]
@@ -95,6 +95,11 @@ def _targets(docs: dict[str, dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     return ["## Targets", "", *_table(["target", "measured", "met"], rows)]
+
+
+def _streams(s: str | int) -> str:
+    n = int(s)
+    return f"{n:,} stream{'' if n == 1 else 's'}"
 
 
 def _ok(flag: bool) -> str:
@@ -162,7 +167,7 @@ def _throughput(docs: dict[str, dict[str, Any]]) -> list[str]:
     for name, doc in (("ceiling", c), ("daemon", d)):
         for s, v in doc.items():
             steps = ", ".join(f"{st['rate']:.0f}{'' if st['passed'] else '✗'}" for st in v.get("steps", []))
-            out.append(f"- {name}, {int(s):,} streams, steps (readings/s, ✗ failed): {steps}")
+            out.append(f"- {name}, {_streams(s)}, steps (readings/s, ✗ failed): {steps}")
     return out
 
 
@@ -281,11 +286,18 @@ def _model(docs: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _profile(docs: dict[str, dict[str, Any]]) -> list[str]:
-    prof = docs.get("profile", {}).get("results", {})
+    profiles = docs.get("profile", {}).get("results", {}).get("profiles", {})
+    out: list[str] = []
+    for prof in profiles.values():
+        out += _one_profile(prof)
+    return ["## Profile of the daemon at its sustained maximum", "", *out] if out else []
+
+
+def _one_profile(prof: dict[str, Any]) -> list[str]:
     summ = prof.get("summary")
     if not summ:
         return []
-    out = ["## Profile of the daemon at its sustained maximum", ""]
+    out = [f"### {_streams(prof['streams'])}", ""]
     out.append(
         f"{prof['tool']}, {prof['streams']} streams at {prof['rate']:.0f} readings/s; the daemon used "
         f"{prof['daemon_cores_used']:.2f} cores. Samples of threads holding the GIL (`--gil`), "
