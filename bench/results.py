@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,19 @@ from bench import SCHEMA_VERSION
 _LOG = logging.getLogger(__name__)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _portable(text: str) -> str:
+    """Paths inside the checkout relative to it, temporary paths as ``$TMPDIR``: results travel between machines."""
+    text = text.replace(str(REPO) + "/", "").replace(str(REPO), ".")
+    return text.replace(tempfile.gettempdir().rstrip("/") + "/", "$TMPDIR/")
+
+
 def _clean(value: Any) -> Any:
-    """JSON-safe copy: NaN/inf become None, numpy scalars plain numbers, tuples lists."""
+    """JSON-safe copy: NaN/inf become None, numpy scalars plain numbers, tuples lists, paths portable."""
+    if isinstance(value, str):
+        return _portable(value)
     if isinstance(value, dict):
         return {str(k): _clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
