@@ -91,8 +91,9 @@ def sanitise_stream_id(raw: str) -> str:
     """A stream id safe for topics, file names and metric labels.
 
     Keeps ``[A-Za-z0-9_.-]`` and replaces every other character with ``_``; no
-    ``..`` and no leading dot; at most 64 characters - a longer id is cut and
-    given a hash suffix of the whole id, so distinct long ids stay distinct.
+    ``..`` and no leading dot; at most 64 characters. An id that had to be
+    changed (cut or cleaned) gets a hash suffix of the whole raw id, so distinct
+    raw ids stay distinct streams (``a+b`` and ``a#b`` do not merge).
     An empty id raises :class:`PayloadError` (``BAD_STREAM``).
     """
     if _SAFE_ID.fullmatch(raw) and ".." not in raw:
@@ -104,7 +105,7 @@ def sanitise_stream_id(raw: str) -> str:
     s = _DOT_BEFORE_DOT.sub("_", s)
     if s.startswith("."):
         s = "_" + s[1:]
-    if len(raw) > MAX_STREAM_ID_LEN:
+    if len(raw) > MAX_STREAM_ID_LEN or s != raw:
         digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_SUFFIX_LEN]
         s = f"{s[: MAX_STREAM_ID_LEN - _HASH_SUFFIX_LEN - 1]}-{digest}"
     return s

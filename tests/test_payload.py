@@ -96,7 +96,7 @@ def test_multi_column_mapping_by_name_and_config() -> None:
 def test_stream_from_payload_field_wins_over_topic() -> None:
     dec = single(stream_field="id")
     (r,) = decode(dec, '{"id": "dev/7", "value": 1}', "from-topic").readings
-    assert r.stream == "dev_7"
+    assert r.stream == sanitise_stream_id("dev/7") and r.stream.startswith("dev_7-")
     (r,) = decode(dec, '{"value": 1}', "from-topic").readings
     assert r.stream == "from-topic"
 
@@ -219,11 +219,14 @@ def test_parse_timestamp_rejects_overlong_strings() -> None:
 # -- stream ids -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("raw", ["kitchen-1", "a.b_c"])
+def test_safe_ids_are_kept(raw: str) -> None:
+    assert sanitise_stream_id(raw) == raw
+
+
 @pytest.mark.parametrize(
-    "raw, expected",
+    "raw, cleaned",
     [
-        ("kitchen-1", "kitchen-1"),
-        ("a.b_c", "a.b_c"),
         ("sensors/+/#", "sensors____"),
         ("..", "_."),
         ("../../etc/passwd", "_.__._etc_passwd"),
@@ -232,8 +235,15 @@ def test_parse_timestamp_rejects_overlong_strings() -> None:
         ("température", "temp_rature"),
     ],
 )
-def test_sanitise_examples(raw: str, expected: str) -> None:
-    assert sanitise_stream_id(raw) == expected
+def test_unsafe_ids_are_cleaned_and_marked_with_a_hash(raw: str, cleaned: str) -> None:
+    out = sanitise_stream_id(raw)
+    assert re.fullmatch(re.escape(cleaned) + r"-[0-9a-f]+", out), out
+    assert sanitise_stream_id(out) == out  # a cleaned id is itself safe
+
+
+def test_ids_that_clean_alike_stay_distinct() -> None:
+    ids = ["a+b", "a#b", "a\x00b", "a/b", "a_b"]
+    assert len({sanitise_stream_id(i) for i in ids}) == len(ids)
 
 
 def test_long_ids_are_cut_with_distinct_hash_suffixes() -> None:
