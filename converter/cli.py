@@ -7,6 +7,7 @@ TensorFlow is imported only once a command runs, so ``--help`` is quick.
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import logging
 import sys
@@ -24,6 +25,11 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_VERIFY_FAILED = 3
 
+
+
+def _choices(modes: type[enum.Enum]) -> str:
+    """How an enum's values read in --help: ``{a,b,c}``."""
+    return "{" + ",".join(str(m.value) for m in modes) + "}"
 
 def _positive_float(text: str) -> float:
     v = float(text)
@@ -76,9 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--name", default=None, help="model name (default: the --out directory's name)")
     t.add_argument("--max-gap-ticks", type=int, default=4,
                    help="gaps up to this many ticks are interpolated, longer ones split the series")  # fmt: skip
-    t.add_argument("--level", type=LevelMode, default=LevelMode.AUTO, choices=list(LevelMode), metavar="{" + ",".join(m.value for m in LevelMode) + "}",
+    t.add_argument("--level", type=LevelMode, default=LevelMode.AUTO, choices=list(LevelMode),
+                   metavar=_choices(LevelMode),
                    help="columns also fed as a clipped level; auto: the target unless the series trends")  # fmt: skip
-    t.add_argument("--calendar", type=CalendarMode, default=CalendarMode.AUTO, choices=list(CalendarMode), metavar="{" + ",".join(m.value for m in CalendarMode) + "}",
+    t.add_argument("--calendar", type=CalendarMode, default=CalendarMode.AUTO, choices=list(CalendarMode),
+                   metavar=_choices(CalendarMode),
                    help="time-of-day/day-of-week inputs as the cadence allows (auto) or none")  # fmt: skip
     t.add_argument("--utc-offset", type=float, default=0.0, metavar="HOURS",
                    help="fixed offset from UTC for the calendar inputs (default 0)")  # fmt: skip
