@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,23 @@ def _indices(it: Any, names: list[str], outputs: bool) -> list[int]:
     return [int(mapping[n]) for n in names]
 
 
+def time_call(fn: Callable[[], object], min_time: float, repeats: int = 3) -> float:
+    """Best-of-``repeats`` mean seconds of ``fn()``, after a short warm-up."""
+    for _ in range(3):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t0, 1e-6)
+    loops = max(3, int(min_time / repeats / one))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(loops):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / loops)
+    return best
+
+
 def time_step(
     it: Any, ins: list[int], outs: list[int], arrays: list[np.ndarray], min_time: float, repeats: int
 ) -> float:
@@ -58,19 +76,7 @@ def time_step(
         for idx in outs:
             it.get_tensor(idx)
 
-    for _ in range(3):
-        step()
-    t0 = time.perf_counter()
-    step()
-    one = max(time.perf_counter() - t0, 1e-6)
-    loops = max(3, int(min_time / repeats / one))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(loops):
-            step()
-        best = min(best, (time.perf_counter() - t0) / loops)
-    return best
+    return time_call(step, min_time, repeats)
 
 
 def bench_model(cls: Any, path: Path, batches: list[int], min_time: float, repeats: int) -> dict[str, Any]:

@@ -22,14 +22,13 @@ import logging
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench import models
+from bench.model_worker import time_call
 
 _LOG = logging.getLogger(__name__)
 
@@ -41,23 +40,6 @@ WORKER = Path(__file__).resolve().parent / "model_worker.py"
 VARYING_MAX_BATCH = 256  # the daemon's default engine.max_batch
 # BLAS thread pools spin on a shared 2-core machine and make small products erratic: one thread.
 BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def time_call(fn: Callable[[], object], min_time: float, repeats: int = 3) -> float:
-    """Best-of-``repeats`` mean seconds of ``fn()``, after a short warm-up."""
-    for _ in range(3):
-        fn()
-    t0 = time.perf_counter()
-    fn()
-    one = max(time.perf_counter() - t0, 1e-6)
-    loops = max(3, int(min_time / repeats / one))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(loops):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / loops)
-    return best
 
 
 def ensure_tflite_venv(venv: Path = TFLITE_VENV) -> tuple[Path | None, str]:
