@@ -24,6 +24,12 @@ from tests.support.offline import StreamState, open_model, stream_forecasts
 
 REL_TOL = 1e-5
 SERIES_START = 500  # a stretch of taylor away from its first day
+
+
+def stretch(series: tuple[np.ndarray, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` consecutive ticks (timestamps, values) of a series, from ``SERIES_START``."""
+    ts, vs = series
+    return ts[SERIES_START : SERIES_START + n], vs[SERIES_START : SERIES_START + n]
 MANIFEST = load_manifest(TAYLOR_MODEL)
 K = MANIFEST.horizon
 
@@ -119,8 +125,7 @@ def test_replayed_series_equals_offline_streaming_run(
     taylor_series: tuple[np.ndarray, np.ndarray],
     model,  # type: ignore[no-untyped-def]
 ) -> None:
-    ts, vs = taylor_series
-    ts, vs = ts[SERIES_START : SERIES_START + 300], vs[SERIES_START : SERIES_START + 300]
+    ts, vs = stretch(taylor_series, 300)
     want, _ = stream_forecasts(model, ts, vs)
     d = daemon_factory(broker).start()
     col = collector_factory(broker, ["forecasts/#"])
@@ -146,8 +151,7 @@ def test_sigterm_mid_series_then_restart_equals_uninterrupted_run(
     taylor_series: tuple[np.ndarray, np.ndarray],
     model,  # type: ignore[no-untyped-def]
 ) -> None:
-    ts, vs = taylor_series
-    ts, vs = ts[SERIES_START : SERIES_START + 240], vs[SERIES_START : SERIES_START + 240]
+    ts, vs = stretch(taylor_series, 240)
     want, _ = stream_forecasts(model, ts, vs)
     d = daemon_factory(broker)
     d.start()
@@ -176,8 +180,7 @@ def test_sigkill_after_checkpoint_then_restart_equals_run_from_that_checkpoint(
     model,  # type: ignore[no-untyped-def]
     tmp_path: Path,
 ) -> None:
-    ts, vs = taylor_series
-    ts, vs = ts[SERIES_START : SERIES_START + 200], vs[SERIES_START : SERIES_START + 200]
+    ts, vs = stretch(taylor_series, 200)
     d = daemon_factory(broker, overrides={"state": {"checkpoint_interval_s": 0.2}})
     d.start()
     col = collector_factory(broker, ["forecasts/#"])
@@ -221,8 +224,7 @@ def test_bad_payloads_are_counted_and_skipped(
     taylor_series: tuple[np.ndarray, np.ndarray],
     model,  # type: ignore[no-untyped-def]
 ) -> None:
-    ts, vs = taylor_series
-    ts, vs = ts[SERIES_START : SERIES_START + 40], vs[SERIES_START : SERIES_START + 40]
+    ts, vs = stretch(taylor_series, 40)
     want, _ = stream_forecasts(model, ts, vs)
     d = daemon_factory(broker).start()
     col = collector_factory(broker, ["forecasts/#"])

@@ -15,7 +15,7 @@ from tests.support.broker import Broker
 from tests.support.collector import Collector
 from tests.support.daemon import TAYLOR_MODEL, DaemonProcess
 from tests.support.offline import open_model, stream_forecasts
-from tests.test_daemon import SERIES_START, assert_equal_forecasts, forecasts_by_ts, publish_series, publisher
+from tests.test_daemon import assert_equal_forecasts, forecasts_by_ts, publish_series, publisher, stretch
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,7 @@ def test_sighup_reloads_the_model_keeps_state_and_survives_a_bad_file(
 ) -> None:
     model_dir = tmp_path / "model"
     shutil.copytree(TAYLOR_MODEL, model_dir)
-    ts, vs = taylor_series
-    ts, vs = ts[SERIES_START : SERIES_START + 150], vs[SERIES_START : SERIES_START + 150]
+    ts, vs = stretch(taylor_series, 150)
     want, _ = stream_forecasts(model, ts, vs)
     d = daemon_factory(broker, overrides={"model": {"path": str(model_dir)}}).start()
     col = collector_factory(broker, ["forecasts/#"])
@@ -68,8 +67,7 @@ def test_sigterm_during_a_burst_loses_no_reading(
     model,  # type: ignore[no-untyped-def]
 ) -> None:
     """Queued readings are finished before exit; later ones stay unacknowledged with the broker."""
-    ts, vs = taylor_series
-    ts, vs = ts[SERIES_START : SERIES_START + 400], vs[SERIES_START : SERIES_START + 400]
+    ts, vs = stretch(taylor_series, 400)
     want, _ = stream_forecasts(model, ts, vs)
     d = daemon_factory(broker).start()
     col = collector_factory(broker, ["forecasts/#"])
