@@ -6,10 +6,11 @@ when it is full, the OLDEST reading is dropped to make room (it would be the
 stalest forecast anyway) and counted as ``Outcome.QUEUE_FULL``, so memory never
 grows without bound.
 
-A batch holds at most one reading per stream.  A stream's later readings stay
-queued, in their order and ahead of newer arrivals, for the next batch.  To
-keep batch forming O(batch) even when one stream floods the queue, at most
-``scan_factor * max_batch`` queued readings are examined per batch.
+A batch is the oldest ``max_batch`` readings, in arrival order: O(batch) to
+form whatever the mix of streams.  A stream may appear in it more than once
+(one stream sending faster than the worker steps, or a backlog after a
+pause); the engine then steps through its readings in order, one model step
+per repeat (:func:`edge_lstm.engine.Engine.process`).
 """
 
 from __future__ import annotations
@@ -26,15 +27,12 @@ _LOG = logging.getLogger(__name__)
 
 
 class Batcher:
-    """A thread-safe, bounded, drop-oldest queue of readings that forms per-stream-unique batches."""
+    """A thread-safe, bounded, drop-oldest queue of readings that hands them out in batches."""
 
-    def __init__(self, max_queue: int, scan_factor: int = 4, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, max_queue: int, clock: Callable[[], float] = time.monotonic) -> None:
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
-        if scan_factor < 1:
-            raise ValueError("scan_factor must be at least 1")
         self.max_queue = int(max_queue)
-        self.scan_factor = int(scan_factor)
         self._clock = clock
         self._queue: deque[Reading] = deque()
         self._cond = threading.Condition(threading.Lock())
@@ -84,8 +82,8 @@ class Batcher:
     def take_batch(self, max_batch: int, max_wait_s: float) -> list[Reading]:
         """Wait up to ``max_wait_s`` for a first reading, then take up to ``max_batch`` readings.
 
-        The batch has at most one reading per stream, in queue order.  Returns
-        an empty list on timeout or when the batcher is closed and empty.
+        The batch is in queue (arrival) order.  Returns an empty list on
+        timeout or when the batcher is closed and empty.
         """
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -98,23 +96,12 @@ class Batcher:
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
-            if not q:
-                return []
-            batch: list[Reading] = []
-            seen: set[str] = set()
-            skipped: list[Reading] = []
-            budget = self.scan_factor * max_batch
-            while q and len(batch) < max_batch and budget > 0:
-                r = q.popleft()
-                budget -= 1
-                if r.stream in seen:
-                    skipped.append(r)
-                else:
-                    seen.add(r.stream)
-                    batch.append(r)
-            if skipped:
-                q.extendleft(reversed(skipped))
-            return batch
+            if len(q) <= max_batch:
+                batch = list(q)
+                q.clear()
+                return batch
+            pop = q.popleft
+            return [pop() for _ in range(max_batch)]
 
     def drain(self) -> list[Reading]:
         """Remove and return everything queued (at shutdown, to count what was not processed)."""

@@ -237,7 +237,11 @@ class EngineConfig:
     """Batching of readings into model steps."""
 
     max_batch: int = dataclasses.field(
-        default=256, metadata=_doc("Most readings (one per stream) in one batched model step.")
+        default=256,
+        metadata=_doc(
+            "Most readings the worker takes at once, oldest first; each stream's first reading in it goes "
+            "into one batched model step, a stream's repeats into the next steps, in order."
+        ),
     )
     max_wait_ms: float = dataclasses.field(
         default=5.0,

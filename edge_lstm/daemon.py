@@ -344,7 +344,6 @@ class Daemon:
             self._worker_done.set()
 
     def _publish(self, result: BatchResult) -> None:
-        m = self.metrics
         link = self.link
         encoder = self.encoder
         assert link is not None and encoder is not None
@@ -355,22 +354,8 @@ class Daemon:
         for f in result.forecasts:
             if link.publish(template.replace("{stream}", f.stream), encoder.encode(f), qos, retain):
                 published += 1
-        done = time.monotonic()
-        for f in result.forecasts:
-            m.latency.observe(done - f.received)
-        if published:
-            m.forecasts_published.inc(published)
-        m.outcomes(result.outcomes.items())
-        for reason, n in result.resets.items():
-            m.state_resets.labels(reason).inc(n)
-        if result.abs_errors and self.model is not None:
-            m.abs_errors(self.model.manifest.model_id, result.abs_errors)
-        if result.evictions:
-            m.evictions.inc(result.evictions)
-        m.inference.observe(result.inference_seconds)
-        m.batch_size.observe(result.batch_size)
         assert self.engine is not None
-        m.streams_active.set(len(self.engine.table))
+        self.metrics.record_batch(result, published, time.monotonic(), len(self.engine.table))
 
     def _status(self, processed: int) -> None:
         """A ``STATUS=`` line for ``systemctl status`` every ``STATUS_EVERY_S``."""

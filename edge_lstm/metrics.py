@@ -33,6 +33,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from edge_lstm import __version__
+from edge_lstm.engine import BatchResult
 from edge_lstm.modelspec import Manifest
 from edge_lstm.outcomes import Outcome
 
@@ -184,6 +185,27 @@ class Metrics:
     def outcomes(self, counts: Iterable[tuple[Outcome, int]]) -> None:
         for outcome, n in counts:
             self.outcome(outcome, n)
+
+    def record_batch(self, result: BatchResult, published: int, done: float, streams_active: int) -> None:
+        """Everything one worker batch changes: outcomes, latency, errors, batch size, state table size.
+
+        ``published`` is how many of its forecasts went out, ``done`` the
+        ``time.monotonic()`` after the last publish.
+        """
+        for f in result.forecasts:
+            self.latency.observe(done - f.received)
+        if published:
+            self.forecasts_published.inc(published)
+        self.outcomes(result.outcomes.items())
+        for reason, n in result.resets.items():
+            self.state_resets.labels(reason).inc(n)
+        if result.abs_errors and self._model_id:
+            self.abs_errors(self._model_id, result.abs_errors)
+        if result.evictions:
+            self.evictions.inc(result.evictions)
+        self.inference.observe(result.inference_seconds)
+        self.batch_size.observe(result.batch_size)
+        self.streams_active.set(streams_active)
 
     def set_model(self, manifest: Manifest, runtime_name: str, runtime_version: str) -> None:
         """Publish the model's identity and its trained error (on start and after each reload)."""

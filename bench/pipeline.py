@@ -1,0 +1,187 @@
+"""The daemon's own code per reading, stage by stage, in one process (no broker, no sockets).
+
+What the MQTT benchmarks cannot separate: how much of a reading's cost is edge-lstm's code
+rather than paho's or the broker's.  The same objects the daemon wires together are driven
+directly with the load generator's payloads (``bench.mqttload.payload``):
+
+``decode``   ``PayloadDecoder.decode`` of one JSON body (the MQTT thread's work);
+``queue``    ``Batcher.put`` of each reading and ``Batcher.take_batch`` of the batches;
+``engine``   ``Engine.process`` of each batch (time policy, features, model step, state);
+``model``    the part of ``engine`` spent in the model step itself (``BatchResult.inference_seconds``);
+``encode``   ``ForecastEncoder.encode`` of every forecast;
+``metrics``  ``Metrics.record_batch`` of each batch (the worker's Prometheus updates).
+
+Streams tick in turn (reading ``g`` goes to stream ``g % S``, one tick per round), so with S
+streams the worker's batches hold ``min(S, engine.max_batch)`` readings, as in the daemon under
+a steady load.  Each stage is timed over all readings of a round of work; the figure is the
+median over repeats, in microseconds per reading (``time.perf_counter``, one thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from bench.mqttload import payload
+from edge_lstm.batcher import Batcher
+from edge_lstm.config import parse_config
+from edge_lstm.daemon import load_serving_model, make_decoder
+from edge_lstm.engine import BatchResult, Engine
+from edge_lstm.forecast import ForecastEncoder
+from edge_lstm.metrics import Metrics
+from edge_lstm.payload import Reading
+from edge_lstm.state import StateTable
+
+_LOG = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+STREAMS = (1, 100, 10_000)
+QUICK_STREAMS = (1, 100)
+STAGES = ("decode", "queue", "engine", "model", "encode", "metrics")
+
+
+def _readings_per_round(streams: int, quick: bool) -> int:
+    """Enough readings that a round takes ~0.1-0.5 s, and whole ticks of every stream."""
+    target = 2_000 if quick else 10_000
+    return max(streams, (target // streams) * streams)
+
+
+class Pipeline:
+    """The daemon's in-process objects for the bundled model and the default configuration."""
+
+    def __init__(self, streams: int) -> None:
+        cfg = parse_config(
+            {
+                "model": {"path": str(REPO / "models" / "taylor")},
+                "state": {"capacity": 20_000},
+                "input": {"max_clock_skew_s": 0},  # the payloads carry 2024 timestamps
+            }
+        )
+        self.cfg = cfg
+        self.streams = streams
+        self.model = load_serving_model(cfg)
+        manifest = self.model.manifest
+        self.decoder = make_decoder(cfg, manifest)
+        self.encoder = ForecastEncoder.for_manifest(manifest, precision=cfg.output.precision or None)
+        self.metrics = Metrics(CollectorRegistry(), max_stream_labels=cfg.metrics.max_stream_labels)
+        self.metrics.set_model(manifest, self.model.runtime_name, self.model.runtime_version)
+        self.table = StateTable(manifest.layers, len(manifest.pipeline.columns), cfg.state.capacity)
+        self.engine = Engine(self.model, self.table)
+        self.batcher = Batcher(cfg.engine.queue_size)
+        self.max_batch = cfg.engine.max_batch
+        self.topic_streams = [f"s{i}" for i in range(streams)]
+        self.next_g = 0
+
+    def bodies(self, n: int) -> list[tuple[str, bytes]]:
+        g0 = self.next_g
+        self.next_g += n
+        return [(self.topic_streams[g % self.streams], payload(g, self.streams)) for g in range(g0, g0 + n)]
+
+    def round(self, n: int) -> dict[str, float]:
+        """One round of ``n`` readings through every stage; seconds per stage."""
+        bodies = self.bodies(n)
+        clock = time.perf_counter
+        decode = self.decoder.decode
+        t0 = clock()
+        readings: list[Reading] = []
+        for stream, body in bodies:
+            readings.extend(decode(body, stream, 0.0, 0.0).readings)
+        t_decode = clock() - t0
+
+        put = self.batcher.put
+        t0 = clock()
+        for r in readings:
+            put(r)
+        batches: list[list[Reading]] = []
+        while len(self.batcher):
+            batches.append(self.batcher.take_batch(self.max_batch, 0.0))
+        t_queue = clock() - t0
+
+        t0 = clock()
+        results: list[BatchResult] = [self.engine.process(b) for b in batches]
+        t_engine = clock() - t0
+        t_model = sum(r.inference_seconds for r in results)
+
+        encode = self.encoder.encode
+        t0 = clock()
+        for res in results:
+            for f in res.forecasts:
+                encode(f)
+        t_encode = clock() - t0
+
+        record = self.metrics.record_batch
+        active = len(self.table)
+        t0 = clock()
+        for res in results:
+            record(res, len(res.forecasts), 0.0, active)
+        t_metrics = clock() - t0
+        return {
+            "decode": t_decode,
+            "queue": t_queue,
+            "engine": t_engine,
+            "model": t_model,
+            "encode": t_encode,
+            "metrics": t_metrics,
+            "batches": float(len(batches)),
+        }
+
+
+def measure(streams: int, *, quick: bool, repeats: int | None = None) -> dict[str, Any]:
+    p = Pipeline(streams)
+    n = _readings_per_round(streams, quick)
+    p.round(max(streams, 200))  # warm: every stream has a state row, caches filled
+    reps = repeats or (3 if quick else 7)
+    rounds = [p.round(n) for _ in range(reps)]
+    per_reading = {s: statistics.median(r[s] for r in rounds) / n * 1e6 for s in STAGES}
+    own = sum(v for k, v in per_reading.items() if k != "model")  # "model" is inside "engine"
+    return {
+        "streams": streams,
+        "readings_per_round": n,
+        "repeats": reps,
+        "batch_size": n / statistics.median(r["batches"] for r in rounds),
+        "us_per_reading": per_reading,
+        "us_per_reading_total": own,
+        "spread_total_us": _spread(rounds, n),
+        "readings_per_s_one_core": 1e6 / own if own else None,
+    }
+
+
+def _spread(rounds: list[dict[str, float]], n: int) -> list[float]:
+    totals = sorted(sum(v for k, v in r.items() if k in STAGES and k != "model") / n * 1e6 for r in rounds)
+    return [totals[0], totals[-1]]
+
+
+def run(*, quick: bool, progress: Callable[[str], None] = _LOG.info) -> dict[str, Any]:
+    out: dict[str, Any] = {"stages": {s: _STAGE_DOC[s] for s in STAGES}, "streams": {}}
+    for s in QUICK_STREAMS if quick else STREAMS:
+        res = measure(s, quick=quick)
+        out["streams"][str(s)] = res
+        progress(
+            f"pipeline S={s}: {res['us_per_reading_total']:.1f} us/reading "
+            + ", ".join(f"{k} {v:.1f}" for k, v in res["us_per_reading"].items())
+        )
+    return out
+
+
+_STAGE_DOC = {
+    "decode": "PayloadDecoder.decode of one JSON body",
+    "queue": "Batcher.put and take_batch",
+    "engine": "Engine.process (includes model)",
+    "model": "model step inside the engine",
+    "encode": "ForecastEncoder.encode",
+    "metrics": "Metrics.record_batch",
+}
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=1))
