@@ -1,4 +1,5 @@
-"""``python -m bench [NAME ...] [--quick]``: run benchmarks, write JSON results and the summary."""
+"""``python -m bench [NAME ...] [--quick] [--protocol {5,3.1.1}] [--repeat N]``: run benchmarks, write
+JSON results and the summary."""
 
 from __future__ import annotations
 
@@ -14,10 +15,15 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench import machine, report, results
 from bench import sut as systems
+from edge_lstm.config import MqttProtocol
+
+if TYPE_CHECKING:
+    from bench.mqttload import Load
+    from bench.throughput import System
 
 _LOG = logging.getLogger(__name__)
 
@@ -32,6 +38,7 @@ class Bench(str, enum.Enum):
     """The benchmarks, in the order the full suite runs them."""
 
     MODEL = "model"
+    PIPELINE = "pipeline"  # the daemon's own code per reading, in-process (no broker)
     CEILING = "ceiling"
     DAEMON = "daemon"
     LATENCY = "latency"
@@ -59,6 +66,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="QoS of readings, forecasts and the receiver's subscription (default 1)",
     )
     p.add_argument(
+        "--protocol",
+        choices=[v.value for v in MqttProtocol],
+        default=MqttProtocol.V5.value,
+        help="MQTT protocol of the ceiling, the daemon (mqtt.protocol) and the load clients (default 5)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="searches per stream count for the ceiling and daemon throughput, alternating the two; "
+        "the median is reported with the min and max (default 1)",
+    )
+    p.add_argument(
         "--tflite",
         action="store_true",
         help="also time tflite-runtime (creates bench/.venvs/tflite-runtime when missing)",
@@ -70,6 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    args.protocol = MqttProtocol(args.protocol)
     for name in args.names:
         if name not in {b.value for b in Bench}:
             p.error(f"unknown benchmark {name!r} (choose from {', '.join(b.value for b in Bench)})")
@@ -79,9 +103,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 class Session:
     """One run: a broker shared by every MQTT benchmark, and the daemon kept up between them."""
 
-    def __init__(self, workdir: Path, qos: int) -> None:
+    def __init__(self, workdir: Path, qos: int, protocol: MqttProtocol = MqttProtocol.V5) -> None:
         self.workdir = workdir
         self.qos = qos
+        self.protocol = protocol
         self._broker: Any = None
         self._daemon: systems.Daemon | None = None
         self.series: dict[str, int] = {}  # message counters of every load series in this run
@@ -95,8 +120,26 @@ class Session:
 
     def daemon(self) -> systems.Daemon:
         if self._daemon is None:
-            self._daemon = systems.Daemon(self.broker, self.workdir / "daemon", self.qos)
+            self._daemon = systems.Daemon(self.broker, self.workdir / "daemon", self.qos, protocol=self.protocol)
         return self._daemon
+
+    def ceiling(self) -> systems.Ceiling:
+        """A new ceiling republisher (the caller closes it)."""
+        return systems.Ceiling(self.broker, self.qos, self.protocol)
+
+    def load(self, sut: System) -> Load:
+        """A load generator and receiver for ``sut``, on this run's broker, protocol and series."""
+        from bench.mqttload import Load
+
+        return Load(
+            self.broker.host,
+            self.broker.port,
+            sut.out_filter,
+            self.qos,
+            self.series,
+            protocol=self.protocol,
+            in_root=sut.in_root,
+        )
 
     def close(self) -> None:
         if self._daemon is not None:
@@ -106,9 +149,9 @@ class Session:
 
 
 @contextlib.contextmanager
-def session(qos: int) -> Iterator[Session]:
+def session(qos: int, protocol: MqttProtocol = MqttProtocol.V5) -> Iterator[Session]:
     workdir = Path(tempfile.mkdtemp(prefix="edge-lstm-bench-"))
-    s = Session(workdir, qos)
+    s = Session(workdir, qos, protocol)
     try:
         yield s
     finally:
@@ -142,32 +185,36 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "qos": args.qos,
+        "protocol": args.protocol.value,
+        "repeat": args.repeat,
         "machine": machine.details(find_mosquitto()),
     }
     t_start = time.monotonic()
     from bench import footprint, modelcost, throughput
 
     streams = throughput.QUICK_STREAMS if args.quick else throughput.STREAMS
-    with session(args.qos) as s:
-        ceiling_doc: dict[str, Any] | None = None
+    with session(args.qos, args.protocol) as s:
         daemon_doc: dict[str, Any] | None = None
         if Bench.MODEL in names:
             res = modelcost.run(quick=args.quick, tflite=args.tflite, build_models=args.build_models)
             results.write(out, "model", run, res)
+        if Bench.PIPELINE in names:
+            from bench import pipeline
+
+            results.write(out, "pipeline", run, pipeline.run(quick=args.quick))
         if Bench.CEILING in names or Bench.DAEMON in names:
-            ceiling_doc = {"results": _ceiling(s, streams, args.quick)}
-            results.write(out, "ceiling", run, ceiling_doc["results"])
-        if Bench.DAEMON in names:
-            assert ceiling_doc is not None
-            daemon_doc = {"results": _daemon(s, streams, args.quick, _sustained(ceiling_doc))}
-            results.write(out, "daemon", run, daemon_doc["results"])
+            found = _throughput(s, streams, args.quick, args.repeat, daemon=Bench.DAEMON in names)
+            results.write(out, "ceiling", run, found["ceiling"])
+            if "daemon" in found:
+                daemon_doc = {"results": found["daemon"]}
+                results.write(out, "daemon", run, found["daemon"])
         if Bench.LATENCY in names or Bench.PROFILE in names or Bench.FOOTPRINT in names:
             daemon_doc = daemon_doc or results.read(out, "daemon")
         sustained = _sustained(daemon_doc)
         if Bench.LATENCY in names:
             if not sustained:
                 _LOG.info("latency needs the sustained maximum: running the daemon search first")
-                daemon_doc = {"results": _daemon(s, streams, args.quick, {})}
+                daemon_doc = {"results": _daemon_only(s, streams, args.quick, args.repeat)}
                 sustained = _sustained(daemon_doc)
             res = _latency(s, {k: v for k, v in sustained.items() if k in streams}, args.quick)
             results.write(out, "latency", run, res)
@@ -179,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.write(out, "profile", run, {"profiles": profiles})
         if Bench.FOOTPRINT in names:
             feed = 0.5 * sustained.get(10_000, 4000.0)  # new streams cost more than known ones
+            # footprint starts daemons of its own with the default protocol (MQTT 5)
             res = footprint.run(s.broker, s.workdir / "footprint", qos=args.qos, quick=args.quick, feed_rate=feed)
             results.write(out, "footprint", run, res)
     _LOG.info("benchmarks done in %.0f s", time.monotonic() - t_start)
@@ -187,50 +235,67 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _ceiling(s: Session, streams: tuple[int, ...], quick: bool) -> dict[str, Any]:
-    from bench import throughput
-    from bench.mqttload import Load
+CEILING_SYSTEM = "minimal paho republisher (bench/ceiling.py)"
+DAEMON_SYSTEM = "edge-lstm run, bundled model (1x64, K=16, dynamic)"
 
-    ceiling = systems.Ceiling(s.broker, s.qos)
+
+def _throughput(s: Session, streams: tuple[int, ...], quick: bool, repeat: int, *, daemon: bool) -> dict[str, Any]:
+    """The ceiling's (and, with ``daemon``, the daemon's) searches, alternating when repeated."""
+    from bench import throughput
+
+    def ceiling_start(_s: int, _r: int, _so_far: dict[str, list[float | None]]) -> float | None:
+        return None if quick else 2000.0
+
+    def daemon_start(_s: int, r: int, so_far: dict[str, list[float | None]]) -> float | None:
+        c = so_far["ceiling"][r]  # the ceiling's search just before, in the same repeat
+        return None if quick or not c else max(200.0, round(c * 0.4, -1))
+
+    ceiling = s.ceiling()
     try:
-        with Load(s.broker.host, s.broker.port, ceiling.out_filter, s.qos, s.series) as load:
-            found = throughput.measure(
-                load, ceiling, streams, quick=quick, start_rates={k: 2000.0 for k in streams} if not quick else None
-            )
+        with contextlib.ExitStack() as stack:
+            contenders = [throughput.Contender(ceiling, stack.enter_context(s.load(ceiling)), ceiling_start)]
+            if daemon:
+                d = s.daemon()
+                contenders.append(throughput.Contender(d, stack.enter_context(s.load(d)), daemon_start))
+            found = throughput.measure(contenders, streams, quick=quick, repeat=repeat)
     finally:
         ceiling.close()
-    return {"system": "minimal paho republisher (bench/ceiling.py)", "streams": found}
+    out: dict[str, Any] = {"ceiling": {"system": CEILING_SYSTEM, "streams": found["ceiling"]}}
+    if daemon:
+        out["daemon"] = _daemon_results(found["daemon"], found["ceiling"], s.daemon().process.config)
+    return out
 
 
-def _daemon(s: Session, streams: tuple[int, ...], quick: bool, ceiling: dict[int, float]) -> dict[str, Any]:
+def _daemon_only(s: Session, streams: tuple[int, ...], quick: bool, repeat: int) -> dict[str, Any]:
     from bench import throughput
-    from bench.mqttload import Load
 
     d = s.daemon()
-    starts = {k: max(200.0, round(v * 0.4, -1)) for k, v in ceiling.items()} if not quick else None
-    with Load(s.broker.host, s.broker.port, d.out_filter, s.qos, s.series) as load:
-        found = throughput.measure(load, d, streams, quick=quick, start_rates=starts)
+    with s.load(d) as load:
+        found = throughput.measure([throughput.Contender(d, load)], streams, quick=quick, repeat=repeat)
+    return _daemon_results(found["daemon"], {}, d.process.config)
+
+
+def _daemon_results(found: dict[str, Any], ceiling: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The daemon's search results with the ratio to the ceiling (medians, and per repeat)."""
     for k, v in found.items():
-        c = ceiling.get(int(k))
+        cv = ceiling.get(k, {})
+        c = cv.get("sustained_rate")
         v["ceiling_sustained_rate"] = c
         v["ratio_to_ceiling"] = (v["sustained_rate"] / c) if c and v["sustained_rate"] else None
-    return {
-        "system": "edge-lstm run, bundled model (1x64, K=16, dynamic)",
-        "config": d.process.config,
-        "streams": found,
-    }
+        pairs = zip(v["sustained_rates"], cv.get("sustained_rates", []), strict=False)
+        v["ratio_to_ceiling_per_repeat"] = [(dr / cr) if dr and cr else None for dr, cr in pairs]
+    return {"system": DAEMON_SYSTEM, "config": config, "streams": found}
 
 
 def _latency(s: Session, sustained: dict[int, float], quick: bool) -> dict[str, Any]:
     from bench import latency
-    from bench.mqttload import Load
 
     d = s.daemon()
-    with Load(s.broker.host, s.broker.port, d.out_filter, s.qos, s.series) as load:
+    with s.load(d) as load:
         daemon_res = latency.run(load, d, sustained, quick=quick)
-    ceiling = systems.Ceiling(s.broker, s.qos)
+    ceiling = s.ceiling()
     try:
-        with Load(s.broker.host, s.broker.port, ceiling.out_filter, s.qos, s.series) as load:
+        with s.load(ceiling) as load:
             ceiling_res = latency.run(load, ceiling, sustained, quick=quick, levels=(0.5,))
     finally:
         ceiling.close()
@@ -241,7 +306,6 @@ def _profile(s: Session, out: Path, rate: float, streams: int = 100, seconds: in
     import threading
 
     from bench import profile
-    from bench.mqttload import Load
     from bench.throughput import prefix_for
 
     d = s.daemon()
@@ -252,7 +316,7 @@ def _profile(s: Session, out: Path, rate: float, streams: int = 100, seconds: in
         time.sleep(0.5)
         found["collapsed"], found["note"] = profile.record(d.pid, seconds, stacks_path)
 
-    with Load(s.broker.host, s.broker.port, d.out_filter, s.qos, s.series) as load:
+    with s.load(d) as load:
         t = threading.Thread(target=sample, name="py-spy")
         t.start()
         step = load.step(

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_lstm.config import MqttProtocol
+
 _LOG = logging.getLogger(__name__)
 
 T0 = 1_704_067_200  # 2024-01-01T00:00:00Z: the first tick's timestamp
@@ -43,10 +45,11 @@ KEEPALIVE = 600
 # A day of half-hourly demand-like values (MW), so the model sees realistic inputs.
 LEVELS = [round(30000.0 + 5000.0 * math.sin(2 * math.pi * i / 48), 1) for i in range(48)]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+IN_ROOT = "sensors"  # first level of the reading topics unless a system under test asks for its own
 
 
-def in_topic(prefix: str, s: int) -> str:
-    return f"sensors/{prefix}-{s}/value"
+def in_topic(prefix: str, s: int, root: str = IN_ROOT) -> str:
+    return f"{root}/{prefix}-{s}/value"
 
 
 def payload(g: int, streams: int) -> bytes:
@@ -76,14 +79,15 @@ def rss_bytes(pid: int) -> dict[str, int]:
     return out
 
 
-def _paho_client(name: str) -> Any:
+def _paho_client(name: str, protocol: MqttProtocol = MqttProtocol.V5) -> Any:
+    """A paho client speaking ``protocol`` (as the daemon's ``mqtt.protocol``), with ``TCP_NODELAY``."""
     import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
     client = paho.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=f"bench-{name}-{uuid.uuid4().hex[:6]}",
-        protocol=paho.MQTTv5,
+        protocol=MQTTProtocolVersion.MQTTv5 if protocol is MqttProtocol.V5 else MQTTProtocolVersion.MQTTv311,
     )
 
     def nodelay(_c: Any, _u: Any, sock: Any) -> None:
@@ -99,7 +103,7 @@ def _paho_client(name: str) -> Any:
 def _generator_step(client: Any, cmd: dict[str, Any], qos: int) -> dict[str, Any]:
     prefix, streams, rate = cmd["prefix"], int(cmd["streams"]), float(cmd["rate"])
     first, n = int(cmd["first"]), int(cmd["count"])
-    topics = [in_topic(prefix, s) for s in range(streams)]
+    topics = [in_topic(prefix, s, cmd.get("root", IN_ROOT)) for s in range(streams)]
     sends = np.full(n, np.nan)
     mono = time.monotonic
     publish = client.publish
@@ -125,9 +129,9 @@ def _generator_step(client: Any, cmd: dict[str, Any], qos: int) -> dict[str, Any
     return {"sends": sends, "unacked": bool(qos and info is not None and not info.is_published())}
 
 
-def generator_main(conn: Connection, host: str, port: int, qos: int) -> None:
+def generator_main(conn: Connection, host: str, port: int, qos: int, protocol: MqttProtocol = MqttProtocol.V5) -> None:
     """The load generator (a child process): one step per command until ``None``."""
-    client = _paho_client("gen")
+    client = _paho_client("gen", protocol)
     client.max_inflight_messages_set(0)  # unlimited: never hold a reading back
     client.connect(host, port, keepalive=KEEPALIVE)
     deadline = time.monotonic() + 10
@@ -206,11 +210,13 @@ class _Recorder:
             return {"recv": self.recv.copy(), "count": self.count, "stray": self.stray}
 
 
-def receiver_main(conn: Connection, host: str, port: int, topic_filter: str, qos: int) -> None:
+def receiver_main(
+    conn: Connection, host: str, port: int, topic_filter: str, qos: int, protocol: MqttProtocol = MqttProtocol.V5
+) -> None:
     """The receiver (a child process): records arrivals on ``topic_filter``."""
     rec = _Recorder()
     subscribed = threading.Event()
-    client = _paho_client("recv")
+    client = _paho_client("recv", protocol)
     client.on_message = rec.on_message
     client.on_subscribe = lambda *_a: subscribed.set()
     client.on_connect = lambda c, *_a: c.subscribe(topic_filter, qos)
@@ -274,17 +280,35 @@ def latency_stats(lat_s: np.ndarray) -> dict[str, float]:
 class Load:
     """A generator and a receiver process for one system under test (its output topic filter)."""
 
-    def __init__(self, host: str, port: int, out_filter: str, qos: int, series: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        out_filter: str,
+        qos: int,
+        series: dict[str, int] | None = None,
+        *,
+        protocol: MqttProtocol = MqttProtocol.V5,
+        in_root: str = IN_ROOT,
+    ) -> None:
         """``series``: next message number of each series, shared by the loads of one run (a system under
-        test that keeps state must see every stream's ticks continue, not start again)."""
+        test that keeps state must see every stream's ticks continue, not start again).  ``protocol``:
+        the MQTT version of the generator and the receiver; ``in_root``: first level of the reading
+        topics (``ROOT/PREFIX-S/value``), so that each system under test only sees its own readings."""
         self.qos = qos
+        self.in_root = in_root
         ctx = mp.get_context("spawn")
         self._gen, gen_child = ctx.Pipe()
         self._rec, rec_child = ctx.Pipe()
         self._procs = [
-            ctx.Process(target=generator_main, args=(gen_child, host, port, qos), name="bench-generator", daemon=True),
             ctx.Process(
-                target=receiver_main, args=(rec_child, host, port, out_filter, qos), name="bench-receiver", daemon=True
+                target=generator_main, args=(gen_child, host, port, qos, protocol), name="bench-generator", daemon=True
+            ),
+            ctx.Process(
+                target=receiver_main,
+                args=(rec_child, host, port, out_filter, qos, protocol),
+                name="bench-receiver",
+                daemon=True,
             ),
         ]
         for p in self._procs:
@@ -320,7 +344,9 @@ class Load:
         drops0 = drops() if drops else 0
         self._rec.send(("expect", prefix, streams, first, count))
         self._rec.recv()
-        self._gen.send({"prefix": prefix, "streams": streams, "rate": rate, "first": first, "count": count})
+        self._gen.send(
+            {"prefix": prefix, "streams": streams, "rate": rate, "first": first, "count": count, "root": self.in_root}
+        )
         sent = self._gen.recv()
         self._rec.send(("collect", quiet_s, cap_s))
         got = self._rec.recv()

@@ -10,7 +10,9 @@ from bench import results
 
 _LOG = logging.getLogger(__name__)
 
-NAMES = ("model", "ceiling", "daemon", "latency", "footprint", "profile")
+NAMES = ("model", "pipeline", "ceiling", "daemon", "latency", "footprint", "profile")
+MQTT_NAMES = ("ceiling", "daemon", "latency", "footprint", "profile")  # the benchmarks that speak MQTT
+DEFAULT_PROTOCOL = "5"  # results written before the protocol was recorded were all MQTT 5
 INTERPRETATION = Path(__file__).resolve().parent / "interpretation.md"
 BATCH_TARGET = 64
 
@@ -48,6 +50,32 @@ def _machine(docs: dict[str, dict[str, Any]]) -> list[str]:
     out = ["## Machine", "", *_table(["", ""], rows)]
     out += ["", "Result files and runs: " + ", ".join(f"`{b}.json` ({r})" for r, b in runs) + "."]
     return out
+
+
+def _settings(docs: dict[str, dict[str, Any]]) -> list[str]:
+    """One line under the title: MQTT protocol, QoS and repeats of the MQTT benchmarks' runs."""
+    mqtt = {n: docs[n] for n in MQTT_NAMES if n in docs}
+    if not mqtt:
+        return []
+    parts = []
+    for key, label, default in (("protocol", "MQTT", DEFAULT_PROTOCOL), ("qos", "QoS", None)):
+        by_value: dict[str, list[str]] = {}
+        for name, d in mqtt.items():
+            by_value.setdefault(str(d.get(key, default)), []).append(name)
+        if len(by_value) == 1:
+            parts.append(f"{label} {next(iter(by_value))}")
+        else:
+            parts.append(f"{label} " + ", ".join(f"{v} ({', '.join(n)})" for v, n in by_value.items()))
+    searched = [docs[n] for n in ("ceiling", "daemon") if n in docs]
+    if searched:
+        repeats = {int(d.get("repeat", 1)) for d in searched}
+        n = max(repeats)
+        parts.append(
+            f"throughput searches repeated {n} times per stream count, ceiling and daemon alternating (median, min–max)"
+            if n > 1
+            else "one throughput search per stream count"
+        )
+    return ["Run settings: " + "; ".join(parts) + "."]
 
 
 def _targets(docs: dict[str, dict[str, Any]]) -> list[str]:
@@ -124,15 +152,14 @@ def _throughput(docs: dict[str, dict[str, Any]]) -> list[str]:
     rows = []
     for s in sorted({*d, *c}, key=int):
         dv, cv = d.get(s, {}), c.get(s, {})
-        ratio = dv.get("ratio_to_ceiling")
         rows.append(
             [
                 f"{int(s):,}",
-                _f(cv.get("sustained_rate"), 0),
+                _sustained(cv),
                 _f(cv.get("peak_delivered_rate"), 0),
-                _f(dv.get("sustained_rate"), 0),
+                _sustained(dv),
                 _f(dv.get("peak_delivered_rate"), 0),
-                _f(ratio * 100 if ratio else None, 0, " %"),
+                _ratio(dv),
                 ", ".join(
                     x
                     for x in (
@@ -161,14 +188,39 @@ def _throughput(docs: dict[str, dict[str, Any]]) -> list[str]:
         "",
         "*Sustained*: highest offered rate with every output received, no drop reported, and the last "
         "output at most max(0.25 s, 5 % of the step) after the last reading. *Peak*: the most output "
-        "messages per second seen in any step (failing ones included).",
+        "messages per second seen in any step (failing ones included). With repeated searches: the "
+        "median, and in brackets the lowest and highest search (for the ratio: of the ratios of "
+        "the ceiling and daemon searches run one after the other).",
         "",
     ]
     for name, doc in (("ceiling", c), ("daemon", d)):
         for s, v in doc.items():
-            steps = ", ".join(f"{st['rate']:.0f}{'' if st['passed'] else '✗'}" for st in v.get("steps", []))
-            out.append(f"- {name}, {_streams(s)}, steps (readings/s, ✗ failed): {steps}")
+            by_repeat: dict[int, list[str]] = {}
+            for st in v.get("steps", []):
+                by_repeat.setdefault(int(st.get("repeat", 0)), []).append(
+                    f"{st['rate']:.0f}{'' if st['passed'] else '✗'}"
+                )
+            steps = " | ".join(", ".join(x) for _, x in sorted(by_repeat.items()))
+            sep = ", | between searches" if len(by_repeat) > 1 else ""
+            out.append(f"- {name}, {_streams(s)}, steps (readings/s, ✗ failed{sep}): {steps}")
     return out
+
+
+def _sustained(v: dict[str, Any]) -> str:
+    """Median sustained rate, with the range of the repeats when there were several."""
+    cell = _f(v.get("sustained_rate"), 0)
+    if int(v.get("repeats", 1)) > 1:
+        cell += f" ({_f(v.get('sustained_min') or 0, 0)}–{_f(v.get('sustained_max') or 0, 0)})"
+    return cell
+
+
+def _ratio(v: dict[str, Any]) -> str:
+    ratio = v.get("ratio_to_ceiling")
+    cell = _f(ratio * 100 if ratio else None, 0, " %")
+    per = [r for r in v.get("ratio_to_ceiling_per_repeat", []) if r is not None]
+    if len(per) > 1:
+        cell += f" ({min(per) * 100:.0f}–{max(per) * 100:.0f} %)"
+    return cell
 
 
 def _latency(docs: dict[str, dict[str, Any]]) -> list[str]:
@@ -253,6 +305,38 @@ def _footprint(docs: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
+def _pipeline(docs: dict[str, dict[str, Any]]) -> list[str]:
+    res = docs.get("pipeline", {}).get("results", {})
+    by_streams = res.get("streams", {})
+    if not by_streams:
+        return []
+    stages = list(res.get("stages") or next(iter(by_streams.values()))["us_per_reading"])
+    rows = []
+    for s in sorted(by_streams, key=int):
+        v = by_streams[s]
+        us = v["us_per_reading"]
+        rows.append(
+            [
+                f"{int(s):,}",
+                _f(v.get("batch_size"), 0),
+                *[_f(us.get(st), 2) for st in stages],
+                _f(v.get("us_per_reading_total"), 2),
+                _f(v.get("readings_per_s_one_core"), 0),
+            ]
+        )
+    out = ["## Daemon's own code per reading (in-process, no broker)", ""]
+    out.append(
+        "The daemon's objects (payload decoder, batcher, engine, forecast encoder, metrics) driven "
+        "directly in one process with the load generator's payloads (`bench/pipeline.py`): what a "
+        "reading costs in edge-lstm's own code, without paho, the broker or sockets. Microseconds per "
+        "reading, medians over rounds; `model` is the model step inside `engine`, so it is included in "
+        "`engine` and not counted again in the total."
+    )
+    out.append("")
+    out += _table(["streams", "batch size", *[f"{st} µs" for st in stages], "total µs", "readings/s on one core"], rows)
+    return out
+
+
 def _model(docs: dict[str, dict[str, Any]]) -> list[str]:
     model = docs.get("model", {}).get("results", {})
     if not model:
@@ -332,7 +416,10 @@ def render(docs: dict[str, dict[str, Any]], interpretation: str = "") -> str:
     ]
     if not docs:
         return "\n".join([*lines, "No results yet.", ""])
-    for part in (_machine, _targets, _throughput, _latency, _footprint, _model, _profile):
+    settings = _settings(docs)
+    if settings:
+        lines += [*settings, ""]
+    for part in (_machine, _targets, _throughput, _latency, _footprint, _pipeline, _model, _profile):
         section = part(docs)
         if section:
             lines += [*section, ""]

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import ceiling
+from bench.mqttload import IN_ROOT
+from edge_lstm.config import MqttProtocol
 from tests.support.broker import Broker
 from tests.support.daemon import DaemonProcess
 
@@ -37,11 +39,22 @@ class Ceiling:
     """``python -m bench.ceiling`` in a subprocess."""
 
     out_filter = ceiling.OUT_FILTER
+    in_root = ceiling.IN_ROOT
     name = "ceiling"
 
-    def __init__(self, broker: Broker, qos: int) -> None:
+    def __init__(self, broker: Broker, qos: int, protocol: MqttProtocol = MqttProtocol.V5) -> None:
+        self.protocol = protocol
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.ceiling", broker.host, str(broker.port), str(qos)],
+            [
+                sys.executable,
+                "-m",
+                "bench.ceiling",
+                broker.host,
+                str(broker.port),
+                str(qos),
+                protocol.value,
+                self.in_root,
+            ],
             stdout=subprocess.PIPE,
             text=True,
             cwd=REPO,
@@ -70,8 +83,15 @@ class Ceiling:
                 self.proc.wait()
 
 
-def daemon_overrides(qos: int, capacity: int = BENCH_CAPACITY, **extra: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def daemon_overrides(
+    qos: int,
+    capacity: int = BENCH_CAPACITY,
+    protocol: MqttProtocol = MqttProtocol.V5,
+    **extra: Mapping[str, Any],
+) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {
+        "mqtt": {"protocol": protocol.value},
+        "input": {"topics": [f"{Daemon.in_root}/{{stream}}/value"]},
         "output": {"qos": qos},
         "state": {"capacity": capacity, "checkpoint_interval_s": 3600},
         "log": {"level": "warning"},
@@ -85,6 +105,7 @@ class Daemon:
     """``edge-lstm run`` on the bundled model, configured for the benchmark."""
 
     out_filter = "forecasts/+"
+    in_root = IN_ROOT
     name = "daemon"
 
     def __init__(
@@ -94,10 +115,12 @@ class Daemon:
         qos: int,
         *,
         capacity: int = BENCH_CAPACITY,
+        protocol: MqttProtocol = MqttProtocol.V5,
         env: Mapping[str, str] | None = None,
         start: bool = True,
     ) -> None:
-        self.process = DaemonProcess(workdir, broker, overrides=daemon_overrides(qos, capacity), env=env)
+        self.protocol = protocol
+        self.process = DaemonProcess(workdir, broker, overrides=daemon_overrides(qos, capacity, protocol), env=env)
         if start:
             self.process.start()
 

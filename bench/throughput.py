@@ -7,12 +7,20 @@ arrived, the system under test reports no drop, the last output came at most
 ``max(0.25 s, 5 % of the step)`` after the last reading (no backlog building up), and the
 generator really sent at the offered rate.  Before the ramp every stream gets a few readings,
 so the daemon's state table is warm.
+
+On a shared machine one search moves by tens of percent from run to run, so a search can be
+repeated (``--repeat N``): for each stream count the systems' searches alternate (ceiling,
+daemon, ceiling, daemon, ...), so that a drift in machine load touches both alike, and the
+result is the median sustained rate with the min and max of the repeats.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import statistics
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from bench.mqttload import Load, StepResult
@@ -28,6 +36,7 @@ class System(Protocol):
 
     name: str
     out_filter: str
+    in_root: str  # first level of the topics its readings are published to
 
     @property
     def pid(self) -> int: ...
@@ -118,24 +127,79 @@ def search(
     }
 
 
+StartRate = Callable[[int, int, dict[str, list[float | None]]], float | None]
+"""``(streams, repeat, sustained so far by system name) -> start rate`` (None: the default)."""
+
+
+@dataclasses.dataclass
+class Contender:
+    """A system under test with the load (generator and receiver processes) that drives it."""
+
+    sut: System
+    load: Load
+    start_rate: StartRate | None = None
+
+
+def _search_settings(quick: bool) -> dict[str, Any]:
+    return {
+        "factor": 2.0 if quick else 1.4,
+        "duration": 1.0 if quick else 3.0,
+        "max_steps": 2 if quick else 12,
+        "bisect": 0 if quick else 2,
+    }
+
+
 def measure(
-    load: Load, sut: System, streams_list: tuple[int, ...], *, quick: bool, start_rates: dict[int, float] | None = None
-) -> dict[str, Any]:
-    """Warm up and search every stream count for one system under test."""
-    out: dict[str, Any] = {}
+    contenders: Sequence[Contender], streams_list: tuple[int, ...], *, quick: bool, repeat: int = 1
+) -> dict[str, dict[str, Any]]:
+    """Warm up and search every stream count ``repeat`` times, alternating the contenders.
+
+    Returns ``{system name: {str(streams): result}}``; see :func:`combine` for a result's keys.
+    """
+    if repeat < 1:
+        raise ValueError(f"repeat must be at least 1, not {repeat}")
+    out: dict[str, dict[str, Any]] = {c.sut.name: {} for c in contenders}
     for s in streams_list:
-        warm = warm_up(load, sut, s, quick=quick)
-        start = (start_rates or {}).get(s, 500.0 if quick else 1000.0)
-        res = search(
-            load,
-            sut,
-            s,
-            start=start,
-            factor=2.0 if quick else 1.4,
-            duration=1.0 if quick else 3.0,
-            max_steps=2 if quick else 12,
-            bisect=0 if quick else 2,
-        )
-        res["warm_up"] = warm.to_dict()
-        out[str(s)] = res
+        warm = {c.sut.name: warm_up(c.load, c.sut, s, quick=quick) for c in contenders}
+        runs: dict[str, list[dict[str, Any]]] = {c.sut.name: [] for c in contenders}
+        for r in range(repeat):
+            for c in contenders:
+                so_far = {k: [v["sustained_rate"] for v in runs_] for k, runs_ in runs.items()}
+                start = c.start_rate(s, r, so_far) if c.start_rate else None
+                if start is None:
+                    start = 500.0 if quick else 1000.0
+                if repeat > 1:
+                    _LOG.info("%s S=%d: search %d of %d from %.0f/s", c.sut.name, s, r + 1, repeat, start)
+                runs[c.sut.name].append(search(c.load, c.sut, s, start=start, **_search_settings(quick)))
+        for c in contenders:
+            res = combine(runs[c.sut.name])
+            res["warm_up"] = warm[c.sut.name].to_dict()
+            out[c.sut.name][str(s)] = res
     return out
+
+
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from the repeated searches of one stream count.
+
+    ``sustained_rate`` and ``first_failing_rate`` are the medians over the repeats (a search that
+    sustained no rate counts as 0), ``sustained_min``/``sustained_max`` their range and
+    ``sustained_rates`` each repeat's; ``peak_delivered_rate`` is the highest of all steps,
+    ``generator_limited`` whether any step was; ``steps`` holds every step, each with the number
+    of its ``repeat`` (from 0).
+    """
+    rates = [float(r["sustained_rate"] or 0.0) for r in runs]
+    failing = [float(r["first_failing_rate"]) for r in runs if r["first_failing_rate"] is not None]
+    steps = [{**st, "repeat": i} for i, r in enumerate(runs) for st in r["steps"]]
+    median = statistics.median(rates)
+    return {
+        "streams": runs[0]["streams"],
+        "repeats": len(runs),
+        "sustained_rate": median or None,
+        "sustained_min": min(rates) or None,
+        "sustained_max": max(rates) or None,
+        "sustained_rates": [r["sustained_rate"] for r in runs],
+        "first_failing_rate": statistics.median(failing) if failing else None,
+        "peak_delivered_rate": max(float(r["peak_delivered_rate"]) for r in runs),
+        "generator_limited": any(r["generator_limited"] for r in runs),
+        "steps": steps,
+    }
