@@ -74,7 +74,8 @@ class Pipeline:
         self.table = StateTable(manifest.layers, len(manifest.pipeline.columns), cfg.state.capacity)
         self.engine = Engine(self.model, self.table)
         self.batcher = Batcher(cfg.engine.queue_size)
-        self.max_batch = cfg.engine.max_batch
+        # One tick of every stream per batch, as the worker sees a steady load without a backlog.
+        self.batch = min(streams, cfg.engine.max_batch)
         self.topic_streams = [f"s{i}" for i in range(streams)]
         self.next_g = 0
 
@@ -100,7 +101,7 @@ class Pipeline:
             put(r)
         batches: list[list[Reading]] = []
         while len(self.batcher):
-            batches.append(self.batcher.take_batch(self.max_batch, 0.0))
+            batches.append(self.batcher.take_batch(self.batch, 0.0))
         t_queue = clock() - t0
 
         t0 = clock()

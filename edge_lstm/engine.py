@@ -182,22 +182,27 @@ class Engine:
         t = self.table
         n = len(readings)
         streams = [r.stream for r in readings]
-        ts = np.fromiter((r.ts for r in readings), dtype=np.float64, count=n)
+        ts = np.fromiter([r.ts for r in readings], dtype=np.float64, count=n)
         values = np.array([r.values for r in readings], dtype=np.float64).reshape(n, t.n_values)
 
-        # Out-of-order and duplicate readings of known streams are dropped.
-        get = t.row
-        known = [(i, r) for i, r in enumerate(map(get, streams)) if r is not None]
-        if known:
-            idx = np.fromiter((i for i, _ in known), dtype=np.intp, count=len(known))
-            last = t.last_ts[np.fromiter((r for _, r in known), dtype=np.intp, count=len(known))]
-            late = ts[idx] < last
-            same = ts[idx] == last
-            if late.any() or same.any():
-                result.outcomes[Outcome.OUT_OF_ORDER] += int(late.sum())
-                result.outcomes[Outcome.DUPLICATE] += int(same.sum())
+        # Out-of-order and duplicate readings of known streams are dropped (before rows_for, which
+        # would mark their streams as seen).
+        found = list(map(t.row, streams))
+        if None in found:
+            idx = np.fromiter([i for i, r in enumerate(found) if r is not None], dtype=np.intp)
+            known_rows = np.fromiter([r for r in found if r is not None], dtype=np.intp, count=len(idx))
+        else:
+            idx = None
+            known_rows = np.fromiter(found, dtype=np.intp, count=n)  # type: ignore[arg-type]
+        if len(known_rows):
+            known_ts = ts if idx is None else ts[idx]
+            stale = known_ts <= t.last_ts[known_rows]  # False where there is no last reading (NaN)
+            if stale.any():
+                late = int((known_ts[stale] < t.last_ts[known_rows[stale]]).sum())
+                result.outcomes[Outcome.OUT_OF_ORDER] += late
+                result.outcomes[Outcome.DUPLICATE] += int(stale.sum()) - late
                 keep = np.ones(n, dtype=bool)
-                keep[idx[late | same]] = False
+                keep[np.flatnonzero(stale) if idx is None else idx[stale]] = False
                 sel = np.flatnonzero(keep)
                 readings = [readings[i] for i in sel.tolist()]
                 streams = [streams[i] for i in sel.tolist()]
@@ -209,29 +214,33 @@ class Engine:
         rows, evicted = t.rows_for(streams)
         result.evictions += evicted
         last_ts = t.last_ts[rows]
-        has_prev = ~np.isnan(last_ts)
-        n_ticks = np.ones(n, dtype=np.int64)
-        if has_prev.any():
-            elapsed = np.rint((ts[has_prev] - last_ts[has_prev]) / self._cadence)
-            n_ticks[has_prev] = np.clip(elapsed, 1, self.max_gap_ticks + 1).astype(np.int64)
+        elapsed = np.rint((ts - last_ts) / self._cadence)  # NaN for a stream's first reading
+        single = True  # every reading is one tick after its stream's last (or its first)
+        if (elapsed > 1).any():
+            single = False
+            has_prev = ~np.isnan(last_ts)
+            n_ticks = np.ones(n, dtype=np.int64)
+            n_ticks[has_prev] = np.clip(elapsed[has_prev], 1, self.max_gap_ticks + 1).astype(np.int64)
             too_long = has_prev & (n_ticks > self.max_gap_ticks)
             if too_long.any():
                 t.reset(rows[too_long])
                 result.resets["gap"] += int(too_long.sum())
                 n_ticks[too_long] = 1
-                has_prev &= ~too_long
 
-        target = self._target
-        actual = values[:, target]
+        # 1-step errors: the pending forecast of a stream whose last reading was one tick ago.
+        # (pending_value is NaN for a reset or new stream and while warming up.)
+        actual = values[:, self._target]
         pending = t.pending_value[rows]
-        scored = np.flatnonzero(has_prev & (n_ticks == 1) & ~np.isnan(pending))
-        if len(scored):
+        on_time = ~np.isnan(pending) if single else ~np.isnan(pending) & (n_ticks == 1)
+        if on_time.any():
+            scored = np.flatnonzero(on_time)
             errs = np.abs(pending[scored] - actual[scored]).tolist()
             result.abs_errors.extend(zip([streams[i] for i in scored.tolist()], errs, strict=True))
 
-        fills = n_ticks - 1
-        if fills.any():
-            self._fill_gaps(rows, fills, values, ts, last_ts, result)
+        if not single:
+            fills = n_ticks - 1
+            if fills.any():
+                self._fill_gaps(rows, fills, values, ts, last_ts, result)
 
         # The real readings: one batched step.
         x = self._pipeline.encode(values, t.prev[rows], ts)

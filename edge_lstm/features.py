@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -155,20 +156,40 @@ def calendar_features(
     """Calendar features of epoch-second timestamps, shape ``[N, len(kinds)]``."""
     t = np.asarray(timestamps, dtype=np.float64) + utc_offset_s
     out = np.empty((t.shape[0], len(kinds)), dtype=np.float64)
-    day_phase = 2.0 * np.pi * np.mod(t, DAY_SECONDS) / DAY_SECONDS
-    week_phase = 2.0 * np.pi * np.mod(t - _EPOCH_WEEKDAY_SHIFT, WEEK_SECONDS) / WEEK_SECONDS
-    for j, kind in enumerate(kinds):
-        if kind is FeatureKind.TOD_SIN:
-            out[:, j] = np.sin(day_phase)
-        elif kind is FeatureKind.TOD_COS:
-            out[:, j] = np.cos(day_phase)
-        elif kind is FeatureKind.DOW_SIN:
-            out[:, j] = np.sin(week_phase)
-        elif kind is FeatureKind.DOW_COS:
-            out[:, j] = np.cos(week_phase)
+    _calendar_into(out, range(len(kinds)), kinds, t)
+    return out
+
+
+def _calendar_into(out: FloatArray, columns: Sequence[int], kinds: Sequence[FeatureKind], t: FloatArray) -> None:
+    """Write calendar features of shifted timestamps ``t`` into ``out[:, columns]`` (phases computed once)."""
+    day_phase: FloatArray | None = None
+    week_phase: FloatArray | None = None
+    for j, kind in zip(columns, kinds, strict=True):
+        if kind is FeatureKind.TOD_SIN or kind is FeatureKind.TOD_COS:
+            if day_phase is None:
+                day_phase = 2.0 * np.pi * np.mod(t, DAY_SECONDS) / DAY_SECONDS
+            out[:, j] = np.sin(day_phase) if kind is FeatureKind.TOD_SIN else np.cos(day_phase)
+        elif kind is FeatureKind.DOW_SIN or kind is FeatureKind.DOW_COS:
+            if week_phase is None:
+                week_phase = 2.0 * np.pi * np.mod(t - _EPOCH_WEEKDAY_SHIFT, WEEK_SECONDS) / WEEK_SECONDS
+            out[:, j] = np.sin(week_phase) if kind is FeatureKind.DOW_SIN else np.cos(week_phase)
         else:
             raise ValueError(f"{kind.value} is not a calendar feature")
-    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _EncodePlan:
+    """Index arrays that let :meth:`FeaturePipeline.encode` fill each kind of feature in one operation."""
+
+    calendar_columns: tuple[int, ...]
+    calendar_kinds: tuple[FeatureKind, ...]
+    diff_x: npt.NDArray[np.intp]  # columns of x
+    diff_v: npt.NDArray[np.intp]  # their value columns
+    diff_scale: FloatArray
+    level_x: npt.NDArray[np.intp]
+    level_v: npt.NDArray[np.intp]
+    level_center: FloatArray
+    level_scale: FloatArray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,23 +234,45 @@ class FeaturePipeline:
         """
         v = np.asarray(values, dtype=np.float64)
         p = np.asarray(previous, dtype=np.float64)
-        t = np.asarray(timestamps, dtype=np.float64)
         if v.ndim != 2 or v.shape[1] != len(self.columns):
             raise ValueError(f"values must have shape [B, {len(self.columns)}], got {v.shape}")
+        plan = self._plan
         x = np.empty((v.shape[0], self.n_features), dtype=np.float64)
-        cal_idx = [j for j, f in enumerate(self.features) if f.kind.is_calendar]
-        if cal_idx:
-            kinds = [self.features[j].kind for j in cal_idx]
-            x[:, cal_idx] = calendar_features(t, kinds, self.utc_offset_s)
-        for j, f in enumerate(self.features):
-            if f.kind is FeatureKind.DIFF:
-                c = self.columns.index(f.column)  # type: ignore[arg-type]
-                d = (v[:, c] - p[:, c]) / f.scale
-                x[:, j] = np.where(np.isnan(d), 0.0, d)
-            elif f.kind is FeatureKind.LEVEL:
-                c = self.columns.index(f.column)  # type: ignore[arg-type]
-                x[:, j] = np.clip((v[:, c] - f.center) / f.scale, -LEVEL_CLIP, LEVEL_CLIP)
+        if plan.calendar_columns:
+            t = np.asarray(timestamps, dtype=np.float64) + self.utc_offset_s
+            _calendar_into(x, plan.calendar_columns, plan.calendar_kinds, t)
+        if len(plan.diff_x):
+            d = (v[:, plan.diff_v] - p[:, plan.diff_v]) / plan.diff_scale
+            x[:, plan.diff_x] = np.where(np.isnan(d), 0.0, d)
+        if len(plan.level_x):
+            lv = (v[:, plan.level_v] - plan.level_center) / plan.level_scale
+            x[:, plan.level_x] = np.clip(lv, -LEVEL_CLIP, LEVEL_CLIP)
         return x.astype(np.float32)
+
+    @functools.cached_property
+    def _plan(self) -> _EncodePlan:
+        feats = list(enumerate(self.features))
+        cal = [(j, f.kind) for j, f in feats if f.kind.is_calendar]
+        diff = [(j, f) for j, f in feats if f.kind is FeatureKind.DIFF]
+        level = [(j, f) for j, f in feats if f.kind is FeatureKind.LEVEL]
+
+        def idx(items: Sequence[int]) -> npt.NDArray[np.intp]:
+            return np.asarray(items, dtype=np.intp)
+
+        def col(f: FeatureSpec) -> int:
+            return self.columns.index(f.column)  # type: ignore[arg-type]
+
+        return _EncodePlan(
+            calendar_columns=tuple(j for j, _ in cal),
+            calendar_kinds=tuple(k for _, k in cal),
+            diff_x=idx([j for j, _ in diff]),
+            diff_v=idx([col(f) for _, f in diff]),
+            diff_scale=np.asarray([f.scale for _, f in diff], dtype=np.float64),
+            level_x=idx([j for j, _ in level]),
+            level_v=idx([col(f) for _, f in level]),
+            level_center=np.asarray([f.center for _, f in level], dtype=np.float64),
+            level_scale=np.asarray([f.scale for _, f in level], dtype=np.float64),
+        )
 
     def decode(self, y: npt.ArrayLike, last_target: npt.ArrayLike) -> FloatArray:
         """Forecasts ``[B, K]`` in the target's units from network outputs ``[B, K]``."""

@@ -32,7 +32,7 @@ def _date(days: int) -> str:
     return dt.date.fromordinal(_EPOCH_ORDINAL + days).isoformat()
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1 << 14)  # stream ids, model ids, units
 def _json_str(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)
 
@@ -49,11 +49,22 @@ def iso_utc(t: float) -> str:
     return f"{_date(days)}T{h:02d}:{m:02d}:{s:02d}Z"
 
 
+@functools.lru_cache(maxsize=1 << 15)
+def _item_prefix(total_ms: int) -> str:
+    """``{"ts":"<ISO>","value":`` for a step time in epoch milliseconds."""
+    return f'{{"ts":"{iso_utc(total_ms / 1000.0)}","value":'
+
+
 class ForecastEncoder:
     """Encodes :class:`~edge_lstm.engine.Forecast` objects for one model.
 
     ``precision`` rounds values to that many significant digits (None: the
     shortest text that reads back as the same float64).
+
+    On the hot path: the step timestamps of a reading time are formatted once
+    and kept as a ``%``-template (streams on a common clock share it), and each
+    step time's text is cached on its own (a stream's next reading reuses all
+    but one of its steps).
     """
 
     def __init__(self, cadence_s: float, units: str = "", precision: int | None = None) -> None:
@@ -61,26 +72,37 @@ class ForecastEncoder:
             raise ValueError("cadence must be positive")
         self.cadence_s = float(cadence_s)
         self._units = _json_str(units)
+        self._value_fmt = f"%.{int(precision)}g" if precision is not None else "%r"
         self._fmt = f"{{:.{int(precision)}g}}".format if precision is not None else repr
-        # Streams on a common clock share their step timestamps: format those once per origin.
-        self._prefixes = functools.lru_cache(maxsize=4096)(self._make_prefixes)
+        self._items = functools.lru_cache(maxsize=4096)(self._make_items)
 
-    def _make_prefixes(self, t0: float, horizon: int) -> tuple[str, ...]:
+    def _prefixes(self, t0: float, horizon: int) -> list[str]:
         c = self.cadence_s
-        return tuple(f'{{"ts":"{iso_utc(t0 + k * c)}","value":' for k in range(1, horizon + 1))
+        return [_item_prefix(round((t0 + k * c) * 1000.0)) for k in range(1, horizon + 1)]
+
+    def _make_items(self, t0: float, horizon: int) -> tuple[str, list[str], str]:
+        """For reading time ``t0``: its ``ts`` fields, the item prefixes, and the items as one template."""
+        head = f'"ts":"{iso_utc(t0)}","ts_epoch":{t0!r}'
+        prefixes = self._prefixes(t0, horizon)
+        template = "},".join(p.replace("%", "%%") + self._value_fmt for p in prefixes)
+        return head, prefixes, template
 
     @classmethod
     def for_manifest(cls, manifest: Manifest, precision: int | None = None) -> ForecastEncoder:
         return cls(manifest.cadence_s, manifest.target_units, precision)
 
     def encode(self, f: Forecast) -> bytes:
-        fmt = self._fmt
         t0 = float(f.ts)
         values = f.values.tolist()
-        prefixes = self._prefixes(t0, len(values))
-        items = "},".join([p + (fmt(v) if math.isfinite(v) else "null") for p, v in zip(prefixes, values, strict=True)])
+        head, prefixes, template = self._items(t0, len(values))
+        if math.isfinite(sum(values)):  # the sum of finite values is finite, unless it overflows
+            items = template % tuple(values)
+        else:
+            fmt = self._fmt
+            texts = [fmt(v) if math.isfinite(v) else "null" for v in values]
+            items = "},".join([p + v for p, v in zip(prefixes, texts, strict=True)])
         return (
-            f'{{"stream":{_json_str(f.stream)},"model":{_json_str(f.model_id)},"ts":"{iso_utc(t0)}",'
-            f'"ts_epoch":{t0!r},"units":{self._units},"warming_up":{"true" if f.warming_up else "false"},'
+            f'{{"stream":{_json_str(f.stream)},"model":{_json_str(f.model_id)},{head},'
+            f'"units":{self._units},"warming_up":{"true" if f.warming_up else "false"},'
             f'"forecasts":[{items}}}]}}'
         ).encode()
