@@ -260,10 +260,24 @@ def _throughput(s: Session, streams: tuple[int, ...], quick: bool, repeat: int, 
             found = throughput.measure(contenders, streams, quick=quick, repeat=repeat)
     finally:
         ceiling.close()
-    out: dict[str, Any] = {"ceiling": {"system": CEILING_SYSTEM, "streams": found["ceiling"]}}
+    seen = _client_protocols(s, daemon=daemon)
+    out: dict[str, Any] = {"ceiling": {"system": CEILING_SYSTEM, "client_protocols": seen, "streams": found["ceiling"]}}
     if daemon:
         out["daemon"] = _daemon_results(found["daemon"], found["ceiling"], s.daemon().process.config)
+        out["daemon"]["client_protocols"] = seen
     return out
+
+
+def _client_protocols(s: Session, *, daemon: bool) -> dict[str, list[str]]:
+    """The MQTT versions the broker saw each client connect with so far (warns when not the asked one)."""
+    roles = {"bench-gen-": "generator", "bench-recv-": "receiver", "bench-ceiling-": "ceiling"}
+    if daemon:
+        roles[s.daemon().process.client_id] = "daemon"
+    seen = systems.client_protocols(s.broker, roles)
+    for role, versions in seen.items():
+        if versions != [s.protocol.value]:
+            _LOG.warning("the broker saw %s connect with MQTT %s, not %s", role, versions, s.protocol.value)
+    return seen
 
 
 def _daemon_only(s: Session, streams: tuple[int, ...], quick: bool, repeat: int) -> dict[str, Any]:
@@ -272,7 +286,9 @@ def _daemon_only(s: Session, streams: tuple[int, ...], quick: bool, repeat: int)
     d = s.daemon()
     with s.load(d) as load:
         found = throughput.measure([throughput.Contender(d, load)], streams, quick=quick, repeat=repeat)
-    return _daemon_results(found["daemon"], {}, d.process.config)
+    res = _daemon_results(found["daemon"], {}, d.process.config)
+    res["client_protocols"] = _client_protocols(s, daemon=True)
+    return res
 
 
 def _daemon_results(found: dict[str, Any], ceiling: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:

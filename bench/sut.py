@@ -7,6 +7,7 @@ Mosquitto on a free loopback port and ``edge-lstm run`` with a generated configu
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,25 @@ _LOG = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_CAPACITY = 20_000  # room for the streams of every stream count in one daemon run
+
+
+_CONNECTED = re.compile(r"New client connected from \S+ as (\S+) \(p(\d+),")
+# Mosquitto's protocol numbers in that log line (its enum mosquitto__protocol)
+_BROKER_PROTOCOLS = {"1": "3.1", "2": "3.1.1", "5": "5"}
+
+
+def client_protocols(broker: Broker, roles: Mapping[str, str]) -> dict[str, list[str]]:
+    """The MQTT versions the broker says each kind of client connected with, from its log.
+
+    ``roles`` maps a client id prefix to a role name (e.g. ``{"bench-gen-": "generator"}``);
+    clients matching none are left out.  What the broker saw, not what the clients were told.
+    """
+    seen: dict[str, set[str]] = {}
+    for client_id, level in _CONNECTED.findall(broker.log()):
+        for prefix, role in roles.items():
+            if client_id.startswith(prefix):
+                seen.setdefault(role, set()).add(_BROKER_PROTOCOLS.get(level, f"p{level}"))
+    return {role: sorted(v) for role, v in sorted(seen.items())}
 
 
 def start_broker(workdir: Path) -> Broker:

@@ -8,31 +8,50 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from bench.throughput import combine, measure
 from tests.support.broker import find_mosquitto
 from tests.support.daemon import REPO
+
+ROLES = ["ceiling", "daemon", "generator", "receiver"]
 
 
 def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def test_quick_suite_writes_valid_json_and_summary(tmp_path: Path) -> None:
+def _run_bench(tmp_path: Path, *args: str) -> tuple[dict[str, dict], str]:
     assert find_mosquitto() is not None, "mosquitto is not installed: apt-get install mosquitto"
     out, doc = tmp_path / "results", tmp_path / "performance.md"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--doc", str(doc)],
+        [sys.executable, "-m", "bench", *args, "--quick", "--out", str(out), "--doc", str(doc)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}, doc.read_text()
 
-    docs = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
-    assert set(docs) == {"model", "ceiling", "daemon", "latency", "footprint", "profile"}
+
+def test_quick_suite_writes_valid_json_and_summary(tmp_path: Path) -> None:
+    docs, text = _run_bench(tmp_path)
+    assert set(docs) == {"model", "pipeline", "ceiling", "daemon", "latency", "footprint", "profile"}
     for name, d in docs.items():
         assert d["benchmark"] == name and d["quick"] is True
         assert d["machine"]["cores"] >= 1 and d["machine"]["python"]
+        assert d["protocol"] == "5" and d["repeat"] == 1
+
+    # pipeline: every stage of the daemon's own code cost something, at every stream count
+    pipe = docs["pipeline"]["results"]
+    assert set(pipe["streams"]) == {"1", "100"}
+    for v in pipe["streams"].values():
+        assert set(v["us_per_reading"]) == set(pipe["stages"])
+        assert all(_finite(us) and us > 0 for us in v["us_per_reading"].values()), v["us_per_reading"]
+        assert v["us_per_reading"]["model"] < v["us_per_reading"]["engine"]  # the model step is inside the engine
+        assert v["us_per_reading_total"] > v["us_per_reading"]["engine"] and v["readings_per_s_one_core"] > 0
+        assert v["batch_size"] >= 1
 
     # model cost: both runtimes stepped the bundled model at every batch size
     model = docs["model"]["results"]
@@ -62,5 +81,47 @@ def test_quick_suite_writes_valid_json_and_summary(tmp_path: Path) -> None:
     for m in fp["memory"]:
         assert m["streams_held"] == m["streams"] and m["rss_mb"] > 10
 
-    text = doc.read_text()
+    # the broker saw every client of the throughput searches speak MQTT 5
+    assert docs["daemon"]["results"]["client_protocols"] == {role: ["5"] for role in ROLES}
+
     assert "## Throughput: daemon against the ceiling" in text and "## Model cost" in text
+    assert "## Daemon's own code per reading" in text and "Run settings: MQTT 5;" in text
+
+
+def test_quick_throughput_mqtt311_repeated(tmp_path: Path) -> None:
+    """``--protocol 3.1.1 --repeat 2``: every client speaks 3.1.1, each stream count is searched twice."""
+    docs, text = _run_bench(tmp_path, "ceiling", "daemon", "--protocol", "3.1.1", "--repeat", "2")
+    assert set(docs) == {"ceiling", "daemon"}
+    for d in docs.values():
+        assert d["protocol"] == "3.1.1" and d["repeat"] == 2
+        res = d["results"]
+        assert res["client_protocols"] == {role: ["3.1.1"] for role in ROLES}  # what the broker saw
+        s100 = res["streams"]["100"]
+        assert s100["repeats"] == 2 and len(s100["sustained_rates"]) == 2
+        assert s100["sustained_min"] <= s100["sustained_rate"] <= s100["sustained_max"]
+        assert {st["repeat"] for st in s100["steps"]} == {0, 1}
+    assert docs["daemon"]["results"]["config"]["mqtt"]["protocol"] == "3.1.1"
+    d100 = docs["daemon"]["results"]["streams"]["100"]
+    assert len(d100["ratio_to_ceiling_per_repeat"]) == 2 and d100["ratio_to_ceiling"] > 0
+    assert "Run settings: MQTT 3.1.1;" in text and "repeated 2 times" in text
+
+
+def test_combine_takes_the_median_and_range_of_repeated_searches() -> None:
+    def run(sustained: float | None, failing: float | None, peak: float, steps: int) -> dict:
+        return {
+            "streams": 100,
+            "sustained_rate": sustained,
+            "first_failing_rate": failing,
+            "peak_delivered_rate": peak,
+            "generator_limited": False,
+            "steps": [{"rate": 1.0, "passed": True}] * steps,
+        }
+
+    res = combine([run(1000.0, 1400.0, 1100.0, 2), run(None, 500.0, 300.0, 1), run(1200.0, 1700.0, 1250.0, 3)])
+    assert res["sustained_rate"] == 1000.0  # a search that sustained nothing counts as 0
+    assert (res["sustained_min"], res["sustained_max"]) == (None, 1200.0)
+    assert res["sustained_rates"] == [1000.0, None, 1200.0]
+    assert res["first_failing_rate"] == 1400.0 and res["peak_delivered_rate"] == 1250.0
+    assert [st["repeat"] for st in res["steps"]] == [0, 0, 1, 2, 2, 2]
+    with pytest.raises(ValueError):
+        measure([], (1,), quick=True, repeat=0)
