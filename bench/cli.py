@@ -226,9 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                 results.write(out, "profile", run, {"profiles": profiles})
         if Bench.FOOTPRINT in names:
             feed = 0.5 * sustained.get(10_000, 4000.0)  # new streams cost more than known ones
-            # footprint starts daemons of its own with the default protocol (MQTT 5)
             res = footprint.run(s.broker, s.workdir / "footprint", qos=args.qos, quick=args.quick, feed_rate=feed)
-            results.write(out, "footprint", run, res)
+            # its daemons and loads are its own, with the default protocol: record that, not --protocol
+            results.write(out, "footprint", {**run, "protocol": MqttProtocol.V5.value}, res)
     _LOG.info("benchmarks done in %.0f s", time.monotonic() - t_start)
     if doc_path is not None:
         report.write(out, doc_path)
