@@ -62,7 +62,8 @@ class BatchResult:
     evictions: int
     inference_seconds: float
     batch_size: int  # readings that went through the model (filled ticks not counted)
-    model_steps: int = 0  # model invocations (1 per batch unless gaps were filled)
+    model_steps: int = 0  # model invocations (1 per batch unless gaps were filled or a stream repeats)
+    step_sizes: list[int] = dataclasses.field(default_factory=list)  # readings per model step (not filled ticks)
 
 
 def _empty_result() -> BatchResult:
@@ -261,6 +262,7 @@ class Engine:
         )
         result.outcomes[Outcome.PROCESSED] += n
         result.batch_size += n
+        result.step_sizes.append(n)
 
     def _fill_gaps(
         self,

@@ -16,8 +16,7 @@ import contextlib
 import logging
 import platform
 import threading
-from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -34,6 +33,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from edge_lstm import __version__
 from edge_lstm.engine import BatchResult
+from edge_lstm.histogram import BatchHistogram, RollingMeanGauge
 from edge_lstm.modelspec import Manifest
 from edge_lstm.outcomes import Outcome
 
@@ -81,17 +81,18 @@ class Metrics:
         self.publish_failures = Counter(
             "publish_failures", "Forecasts the MQTT client refused to publish", namespace=ns, registry=r
         )
-        self.latency = Histogram(
+        # The histograms the worker updates for every batch take a batch of values at once.
+        self.latency = BatchHistogram(
             "latency_seconds",
             "Reading received to forecast published",
             namespace=ns,
             registry=r,
             buckets=_LATENCY_BUCKETS,
         )
-        self.inference = Histogram(
+        self.inference = BatchHistogram(
             "inference_seconds", "One batched model step", namespace=ns, registry=r, buckets=_INFERENCE_BUCKETS
         )
-        self.batch_size = Histogram(
+        self.batch_size = BatchHistogram(
             "batch_size", "Readings per batched model step", namespace=ns, registry=r, buckets=_BATCH_BUCKETS
         )
         self.queue_depth = Gauge("queue_depth", "Readings waiting in the intake queue", namespace=ns, registry=r)
@@ -106,7 +107,7 @@ class Metrics:
         )
         for reason in RESET_REASONS:
             self.state_resets.labels(reason)
-        self.forecast_abs_error = Histogram(
+        self.forecast_abs_error = BatchHistogram(
             "forecast_abs_error",
             "Absolute 1-step forecast error in the target's units",
             ["model"],
@@ -121,11 +122,13 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
-        self.stream_abs_error = Gauge(
+        self.stream_abs_error = RollingMeanGauge(
             "stream_abs_error",
             f"Rolling mean ({STREAM_ERROR_WINDOW} readings) of the 1-step absolute error, for a capped set of streams",
-            ["stream"],
+            "stream",
             namespace=ns,
+            window=STREAM_ERROR_WINDOW,
+            max_series=max_stream_labels,
             registry=r,
         )
         self.mqtt_connected = Gauge("mqtt_connected", "1 while connected to the broker", namespace=ns, registry=r)
@@ -171,9 +174,6 @@ class Metrics:
         self.build_info = Info("build", "edge-lstm build", namespace=ns, registry=r)
         self.build_info.info({"version": __version__, "python": platform.python_version()})
 
-        self._max_stream_labels = max_stream_labels
-        self._stream_errors: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
         self._model_id = ""
 
     # -- updates at the point of work ----------------------------------------------------------
@@ -192,8 +192,8 @@ class Metrics:
         ``published`` is how many of its forecasts went out, ``done`` the
         ``time.monotonic()`` after the last publish.
         """
-        for f in result.forecasts:
-            self.latency.observe(done - f.received)
+        if result.forecasts:
+            self.latency.observe_many([done - f.received for f in result.forecasts])
         if published:
             self.forecasts_published.inc(published)
         self.outcomes(result.outcomes.items())
@@ -204,7 +204,7 @@ class Metrics:
         if result.evictions:
             self.evictions.inc(result.evictions)
         self.inference.observe(result.inference_seconds)
-        self.batch_size.observe(result.batch_size)
+        self.batch_size.observe_many(result.step_sizes)
         self.streams_active.set(streams_active)
 
     def set_model(self, manifest: Manifest, runtime_name: str, runtime_version: str) -> None:
@@ -231,22 +231,10 @@ class Metrics:
             self.forecast_trained_mae.labels(manifest.model_id).set(mae)
         self.forecast_abs_error.labels(manifest.model_id)
 
-    def abs_errors(self, model_id: str, errors: Iterable[tuple[str, float]]) -> None:
+    def abs_errors(self, model_id: str, errors: Sequence[tuple[str, float]]) -> None:
         """Record 1-step absolute errors: the per-model histogram and capped per-stream rolling means."""
-        hist = self.forecast_abs_error.labels(model_id)
-        touched: dict[str, deque[float]] = {}
-        with self._lock:
-            for stream, err in errors:
-                hist.observe(err)
-                window = self._stream_errors.get(stream)
-                if window is None:
-                    if len(self._stream_errors) >= self._max_stream_labels:
-                        continue
-                    window = self._stream_errors[stream] = deque(maxlen=STREAM_ERROR_WINDOW)
-                window.append(err)
-                touched[stream] = window
-            for stream, window in touched.items():
-                self.stream_abs_error.labels(stream).set(sum(window) / len(window))
+        self.forecast_abs_error.labels(model_id).observe_many([e for _, e in errors])
+        self.stream_abs_error.add(errors)
 
 
 def trained_mae(manifest: Manifest) -> float | None:
