@@ -156,32 +156,41 @@ def calendar_features(
     """Calendar features of epoch-second timestamps, shape ``[N, len(kinds)]``."""
     t = np.asarray(timestamps, dtype=np.float64) + utc_offset_s
     out = np.empty((t.shape[0], len(kinds)), dtype=np.float64)
-    _calendar_into(out, range(len(kinds)), kinds, t)
+    _calendar_into(out, list(range(len(kinds))), kinds, t)
     return out
 
 
+# Calendar phases: column 0 the time of day, column 1 the day of the week.
+_PHASE_SHIFT = np.asarray([0.0, _EPOCH_WEEKDAY_SHIFT])
+_PHASE_PERIOD = np.asarray([DAY_SECONDS, WEEK_SECONDS])
+# Where each calendar kind is in [sin(day), sin(week), cos(day), cos(week)].
+_CALENDAR_SOURCE = {
+    FeatureKind.TOD_SIN: 0,
+    FeatureKind.DOW_SIN: 1,
+    FeatureKind.TOD_COS: 2,
+    FeatureKind.DOW_COS: 3,
+}
+
+
 def _calendar_into(out: FloatArray, columns: Sequence[int], kinds: Sequence[FeatureKind], t: FloatArray) -> None:
-    """Write calendar features of shifted timestamps ``t`` into ``out[:, columns]`` (phases computed once)."""
-    day_phase: FloatArray | None = None
-    week_phase: FloatArray | None = None
-    for j, kind in zip(columns, kinds, strict=True):
-        if kind is FeatureKind.TOD_SIN or kind is FeatureKind.TOD_COS:
-            if day_phase is None:
-                day_phase = 2.0 * np.pi * np.mod(t, DAY_SECONDS) / DAY_SECONDS
-            out[:, j] = np.sin(day_phase) if kind is FeatureKind.TOD_SIN else np.cos(day_phase)
-        elif kind is FeatureKind.DOW_SIN or kind is FeatureKind.DOW_COS:
-            if week_phase is None:
-                week_phase = 2.0 * np.pi * np.mod(t - _EPOCH_WEEKDAY_SHIFT, WEEK_SECONDS) / WEEK_SECONDS
-            out[:, j] = np.sin(week_phase) if kind is FeatureKind.DOW_SIN else np.cos(week_phase)
-        else:
-            raise ValueError(f"{kind.value} is not a calendar feature")
+    """Write calendar features of shifted timestamps ``t`` into ``out[:, columns]``.
+
+    Both phases, and the sines and cosines, are each one array operation: a
+    small batch costs a handful of numpy calls whatever the number of features.
+    """
+    try:
+        source = [_CALENDAR_SOURCE[k] for k in kinds]
+    except KeyError as e:
+        raise ValueError(f"{e.args[0].value} is not a calendar feature") from None
+    phase = 2.0 * np.pi * np.mod(t[:, None] - _PHASE_SHIFT, _PHASE_PERIOD) / _PHASE_PERIOD
+    out[:, columns] = np.concatenate([np.sin(phase), np.cos(phase)], axis=1)[:, source]
 
 
 @dataclasses.dataclass(frozen=True)
 class _EncodePlan:
     """Index arrays that let :meth:`FeaturePipeline.encode` fill each kind of feature in one operation."""
 
-    calendar_columns: tuple[int, ...]
+    calendar_columns: list[int]
     calendar_kinds: tuple[FeatureKind, ...]
     diff_x: npt.NDArray[np.intp]  # columns of x
     diff_v: npt.NDArray[np.intp]  # their value columns
@@ -263,7 +272,7 @@ class FeaturePipeline:
             return self.columns.index(f.column)  # type: ignore[arg-type]
 
         return _EncodePlan(
-            calendar_columns=tuple(j for j, _ in cal),
+            calendar_columns=[j for j, _ in cal],
             calendar_kinds=tuple(k for _, k in cal),
             diff_x=idx([j for j, _ in diff]),
             diff_v=idx([col(f) for _, f in diff]),

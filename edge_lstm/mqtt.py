@@ -17,7 +17,11 @@
   delays small publishes made right after a read by up to ~40 ms.
 
 Handlers registered with :meth:`MqttLink.route` run on paho's network thread
-and must be quick (the daemon's only decodes and enqueues).  Acknowledgements
+and must be quick (the daemon's only decodes and enqueues).  One ``on_message``
+routes every message: the first route whose filter matches the topic takes it
+(matches are remembered per topic, so the filter is evaluated once per topic,
+not per message); a message no route matches (a subscription left in the
+persistent session by an earlier configuration) is acknowledged and ignored.  Acknowledgements
 are manual: a QoS 1 message is acknowledged only once its handler took it in,
 so readings that arrive while the daemon is stopping stay with the broker and
 are delivered again to the next run.
@@ -50,6 +54,7 @@ OFFLINE = b"offline"
 SUBSCRIBE_QOS = 1
 MAX_QUEUED_PUBLISHES = 10_000  # paho's own outgoing queue while disconnected: bounded
 MAX_INFLIGHT = 64
+ROUTE_CACHE_SIZE = 100_000  # topics whose route is remembered (cleared when full: hostile topics cannot grow it)
 PUBLISH_BACKPRESSURE_S = 2.0  # longest a publish waits for room in paho's queue while connected
 REFUSAL_LOG_EVERY_S = 60.0  # a broker refusing every forecast logs once a minute, not per forecast
 
@@ -69,6 +74,8 @@ class MqttLink:
         self.status_topic = status_topic
         self._metrics = metrics
         self._subscriptions: list[str] = []
+        self._routes: list[tuple[str, MessageHandler]] = []
+        self._route_of: dict[str, MessageHandler | None] = {}
         self._connected = threading.Event()
         self._ready = False
         self._connects = 0
@@ -109,19 +116,21 @@ class MqttLink:
         c.on_subscribe = self._on_subscribe
         c.on_publish = self._on_publish
         c.on_socket_open = self._on_socket_open
-        c.on_message = self._on_unrouted
+        c.on_message = self._on_message
 
     # -- set-up ---------------------------------------------------------------------------------
 
     def route(self, topic_filter: str, handler: MessageHandler) -> None:
         """Subscribe to ``topic_filter`` (QoS 1) and pass its messages to ``handler(topic, payload)``."""
-
-        def on_message(client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
-            if handler(msg.topic, bytes(msg.payload)) and msg.qos > 0:
-                client.ack(msg.mid, msg.qos)
-
-        self.client.message_callback_add(topic_filter, on_message)
+        self._routes.append((topic_filter, handler))
+        self._route_of.clear()
         self._subscriptions.append(topic_filter)
+
+    def _find_route(self, topic: str) -> MessageHandler | None:
+        for topic_filter, handler in self._routes:
+            if paho.topic_matches_sub(topic_filter, topic):
+                return handler
+        return None
 
     def start(self) -> None:
         """Start connecting in the background; paho's thread keeps reconnecting until :meth:`stop`."""
@@ -300,10 +309,27 @@ class MqttLink:
                 self.cfg.username or "anonymous",
             )
 
-    def _on_unrouted(self, client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
-        _LOG.debug("message on unexpected topic %r ignored", msg.topic)
-        if msg.qos > 0:
+    def _on_message(self, client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:  # not valid UTF-8: no filter can match it
+            topic = ""
+        route_of = self._route_of
+        handler = route_of[topic] if topic in route_of else self._remember_route(topic)
+        if handler is None:
+            _LOG.debug("message on unexpected topic %r ignored", topic)
+            if msg.qos > 0:
+                client.ack(msg.mid, msg.qos)
+            return
+        if handler(topic, bytes(msg.payload)) and msg.qos > 0:
             client.ack(msg.mid, msg.qos)
+
+    def _remember_route(self, topic: str) -> MessageHandler | None:
+        handler = self._find_route(topic) if topic else None
+        if len(self._route_of) >= ROUTE_CACHE_SIZE:
+            self._route_of.clear()
+        self._route_of[topic] = handler
+        return handler
 
 
 def describe_connack(reason_code: ReasonCode) -> str:

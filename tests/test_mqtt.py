@@ -278,3 +278,37 @@ def test_daemon_over_tls_with_client_certificate(
     )  # fmt: skip
     assert d.wait_metric("edge_lstm_forecasts_published_total", 1, timeout=20) == 1, d.log()
     assert d.terminate() == 0
+
+
+def test_first_matching_route_takes_a_message_and_unmatched_ones_are_acknowledged() -> None:
+    # Pure unit test of the routing in on_message (no broker): a stand-in client records acks.
+    import paho.mqtt.client as paho
+
+    link = MqttLink(MqttConfig(host="127.0.0.1", port=1), "status")
+    got: list[tuple[str, str, bytes]] = []
+    link.route("a/+/v", lambda t, p: got.append(("first", t, p)) is None)
+    link.route("a/#", lambda t, p: got.append(("second", t, p)) is None)
+    link.route("b/#", lambda t, p: False)  # refuses: the message must stay unacknowledged
+
+    class Client:
+        def __init__(self) -> None:
+            self.acks: list[int] = []
+
+        def ack(self, mid: int, qos: int) -> None:
+            self.acks.append(mid)
+
+    client = Client()
+
+    def deliver(mid: int, topic: bytes, payload: bytes = b"1") -> None:
+        msg = paho.MQTTMessage(mid, topic)
+        msg.qos, msg.payload = 1, payload
+        link._on_message(client, None, msg)  # type: ignore[arg-type]
+
+    for _ in range(2):  # the second time the routes come from the per-topic memory
+        deliver(1, b"a/x/v", b"10")
+        deliver(2, b"a/x/w", b"20")
+        deliver(3, b"old/topic")  # a subscription an earlier configuration left in the session
+        deliver(4, b"b/1")
+        deliver(5, b"a/\xff/v")  # not UTF-8
+    assert got == [("first", "a/x/v", b"10"), ("second", "a/x/w", b"20")] * 2
+    assert client.acks == [1, 2, 3, 5] * 2
