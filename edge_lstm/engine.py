@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -103,6 +104,7 @@ class Engine:
         self._gap_override = max_gap_ticks
         self._clock = clock
         self._pending_resets: Counter[str] = Counter()
+        self.row_path = True  # a batch of one reading takes _process_one (tests turn it off to compare)
         self._configure(model.manifest)
 
     @staticmethod
@@ -133,10 +135,10 @@ class Engine:
         if not readings:
             return result
         if len(readings) <= self.table.capacity and len({r.stream for r in readings}) == len(readings):
-            self._process_distinct(readings, result)
+            self._process_group(readings, result)
         else:
             for wave in _waves(readings, self.table.capacity):
-                self._process_distinct(wave, result)
+                self._process_group(wave, result)
         return result
 
     def replace_model(self, model: StepFunction) -> bool:
@@ -178,6 +180,70 @@ class Engine:
         result.model_steps += 1
         t.scatter(rows, new_state)
         return y
+
+    def _process_group(self, readings: Sequence[Reading], result: BatchResult) -> None:
+        if len(readings) == 1 and self.row_path:
+            self._process_one(readings[0], result)
+        else:
+            self._process_distinct(readings, result)
+
+    def _process_one(self, reading: Reading, result: BatchResult) -> None:
+        """:meth:`_process_distinct` for a single reading, on Python scalars (a batch of one is common).
+
+        Same policy, same arithmetic, same results (``tests/test_engine.py``
+        runs random sequences through both); numpy is used for the model step and the forecasts only.
+        """
+        t = self.table
+        stream, ts = reading.stream, reading.ts
+        row = t.row(stream)
+        if row is not None:
+            last = float(t.last_ts[row])
+            if ts <= last:  # False when there is no last reading (NaN)
+                result.outcomes[Outcome.OUT_OF_ORDER if ts < last else Outcome.DUPLICATE] += 1
+                return
+        rows, evicted = t.rows_for([stream])
+        result.evictions += evicted
+        row = int(rows[0])
+        last = float(t.last_ts[row])
+        n_ticks = 1
+        if not math.isnan(last):
+            elapsed = round((ts - last) / self._cadence)  # half to even, as np.rint
+            if elapsed > 1:
+                n_ticks = min(elapsed, self.max_gap_ticks + 1)
+                if n_ticks > self.max_gap_ticks:
+                    t.reset(rows)
+                    result.resets["gap"] += 1
+                    n_ticks = 1
+
+        values = reading.values
+        actual = values[self._target]
+        pending = float(t.pending_value[row])
+        if n_ticks == 1 and not math.isnan(pending):
+            result.abs_errors.append((stream, abs(pending - actual)))
+        if n_ticks > 1:
+            v = np.array([values], dtype=np.float64)
+            self._fill_gaps(rows, np.array([n_ticks - 1]), v, np.array([ts]), np.array([last]), result)
+
+        x = self._pipeline.encode_row(values, t.prev[row].tolist(), ts)
+        state = t.state
+        t0 = self._clock()
+        y, new_state = self.model.step(x, [a[row : row + 1] for a in state])
+        result.inference_seconds += self._clock() - t0
+        result.model_steps += 1
+        for a, s in zip(state, new_state, strict=True):
+            a[row] = s[0]
+        fc = self._pipeline.decode(y, [actual])[0]
+        t.prev[row] = values
+        t.last_ts[row] = ts
+        ticks = int(t.ticks[row]) + 1
+        t.ticks[row] = ticks
+        warming = ticks < self._warmup
+        t.pending_value[row] = math.nan if warming else fc[0]
+        t.pending_ts[row] = ts + self._cadence
+        result.forecasts.append(Forecast(stream, reading.ts, fc, warming, reading.received, self._model_id))
+        result.outcomes[Outcome.PROCESSED] += 1
+        result.batch_size += 1
+        result.step_sizes.append(1)
 
     def _process_distinct(self, readings: Sequence[Reading], result: BatchResult) -> None:
         t = self.table

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -199,6 +200,8 @@ class _EncodePlan:
     level_v: npt.NDArray[np.intp]
     level_center: FloatArray
     level_scale: FloatArray
+    diff_rows: tuple[tuple[int, int, float], ...]  # (x column, value column, scale) for one-row encoding
+    level_rows: tuple[tuple[int, int, float, float], ...]  # (x column, value column, center, scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,6 +261,30 @@ class FeaturePipeline:
             x[:, plan.level_x] = np.clip(lv, -LEVEL_CLIP, LEVEL_CLIP)
         return x.astype(np.float32)
 
+    def encode_row(self, values: Sequence[float], previous: Sequence[float], timestamp: float) -> FloatArray:
+        """:meth:`encode` of one tick, ``[1, D]`` float32, bit for bit, at a fraction of the cost.
+
+        Arithmetic on Python floats is the same IEEE double arithmetic numpy
+        does element-wise (``%`` is numpy's ``mod``); the sines and cosines
+        still come from numpy, so the result cannot differ from :meth:`encode`.
+        """
+        plan = self._plan
+        x = [0.0] * len(self.features)
+        if plan.calendar_columns:
+            t = timestamp + self.utc_offset_s
+            day = 2.0 * math.pi * ((t - 0.0) % DAY_SECONDS) / DAY_SECONDS
+            week = 2.0 * math.pi * ((t - _EPOCH_WEEKDAY_SHIFT) % WEEK_SECONDS) / WEEK_SECONDS
+            phase = np.array([day, week])
+            waves = [*np.sin(phase).tolist(), *np.cos(phase).tolist()]
+            for j, kind in zip(plan.calendar_columns, plan.calendar_kinds, strict=True):
+                x[j] = waves[_CALENDAR_SOURCE[kind]]
+        for j, c, scale in plan.diff_rows:
+            d = (values[c] - previous[c]) / scale
+            x[j] = 0.0 if math.isnan(d) else d
+        for j, c, center, scale in plan.level_rows:
+            x[j] = min(max((values[c] - center) / scale, -LEVEL_CLIP), LEVEL_CLIP)
+        return np.array([x], dtype=np.float32)
+
     @functools.cached_property
     def _plan(self) -> _EncodePlan:
         feats = list(enumerate(self.features))
@@ -281,6 +308,8 @@ class FeaturePipeline:
             level_v=idx([col(f) for _, f in level]),
             level_center=np.asarray([f.center for _, f in level], dtype=np.float64),
             level_scale=np.asarray([f.scale for _, f in level], dtype=np.float64),
+            diff_rows=tuple((j, col(f), float(f.scale)) for j, f in diff),
+            level_rows=tuple((j, col(f), float(f.center), float(f.scale)) for j, f in level),
         )
 
     def decode(self, y: npt.ArrayLike, last_target: npt.ArrayLike) -> FloatArray:

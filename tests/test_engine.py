@@ -312,6 +312,44 @@ def test_batched_equals_sequential(scenario: tuple[dict[str, list[Reading]], lis
             np.testing.assert_allclose(gv, wv, rtol=1e-5, atol=1e-5)
 
 
+_steps = st.lists(
+    st.tuples(
+        st.integers(0, 4),  # stream
+        st.one_of(st.sampled_from([1.0, 1.0, 1.0, 0.0, -1.0, 9.0]), st.floats(min_value=-0.6, max_value=6.6)),
+        st.floats(min_value=-20, max_value=40, allow_nan=False),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(_steps, st.integers(2, 6))
+def test_single_reading_path_equals_the_batch_path_exactly(steps: list[tuple[int, float, float]], cap: int) -> None:
+    """A batch of one takes the scalar path: same forecasts, counts, errors and state, bit for bit."""
+    model = NumpyModel(make_manifest(max_gap=4, warmup=3))
+    ticks: dict[int, float] = {}
+    readings = []
+    for s, jump, v in steps:  # per stream: on time, jittered, late, duplicate, short and long gaps
+        ticks[s] = ticks.get(s, 0.0) + jump
+        readings.append(rd(f"s{s}", ticks[s], v, v / 2))
+    scalar, vector = engine_for(model, cap), engine_for(model, cap)
+    vector.row_path = False
+    for r in readings:
+        a, b = scalar.process([r]), vector.process([r])
+        assert (a.outcomes, a.resets, a.evictions, a.batch_size, a.model_steps, a.step_sizes) == (
+            b.outcomes, b.resets, b.evictions, b.batch_size, b.model_steps, b.step_sizes
+        )
+        assert a.abs_errors == b.abs_errors
+        assert [(f.stream, f.ts, f.warming_up, f.values.tolist()) for f in a.forecasts] == [
+            (f.stream, f.ts, f.warming_up, f.values.tolist()) for f in b.forecasts
+        ]
+    ta, tb = scalar.table.to_arrays(), vector.table.to_arrays()
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        np.testing.assert_array_equal(ta[key], tb[key], err_msg=key)
+
+
 def test_batched_equals_sequential_with_the_bundled_model() -> None:
     bundle = load_model(MODEL_DIR)
     model = load_step_model(bundle)

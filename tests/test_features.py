@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_lstm.features import (
     LEVEL_CLIP,
@@ -116,3 +119,23 @@ def test_fill_gap_interpolates_the_ticks_in_between() -> None:
     filled = fill_gap(np.array([0.0, 10.0]), np.array([4.0, 2.0]), 4)
     np.testing.assert_allclose(filled, [[1.0, 8.0], [2.0, 6.0], [3.0, 4.0]])
     assert fill_gap(np.array([1.0]), np.array([2.0]), 1).shape == (0, 1)
+
+
+_row = st.tuples(
+    st.floats(min_value=-1e6, max_value=1e6, allow_nan=False),
+    st.floats(min_value=-1e6, max_value=1e6, allow_nan=False),
+    st.one_of(st.just(math.nan), st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)),
+    st.floats(min_value=-1e6, max_value=1e6, allow_nan=False),
+    st.floats(min_value=-1e10, max_value=5e9, allow_nan=False),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_row, st.sampled_from([0.0, 3600.0, -16200.0]))
+def test_encode_row_is_encode_bit_for_bit(row: tuple[float, ...], offset: float) -> None:
+    v0, v1, p0, p1, ts = row
+    p = _pipeline(utc_offset_s=offset)
+    want = p.encode([[v0, v1]], [[p0, p1]], [ts])
+    got = p.encode_row((v0, v1), (p0, p1), ts)
+    assert got.dtype == want.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
