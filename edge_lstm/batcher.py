@@ -37,6 +37,7 @@ class Batcher:
         self._queue: deque[Reading] = deque()
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
+        self._wake_at = 1  # put() wakes the taker once this many readings are queued
         self.dropped = 0  # cumulative readings dropped because the queue was full
 
     def __len__(self) -> int:
@@ -55,7 +56,8 @@ class Batcher:
                 dropped = 1
                 self.dropped += 1
             self._queue.append(reading)
-            self._cond.notify()
+            if len(self._queue) >= self._wake_at:
+                self._cond.notify()
         return dropped
 
     def put_many(self, readings: Iterable[Reading]) -> int:
@@ -76,14 +78,18 @@ class Batcher:
                     q.popleft()
             q.extend(items)
             self.dropped += dropped
-            self._cond.notify()
+            if len(q) >= self._wake_at:
+                self._cond.notify()
         return dropped
 
-    def take_batch(self, max_batch: int, max_wait_s: float) -> list[Reading]:
+    def take_batch(self, max_batch: int, max_wait_s: float, linger_s: float = 0.0) -> list[Reading]:
         """Wait up to ``max_wait_s`` for a first reading, then take up to ``max_batch`` readings.
 
-        The batch is in queue (arrival) order.  Returns an empty list on
-        timeout or when the batcher is closed and empty.
+        With ``linger_s`` > 0 and fewer than ``max_batch`` readings queued, wait
+        for more until the oldest queued reading is ``linger_s`` old (by its
+        ``received`` time): larger batches for at most that much latency.  The
+        batch is in queue (arrival) order.  Returns an empty list on timeout or
+        when the batcher is closed and empty.
         """
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -96,12 +102,26 @@ class Batcher:
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
+            if linger_s > 0 and q and len(q) < max_batch and not self._closed:
+                self._linger(max_batch, q[0].received + linger_s)
             if len(q) <= max_batch:
                 batch = list(q)
                 q.clear()
                 return batch
             pop = q.popleft
             return [pop() for _ in range(max_batch)]
+
+    def _linger(self, max_batch: int, deadline: float) -> None:
+        """Wait (lock held) until ``max_batch`` readings are queued, the deadline passes or the queue closes."""
+        self._wake_at = max_batch
+        try:
+            while len(self._queue) < max_batch and not self._closed:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+        finally:
+            self._wake_at = 1
 
     def drain(self) -> list[Reading]:
         """Remove and return everything queued (at shutdown, to count what was not processed)."""

@@ -244,10 +244,11 @@ class EngineConfig:
         ),
     )
     max_wait_ms: float = dataclasses.field(
-        default=5.0,
+        default=0.0,
         metadata=_doc(
-            "Reserved: the worker runs a batch of whatever is queued as soon as it is free and never holds "
-            "a reading back to fill a batch (batches grow by themselves under load)."
+            "How long the worker may hold the oldest queued reading back (ms) while fewer than `max_batch` are "
+            "queued, to step more streams at once: fewer, larger model steps for at most this much added latency. "
+            "0 (default): run whatever is queued as soon as the worker is free (batches still grow under load)."
         ),
     )
     queue_size: int = dataclasses.field(

@@ -312,6 +312,7 @@ class Daemon:
         assert self.batcher is not None and self.engine is not None
         batcher = self.batcher
         max_batch = self.cfg.engine.max_batch
+        linger_s = self.cfg.engine.max_wait_ms / 1000.0
         drain_deadline: float | None = None
         try:
             while True:
@@ -324,7 +325,7 @@ class Daemon:
                 if pending is not None:
                     self._pending_model = None
                     self._swap_model(pending)
-                batch = batcher.take_batch(max_batch, WORKER_IDLE_S)
+                batch = batcher.take_batch(max_batch, WORKER_IDLE_S, 0.0 if self.stop_event.is_set() else linger_s)
                 if batch:
                     with self._engine_lock:
                         result = self.engine.process(batch)

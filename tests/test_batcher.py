@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -78,6 +79,40 @@ def test_a_waiting_taker_is_woken_by_put_and_by_close() -> None:
     b.close()
     taker.join(10)
     assert not taker.is_alive() and got[1] == [] and b.closed
+
+
+def arrived_now(stream: str, seq: int) -> Reading:
+    return Reading(stream, (float(seq),), float(seq), time.monotonic())
+
+
+def test_linger_waits_for_a_full_batch_and_is_woken_when_it_fills() -> None:
+    b = Batcher(max_queue=10)
+    b.put(arrived_now("a", 0))
+    got: list[list[Reading]] = []
+    taker = threading.Thread(target=lambda: got.append(b.take_batch(3, 1.0, linger_s=60.0)))
+    taker.start()
+    b.put(arrived_now("b", 1))  # not enough: the taker keeps waiting
+    time.sleep(0.05)
+    assert taker.is_alive()
+    b.put(arrived_now("c", 2))  # the third reading fills the batch and wakes it
+    taker.join(10)
+    assert not taker.is_alive() and seqs(got[0]) == [("a", 0), ("b", 1), ("c", 2)]
+
+
+def test_linger_ends_when_the_oldest_reading_is_old_enough_or_on_close() -> None:
+    b = Batcher(max_queue=10)
+    b.put(arrived_now("a", 0))
+    assert seqs(b.take_batch(5, 1.0, linger_s=0.02)) == [("a", 0)]  # no more came: the one reading
+    b.put(Reading("old", (1.0,), 1.0, time.monotonic() - 60.0))  # already older than the linger
+    assert seqs(b.take_batch(5, 1.0, linger_s=1.0)) == [("old", 1)]
+    b.put(arrived_now("a", 2))
+    got: list[list[Reading]] = []
+    taker = threading.Thread(target=lambda: got.append(b.take_batch(5, 1.0, linger_s=60.0)))
+    taker.start()
+    time.sleep(0.05)
+    b.close()
+    taker.join(10)
+    assert not taker.is_alive() and seqs(got[0]) == [("a", 2)]
 
 
 def test_close_still_hands_out_what_is_queued() -> None:
