@@ -41,6 +41,7 @@ class Bench(str, enum.Enum):
     PIPELINE = "pipeline"  # the daemon's own code per reading, in-process (no broker)
     CEILING = "ceiling"
     DAEMON = "daemon"
+    CPU = "cpu"  # CPU per reading at a fixed rate, daemon and ceiling (the steadiest comparison)
     LATENCY = "latency"
     PROFILE = "profile"
     FOOTPRINT = "footprint"
@@ -208,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             if "daemon" in found:
                 daemon_doc = {"results": found["daemon"]}
                 results.write(out, "daemon", run, found["daemon"])
+        if Bench.CPU in names:
+            results.write(out, "cpu", run, _cpu(s, args.quick))
         if Bench.LATENCY in names or Bench.PROFILE in names or Bench.FOOTPRINT in names:
             daemon_doc = daemon_doc or results.read(out, "daemon")
         sustained = _sustained(daemon_doc)
@@ -301,6 +304,18 @@ def _daemon_results(found: dict[str, Any], ceiling: dict[str, Any], config: dict
         pairs = zip(v["sustained_rates"], cv.get("sustained_rates", []), strict=False)
         v["ratio_to_ceiling_per_repeat"] = [(dr / cr) if dr and cr else None for dr, cr in pairs]
     return {"system": DAEMON_SYSTEM, "config": config, "streams": found}
+
+
+def _cpu(s: Session, quick: bool) -> dict[str, Any]:
+    from bench import cpucost
+
+    d = s.daemon()
+    ceiling = s.ceiling()
+    try:
+        with s.load(d) as dload, s.load(ceiling) as cload:
+            return cpucost.run((dload, d), (cload, ceiling), quick=quick)
+    finally:
+        ceiling.close()
 
 
 def _latency(s: Session, sustained: dict[int, float], quick: bool) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from bench import results
 
 _LOG = logging.getLogger(__name__)
 
-NAMES = ("model", "pipeline", "ceiling", "daemon", "latency", "footprint", "profile")
-MQTT_NAMES = ("ceiling", "daemon", "latency", "footprint", "profile")  # the benchmarks that speak MQTT
+NAMES = ("model", "pipeline", "ceiling", "daemon", "cpu", "latency", "footprint", "profile")
+MQTT_NAMES = ("ceiling", "daemon", "cpu", "latency", "footprint", "profile")  # the benchmarks that speak MQTT
 DEFAULT_PROTOCOL = "5"  # results written before the protocol was recorded were all MQTT 5
 INTERPRETATION = Path(__file__).resolve().parent / "interpretation.md"
 BATCH_TARGET = 64
@@ -223,6 +223,48 @@ def _ratio(v: dict[str, Any]) -> str:
     return cell
 
 
+def _cpu(docs: dict[str, dict[str, Any]]) -> list[str]:
+    res = docs.get("cpu", {}).get("results", {})
+    by_streams = res.get("streams", {})
+    if not by_streams:
+        return []
+    rows = []
+    for s in sorted(by_streams, key=int):
+        v = by_streams[s]
+        d, c = v["daemon"], v["ceiling"]
+        ratio = v.get("daemon_over_ceiling")
+        rows.append(
+            [
+                f"{int(s):,}",
+                _f(d.get("cpu_s_per_1k"), 3),
+                _f(c.get("cpu_s_per_1k"), 3),
+                _f(ratio, 2, "×"),
+                _f(100.0 / ratio if ratio else None, 0, " %"),
+                _f(d.get("p99_ms"), 2),
+            ]
+        )
+    out = [f"## CPU per reading at a fixed {_f(res.get('rate'), 0)} readings/s", ""]
+    out.append(
+        "User + system CPU of each process per 1000 readings at a rate both keep up with (median of "
+        "repeated steps; `bench/cpucost.py`). Steadier than the searches above on a shared machine; "
+        "when the cores are the limit, the ceiling's share of the daemon's CPU is what the throughput "
+        "ratio tends to."
+    )
+    out.append("")
+    out += _table(
+        [
+            "streams",
+            "daemon CPU s / 1k",
+            "ceiling CPU s / 1k",
+            "daemon / ceiling",
+            "ceiling / daemon",
+            "daemon p99 ms",
+        ],
+        rows,
+    )
+    return out
+
+
 def _latency(docs: dict[str, dict[str, Any]]) -> list[str]:
     lat = docs.get("latency", {}).get("results", {})
     if not lat:
@@ -419,7 +461,7 @@ def render(docs: dict[str, dict[str, Any]], interpretation: str = "") -> str:
     settings = _settings(docs)
     if settings:
         lines += [*settings, ""]
-    for part in (_machine, _targets, _throughput, _latency, _footprint, _pipeline, _model, _profile):
+    for part in (_machine, _targets, _throughput, _cpu, _latency, _footprint, _pipeline, _model, _profile):
         section = part(docs)
         if section:
             lines += [*section, ""]

@@ -37,7 +37,7 @@ def _run_bench(tmp_path: Path, *args: str) -> tuple[dict[str, dict], str]:
 
 def test_quick_suite_writes_valid_json_and_summary(tmp_path: Path) -> None:
     docs, text = _run_bench(tmp_path)
-    assert set(docs) == {"model", "pipeline", "ceiling", "daemon", "latency", "footprint", "profile"}
+    assert set(docs) == {"model", "pipeline", "ceiling", "daemon", "cpu", "latency", "footprint", "profile"}
     for name, d in docs.items():
         assert d["benchmark"] == name and d["quick"] is True
         assert d["machine"]["cores"] >= 1 and d["machine"]["python"]
@@ -68,6 +68,13 @@ def test_quick_suite_writes_valid_json_and_summary(tmp_path: Path) -> None:
         passed = [s for s in s100["steps"] if s["passed"]]
         assert passed and all(s["received"] == s["count"] and s["drops"] == 0 for s in passed)
     assert docs["daemon"]["results"]["streams"]["100"]["ratio_to_ceiling"] > 0
+
+    # CPU at a fixed rate: both processes measured, their ratio from those numbers
+    cpu = docs["cpu"]["results"]["streams"]["100"]
+    d_cpu, c_cpu = cpu["daemon"]["cpu_s_per_1k"], cpu["ceiling"]["cpu_s_per_1k"]
+    assert _finite(d_cpu) and _finite(c_cpu) and d_cpu > 0 and c_cpu > 0
+    assert cpu["daemon_over_ceiling"] == d_cpu / c_cpu
+    assert "CPU per reading at a fixed" in text
 
     # latency: every reading of the step matched to its forecast, percentiles ordered
     lat = docs["latency"]["results"]["daemon"]["100"]["levels"]["50%"]
