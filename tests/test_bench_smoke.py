@@ -70,11 +70,11 @@ def test_quick_suite_writes_valid_json_and_summary(tmp_path: Path) -> None:
     assert docs["daemon"]["results"]["streams"]["100"]["ratio_to_ceiling"] > 0
 
     # CPU at a fixed rate: both processes measured, their ratio from those numbers
-    cpu = docs["cpu"]["results"]["streams"]["100"]
+    cpu = docs["cpu"]["results"]["streams"]["100"]["1000"]
     d_cpu, c_cpu = cpu["daemon"]["cpu_s_per_1k"], cpu["ceiling"]["cpu_s_per_1k"]
     assert _finite(d_cpu) and _finite(c_cpu) and d_cpu > 0 and c_cpu > 0
     assert cpu["daemon_over_ceiling"] == d_cpu / c_cpu
-    assert "CPU per reading at a fixed" in text
+    assert "CPU per reading at fixed rates" in text
 
     # latency: every reading of the step matched to its forecast, percentiles ordered
     lat = docs["latency"]["results"]["daemon"]["100"]["levels"]["50%"]
