@@ -15,6 +15,7 @@ MQTT_NAMES = ("ceiling", "daemon", "cpu", "latency", "footprint", "profile")  # 
 DEFAULT_PROTOCOL = "5"  # results written before the protocol was recorded were all MQTT 5
 INTERPRETATION = Path(__file__).resolve().parent / "interpretation.md"
 BATCH_TARGET = 64
+BEFORE = "before"  # subdirectory of the results with an older revision's (python -m bench.against)
 
 
 def _f(value: Any, digits: int = 1, unit: str = "") -> str:
@@ -450,7 +451,56 @@ def _one_profile(prof: dict[str, Any]) -> list[str]:
     return out
 
 
-def render(docs: dict[str, dict[str, Any]], interpretation: str = "") -> str:
+def _change(before: float | None, after: float | None) -> str:
+    if not before or after is None:
+        return "—"
+    return f"{(after / before - 1.0) * 100.0:+.0f} %"
+
+
+def _before_after(docs: dict[str, dict[str, Any]], before: dict[str, dict[str, Any]]) -> list[str]:
+    """The optimisation's effect: today's results beside those of an older revision (``results/before``)."""
+    if not before:
+        return []
+    revs = sorted({str(d.get("against", "?")) for d in before.values()})
+    rows: list[list[str]] = []
+
+    def sustained(doc: dict[str, Any] | None, s: str) -> float | None:
+        v = (doc or {}).get("results", {}).get("streams", {}).get(s, {})
+        return v.get("sustained_rate")
+
+    for name in ("daemon", "ceiling"):
+        for s in ("1", "100", "10000"):
+            b, a = sustained(before.get(name), s), sustained(docs.get(name), s)
+            if b is not None or a is not None:
+                rows.append([f"{name} sustained readings/s", _streams(s), _f(b, 0), _f(a, 0), _change(b, a)])
+    cb = before.get("cpu", {}).get("results", {}).get("streams", {})
+    ca = docs.get("cpu", {}).get("results", {}).get("streams", {})
+    for s in sorted(set(cb) | set(ca), key=int):
+        for rate in sorted(set(cb.get(s, {})) | set(ca.get(s, {})), key=float):
+            b = cb.get(s, {}).get(rate, {}).get("daemon", {}).get("cpu_s_per_1k")
+            a = ca.get(s, {}).get(rate, {}).get("daemon", {}).get("cpu_s_per_1k")
+            rows.append([f"daemon CPU s per 1k readings at {float(rate):,.0f}/s", _streams(s), _f(b, 3), _f(a, 3),
+                         _change(b, a)])  # fmt: skip
+    pb = before.get("pipeline", {}).get("results", {}).get("streams", {})
+    pa = docs.get("pipeline", {}).get("results", {}).get("streams", {})
+    for s in sorted(set(pb) | set(pa), key=int):
+        b, a = pb.get(s, {}).get("us_per_reading_total"), pa.get(s, {}).get("us_per_reading_total")
+        rows.append(["own code µs per reading (pipeline)", _streams(s), _f(b, 1), _f(a, 1), _change(b, a)])
+    out = [f"## Before and after the optimisation (revision {', '.join(revs)} → this one)", ""]
+    out.append(
+        "The older daemon measured by today's suite (`python -m bench.against REV`, results in "
+        "`bench/results/before/`), on the same machine; throughput figures are medians of repeated "
+        "searches and move with the machine's load (see the ranges above), the CPU and pipeline "
+        "figures much less."
+    )
+    out.append("")
+    out += _table(["figure", "streams", "before", "after", "change"], rows)
+    return out
+
+
+def render(
+    docs: dict[str, dict[str, Any]], interpretation: str = "", before: dict[str, dict[str, Any]] | None = None
+) -> str:
     lines = [
         "# Performance",
         "",
@@ -467,6 +517,9 @@ def render(docs: dict[str, dict[str, Any]], interpretation: str = "") -> str:
         section = part(docs)
         if section:
             lines += [*section, ""]
+    comparison = _before_after(docs, before or {})
+    if comparison:
+        lines += [*comparison, ""]
     if interpretation:
         lines += [interpretation.strip(), ""]
     return "\n".join(lines)
@@ -474,8 +527,9 @@ def render(docs: dict[str, dict[str, Any]], interpretation: str = "") -> str:
 
 def write(directory: Path, doc_path: Path) -> Path:
     docs = results.read_all(directory, NAMES)
+    before = results.read_all(directory / BEFORE, NAMES)
     text = INTERPRETATION.read_text() if INTERPRETATION.exists() else ""
     doc_path.parent.mkdir(parents=True, exist_ok=True)
-    doc_path.write_text(render(docs, text))
+    doc_path.write_text(render(docs, text, before))
     _LOG.info("wrote %s", doc_path)
     return doc_path

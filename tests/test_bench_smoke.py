@@ -132,3 +132,24 @@ def test_combine_takes_the_median_and_range_of_repeated_searches() -> None:
     assert [st["repeat"] for st in res["steps"]] == [0, 0, 1, 2, 2, 2]
     with pytest.raises(ValueError):
         measure([], (1,), quick=True, repeat=0)
+
+
+def test_summary_sets_an_older_revision_beside_this_one() -> None:
+    from bench import report
+
+    def doc(name: str, results: dict, **extra: object) -> dict:
+        return {"benchmark": name, "run_id": "r", "machine": {}, "results": results, **extra}
+
+    after = {
+        "daemon": doc("daemon", {"streams": {"1": {"sustained_rate": 3000.0}}}),
+        "cpu": doc("cpu", {"streams": {"1": {"1000": {"daemon": {"cpu_s_per_1k": 0.5}}}}}),
+    }
+    before = {
+        "daemon": doc("daemon", {"streams": {"1": {"sustained_rate": 1500.0}}}, against="abc123"),
+        "cpu": doc("cpu", {"streams": {"1": {"1000": {"daemon": {"cpu_s_per_1k": 0.8}}}}}, against="abc123"),
+    }
+    lines = report._before_after(after, before)
+    assert lines[0] == "## Before and after the optimisation (revision abc123 → this one)"
+    assert "| daemon sustained readings/s | 1 stream | 1,500 | 3,000 | +100 % |" in lines
+    assert "| daemon CPU s per 1k readings at 1,000/s | 1 stream | 0.800 | 0.500 | -38 % |" in lines
+    assert report._before_after(after, {}) == []
