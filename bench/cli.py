@@ -90,8 +90,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="build the missing quantization-mode models with the converter (needs TensorFlow)",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a configuration setting of the daemon under test, e.g. engine.max_wait_ms=2 (TOML value; repeatable)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    try:
+        args.settings = _settings(args.set)
+    except ValueError as e:
+        p.error(str(e))
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
     args.protocol = MqttProtocol(args.protocol)
@@ -101,13 +112,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _settings(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["engine.max_wait_ms=2", ...]`` -> ``{"engine": {"max_wait_ms": 2}}`` (values read as TOML)."""
+    import tomllib
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name:
+            raise ValueError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()  # a bare word: a string
+        out.setdefault(section, {})[name] = value
+    return out
+
+
 class Session:
     """One run: a broker shared by every MQTT benchmark, and the daemon kept up between them."""
 
-    def __init__(self, workdir: Path, qos: int, protocol: MqttProtocol = MqttProtocol.V5) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        qos: int,
+        protocol: MqttProtocol = MqttProtocol.V5,
+        settings: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.qos = qos
         self.protocol = protocol
+        self.settings = settings or {}
         self._broker: Any = None
         self._daemon: systems.Daemon | None = None
         self.series: dict[str, int] = {}  # message counters of every load series in this run
@@ -121,7 +157,9 @@ class Session:
 
     def daemon(self) -> systems.Daemon:
         if self._daemon is None:
-            self._daemon = systems.Daemon(self.broker, self.workdir / "daemon", self.qos, protocol=self.protocol)
+            self._daemon = systems.Daemon(
+                self.broker, self.workdir / "daemon", self.qos, protocol=self.protocol, settings=self.settings
+            )
         return self._daemon
 
     def ceiling(self) -> systems.Ceiling:
@@ -150,9 +188,11 @@ class Session:
 
 
 @contextlib.contextmanager
-def session(qos: int, protocol: MqttProtocol = MqttProtocol.V5) -> Iterator[Session]:
+def session(
+    qos: int, protocol: MqttProtocol = MqttProtocol.V5, settings: dict[str, dict[str, Any]] | None = None
+) -> Iterator[Session]:
     workdir = Path(tempfile.mkdtemp(prefix="edge-lstm-bench-"))
-    s = Session(workdir, qos, protocol)
+    s = Session(workdir, qos, protocol, settings)
     try:
         yield s
     finally:
@@ -188,13 +228,14 @@ def main(argv: list[str] | None = None) -> int:
         "qos": args.qos,
         "protocol": args.protocol.value,
         "repeat": args.repeat,
+        "daemon_settings": args.settings,
         "machine": machine.details(find_mosquitto()),
     }
     t_start = time.monotonic()
     from bench import footprint, modelcost, throughput
 
     streams = throughput.QUICK_STREAMS if args.quick else throughput.STREAMS
-    with session(args.qos, args.protocol) as s:
+    with session(args.qos, args.protocol, args.settings) as s:
         daemon_doc: dict[str, Any] | None = None
         if Bench.MODEL in names:
             res = modelcost.run(quick=args.quick, tflite=args.tflite, build_models=args.build_models)
@@ -231,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             feed = 0.5 * sustained.get(10_000, 4000.0)  # new streams cost more than known ones
             res = footprint.run(s.broker, s.workdir / "footprint", qos=args.qos, quick=args.quick, feed_rate=feed)
             # its daemons and loads are its own, with the default protocol: record that, not --protocol
-            results.write(out, "footprint", {**run, "protocol": MqttProtocol.V5.value}, res)
+            results.write(out, "footprint", {**run, "protocol": MqttProtocol.V5.value, "daemon_settings": {}}, res)
     _LOG.info("benchmarks done in %.0f s", time.monotonic() - t_start)
     if doc_path is not None:
         report.write(out, doc_path)

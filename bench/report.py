@@ -76,6 +76,14 @@ def _settings(docs: dict[str, dict[str, Any]]) -> list[str]:
             if n > 1
             else "one throughput search per stream count"
         )
+    changed = {
+        f"{section}.{key} = {value!r}"
+        for d in mqtt.values()
+        for section, values in (d.get("daemon_settings") or {}).items()
+        for key, value in values.items()
+    }
+    if changed:
+        parts.append("daemon configured with " + ", ".join(sorted(changed)))
     return ["Run settings: " + "; ".join(parts) + "."]
 
 

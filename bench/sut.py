@@ -138,9 +138,12 @@ class Daemon:
         protocol: MqttProtocol = MqttProtocol.V5,
         env: Mapping[str, str] | None = None,
         start: bool = True,
+        settings: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
+        """``settings``: more configuration, ``{section: {key: value}}`` (``python -m bench --set``)."""
         self.protocol = protocol
-        self.process = DaemonProcess(workdir, broker, overrides=daemon_overrides(qos, capacity, protocol), env=env)
+        overrides = daemon_overrides(qos, capacity, protocol, **(settings or {}))
+        self.process = DaemonProcess(workdir, broker, overrides=overrides, env=env)
         if start:
             self.process.start()
 
