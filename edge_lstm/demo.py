@@ -248,7 +248,6 @@ def run_demo(opts: DemoOptions, out: TextIO | None = None) -> int:
                         "input": {"topics": [TOPIC_IN], "max_clock_skew_s": 0},
                         "output": {"topic": TOPIC_OUT, "qos": 1},
                         "state": {"dir": str(workdir / "state"), "checkpoint_interval_s": 3600},
-                        "engine": {"max_wait_ms": 2.0},
                         "metrics": {"port": opts.metrics_port or free_port()},
                         "log": {"level": "warning"},
                     }

@@ -84,7 +84,6 @@ def default_config(workdir: Path, broker: Broker, *, client_id: str, metrics_por
         "input": {"topics": ["sensors/{stream}/value"], "max_clock_skew_s": 0},
         "output": {"topic": "forecasts/{stream}"},
         "state": {"dir": str(workdir / "state"), "checkpoint_interval_s": 3600},
-        "engine": {"max_wait_ms": 2},
         "metrics": {"bind": "127.0.0.1", "port": metrics_port},
         "log": {"level": "info"},
     }
