@@ -244,11 +244,12 @@ class EngineConfig:
         ),
     )
     max_wait_ms: float = dataclasses.field(
-        default=0.0,
+        default=2.0,
         metadata=_doc(
             "How long the worker may hold the oldest queued reading back (ms) while fewer than `max_batch` are "
-            "queued, to step more streams at once: fewer, larger model steps for at most this much added latency. "
-            "0 (default): run whatever is queued as soon as the worker is free (batches still grow under load)."
+            "queued, to take more readings per wake-up: fewer, larger model steps and publish bursts for at most "
+            "this much added latency (see docs/performance.md). 0: run whatever is queued as soon as the worker "
+            "is free."
         ),
     )
     queue_size: int = dataclasses.field(

@@ -19,6 +19,7 @@ import datetime as dt
 import functools
 import json
 import math
+import re
 
 from edge_lstm.engine import Forecast
 from edge_lstm.modelspec import Manifest
@@ -32,9 +33,12 @@ def _date(days: int) -> str:
     return dt.date.fromordinal(_EPOCH_ORDINAL + days).isoformat()
 
 
-@functools.lru_cache(maxsize=1 << 14)  # stream ids, model ids, units
+_NOTHING_TO_ESCAPE = re.compile(r'[^"\\\x00-\x1f]*')
+
+
 def _json_str(s: str) -> str:
-    return json.dumps(s, ensure_ascii=False)
+    """``s`` as a JSON string (UTF-8 kept); stream ids, the common case, need no escaping."""
+    return f'"{s}"' if _NOTHING_TO_ESCAPE.fullmatch(s) else json.dumps(s, ensure_ascii=False)
 
 
 def iso_utc(t: float) -> str:
@@ -49,7 +53,7 @@ def iso_utc(t: float) -> str:
     return f"{_date(days)}T{h:02d}:{m:02d}:{s:02d}Z"
 
 
-@functools.lru_cache(maxsize=1 << 15)
+@functools.lru_cache(maxsize=1 << 12)
 def _item_prefix(total_ms: int) -> str:
     """``{"ts":"<ISO>","value":`` for a step time in epoch milliseconds."""
     return f'{{"ts":"{iso_utc(total_ms / 1000.0)}","value":'
@@ -74,7 +78,7 @@ class ForecastEncoder:
         self._units = _json_str(units)
         self._value_fmt = f"%.{int(precision)}g" if precision is not None else "%r"
         self._fmt = f"{{:.{int(precision)}g}}".format if precision is not None else repr
-        self._items = functools.lru_cache(maxsize=4096)(self._make_items)
+        self._items = functools.lru_cache(maxsize=256)(self._make_items)  # reading times in use
 
     def _prefixes(self, t0: float, horizon: int) -> list[str]:
         c = self.cadence_s

@@ -19,9 +19,9 @@
 Handlers registered with :meth:`MqttLink.route` run on paho's network thread
 and must be quick (the daemon's only decodes and enqueues).  One ``on_message``
 routes every message: the first route whose filter matches the topic takes it
-(matches are remembered per topic, so the filter is evaluated once per topic,
-not per message); a message no route matches (a subscription left in the
-persistent session by an earlier configuration) is acknowledged and ignored.  Acknowledgements
+(each filter compiled once to a regular expression); a message no route
+matches (a subscription left in the persistent session by an earlier
+configuration) is acknowledged and ignored.  Acknowledgements
 are manual: a QoS 1 message is acknowledged only once its handler took it in,
 so readings that arrive while the daemon is stopping stay with the broker and
 are delivered again to the next run.
@@ -30,6 +30,7 @@ are delivered again to the next run.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import ssl
 import sys
@@ -54,7 +55,6 @@ OFFLINE = b"offline"
 SUBSCRIBE_QOS = 1
 MAX_QUEUED_PUBLISHES = 10_000  # paho's own outgoing queue while disconnected: bounded
 MAX_INFLIGHT = 64
-ROUTE_CACHE_SIZE = 100_000  # topics whose route is remembered (cleared when full: hostile topics cannot grow it)
 PUBLISH_BACKPRESSURE_S = 2.0  # longest a publish waits for room in paho's queue while connected
 REFUSAL_LOG_EVERY_S = 60.0  # a broker refusing every forecast logs once a minute, not per forecast
 
@@ -74,8 +74,7 @@ class MqttLink:
         self.status_topic = status_topic
         self._metrics = metrics
         self._subscriptions: list[str] = []
-        self._routes: list[tuple[str, MessageHandler]] = []
-        self._route_of: dict[str, MessageHandler | None] = {}
+        self._routes: list[tuple[re.Pattern[str], MessageHandler]] = []
         self._connected = threading.Event()
         self._ready = False
         self._connects = 0
@@ -122,15 +121,8 @@ class MqttLink:
 
     def route(self, topic_filter: str, handler: MessageHandler) -> None:
         """Subscribe to ``topic_filter`` (QoS 1) and pass its messages to ``handler(topic, payload)``."""
-        self._routes.append((topic_filter, handler))
-        self._route_of.clear()
+        self._routes.append((filter_pattern(topic_filter), handler))
         self._subscriptions.append(topic_filter)
-
-    def _find_route(self, topic: str) -> MessageHandler | None:
-        for topic_filter, handler in self._routes:
-            if paho.topic_matches_sub(topic_filter, topic):
-                return handler
-        return None
 
     def start(self) -> None:
         """Start connecting in the background; paho's thread keeps reconnecting until :meth:`stop`."""
@@ -313,23 +305,34 @@ class MqttLink:
         try:
             topic = msg.topic
         except UnicodeDecodeError:  # not valid UTF-8: no filter can match it
-            topic = ""
-        route_of = self._route_of
-        handler = route_of[topic] if topic in route_of else self._remember_route(topic)
-        if handler is None:
-            _LOG.debug("message on unexpected topic %r ignored", topic)
-            if msg.qos > 0:
-                client.ack(msg.mid, msg.qos)
-            return
-        if handler(topic, bytes(msg.payload)) and msg.qos > 0:
+            topic = None
+        if topic is not None:
+            for pattern, handler in self._routes:
+                if pattern.fullmatch(topic):
+                    if handler(topic, bytes(msg.payload)) and msg.qos > 0:
+                        client.ack(msg.mid, msg.qos)
+                    return
+        _LOG.debug("message on unexpected topic %r ignored", topic)
+        if msg.qos > 0:
             client.ack(msg.mid, msg.qos)
 
-    def _remember_route(self, topic: str) -> MessageHandler | None:
-        handler = self._find_route(topic) if topic else None
-        if len(self._route_of) >= ROUTE_CACHE_SIZE:
-            self._route_of.clear()
-        self._route_of[topic] = handler
-        return handler
+
+def filter_pattern(topic_filter: str) -> re.Pattern[str]:
+    """A regular expression that fully matches the topics an MQTT filter matches.
+
+    ``+`` is one level (possibly empty), a final ``#`` any number of levels
+    (``a/#`` matches ``a`` too); a filter starting with a wildcard does not
+    match topics starting with ``$`` (MQTT 3.1.1 section 4.7.2).
+    """
+    levels = topic_filter.split("/")
+    out = r"(?!\$)" if levels[0] in ("+", "#") else ""
+    for i, level in enumerate(levels):
+        sep = "/" if i else ""
+        if level == "#":
+            out += f"(?:{sep}.*)?" if i else ".*"
+            break
+        out += sep + ("[^/]*" if level == "+" else re.escape(level))
+    return re.compile(out, re.DOTALL)
 
 
 def describe_connack(reason_code: ReasonCode) -> str:

@@ -11,11 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from edge_lstm.config import MqttConfig, MqttProtocol
 from edge_lstm.metrics import Metrics
-from edge_lstm.mqtt import MqttLink
+from edge_lstm.mqtt import MqttLink, filter_pattern
 from tests.support.broker import Broker
 from tests.support.collector import Collector
 from tests.support.daemon import DaemonProcess
@@ -304,7 +306,7 @@ def test_first_matching_route_takes_a_message_and_unmatched_ones_are_acknowledge
         msg.qos, msg.payload = 1, payload
         link._on_message(client, None, msg)  # type: ignore[arg-type]
 
-    for _ in range(2):  # the second time the routes come from the per-topic memory
+    for _ in range(2):
         deliver(1, b"a/x/v", b"10")
         deliver(2, b"a/x/w", b"20")
         deliver(3, b"old/topic")  # a subscription an earlier configuration left in the session
@@ -312,3 +314,19 @@ def test_first_matching_route_takes_a_message_and_unmatched_ones_are_acknowledge
         deliver(5, b"a/\xff/v")  # not UTF-8
     assert got == [("first", "a/x/v", b"10"), ("second", "a/x/w", b"20")] * 2
     assert client.acks == [1, 2, 3, 5] * 2
+
+
+_level = st.sampled_from(["a", "b", "", "$SYS", "x y", "+", "#"])
+_topic_level = _level.filter(lambda v: v not in ("+", "#"))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_level, min_size=1, max_size=4), st.lists(_topic_level, min_size=1, max_size=5))
+def test_filter_pattern_matches_what_paho_matches(filter_levels: list[str], topic_levels: list[str]) -> None:
+    if "#" in filter_levels[:-1]:
+        filter_levels = filter_levels[: filter_levels.index("#") + 1]  # '#' only last: a valid filter
+    topic_filter, topic = "/".join(filter_levels), "/".join(topic_levels)
+    import paho.mqtt.client as paho
+
+    want = paho.topic_matches_sub(topic_filter, topic)
+    assert bool(filter_pattern(topic_filter).fullmatch(topic)) == want, (topic_filter, topic)
