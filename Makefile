@@ -39,7 +39,7 @@ lint: $(VENV)/.dev
 	$(BIN)/mypy
 
 bench: os-test $(VENV)/.dev
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench --repeat 3
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
