@@ -530,7 +530,7 @@ def _validate(c: Config) -> None:
 
     e = c.engine
     need(1 <= e.max_batch <= 65536, "engine.max_batch must be 1..65536")
-    need(e.max_wait_ms >= 0, "engine.max_wait_ms must be >= 0")
+    need(0 <= e.max_wait_ms <= 1000, "engine.max_wait_ms must be 0..1000")
     need(e.queue_size >= e.max_batch, "engine.queue_size must be >= engine.max_batch")
     need(e.drain_timeout_s >= 0, "engine.drain_timeout_s must be >= 0")
 

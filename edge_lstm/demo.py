@@ -38,6 +38,7 @@ from edge_lstm.config import ConfigError, parse_config
 from edge_lstm.modelspec import ModelError, load_manifest
 
 _LOG = logging.getLogger(__name__)
+INTERRUPT_POLL_S = 0.1  # how often the replay looks for a Ctrl-C
 
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 INSTALL_HINT = "mosquitto is not installed: sudo apt-get install mosquitto (or run `make demo`)"
@@ -176,15 +177,34 @@ class _ForecastBook:
             self.count += 1
             self.cond.notify_all()
 
-    def get(self, stream: str, ts: float, timeout: float) -> dict[str, Any] | None:
+    def get(self, stream: str, ts: float, timeout: float, interrupt: _Interrupt) -> dict[str, Any] | None:
         deadline = time.monotonic() + timeout
         with self.cond:
             while (stream, ts) not in self.by_key:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or interrupt.requested:
                     return None
-                self.cond.wait(left)
+                self.cond.wait(min(left, INTERRUPT_POLL_S))
             return self.by_key[(stream, ts)]
+
+
+class _Interrupt:
+    """The SIGINT handler during the replay: only sets a flag (a handler must not take a lock the
+    interrupted code may hold, nor raise in the middle of a library call); the replay polls it."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, _signum: int, _frame: Any) -> None:
+        self.requested = True
+
+    def sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.requested:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, INTERRUPT_POLL_S))
 
 
 def _client(name: str, port: int) -> paho.Client:
@@ -239,6 +259,7 @@ def run_demo(opts: DemoOptions, out: TextIO | None = None) -> int:
         daemon = None
         clients: list[paho.Client] = []
         stats: dict[str, _StreamStats] = {}
+        original_sigint: Any = None  # the SIGINT handler before the replay installed its own
         try:
             try:
                 cfg = parse_config(
@@ -282,12 +303,17 @@ def run_demo(opts: DemoOptions, out: TextIO | None = None) -> int:
             print(f"metrics   {url}", file=out)
             print(f"replaying {data_path.name}: {opts.streams} stream(s) at {opts.rate:g} ticks/s; Ctrl-C stops\n",
                   file=out)  # fmt: skip
-            stats = _replay(opts, pub, book, stamps, rows, col_idx, target, manifest, out)
+            interrupt = _Interrupt()
+            if threading.current_thread() is threading.main_thread():
+                original_sigint = signal.signal(signal.SIGINT, interrupt)
+            stats = _replay(opts, pub, book, stamps, rows, col_idx, target, manifest, out, interrupt)
         except KeyboardInterrupt:
             print("\ninterrupted: stopping", file=out)
         finally:
             # A second Ctrl-C must not leave the broker behind: cleanup takes a few seconds at most.
             old_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            if original_sigint is not None:
+                old_sigint = original_sigint
             for c in clients:
                 c.disconnect()
                 c.loop_stop()
@@ -315,6 +341,7 @@ def _replay(
     target: int,
     manifest: Any,
     out: TextIO,
+    interrupt: _Interrupt,
 ) -> dict[str, _StreamStats]:
     columns = list(manifest.pipeline.columns)
     n_streams = opts.streams
@@ -336,10 +363,9 @@ def _replay(
     start = time.monotonic()
     try:
         for i in range(n_ticks):
-            due = start + i / opts.rate
-            delay = due - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+            interrupt.sleep(start + i / opts.rate - time.monotonic())
+            if interrupt.requested:
+                break
             sent = []
             for k, name in enumerate(names):
                 j = i + k * STREAM_OFFSET_TICKS
@@ -351,7 +377,7 @@ def _replay(
                 stats[name].readings += 1
                 sent.append((name, stamps[j], values[target]))
             for name, ts, actual in sent:
-                fc = book.get(name, ts, timeout=max(2.0, 5.0 / opts.rate))
+                fc = book.get(name, ts, max(2.0, 5.0 / opts.rate), interrupt)
                 st = stats[name]
                 prev_fc = last_fc.get(name)
                 one_step = prev_fc[0] if prev_fc else None
@@ -369,6 +395,8 @@ def _replay(
                     flag = "  (warming up)" if fc is not None and fc.get("warming_up") else ""
                     print(f"{name:<8} {_fmt_time(ts):<15} {actual:9.0f} {fcs} {err} {ahead}{flag}", file=out)
     except KeyboardInterrupt:
+        interrupt.requested = True
+    if interrupt.requested:
         print("\ninterrupted: stopping", file=out)
     return stats
 

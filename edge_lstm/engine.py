@@ -13,8 +13,9 @@ model once for the whole batch:
 * a longer gap resets the stream's state (reason ``gap``) and the reading
   starts it afresh.
 
-A batch must hold at most one reading per stream for a single model step (the
-batcher ensures it); repeated streams are handled in successive steps.
+One model step takes at most one reading per stream; a stream repeated in a
+batch is stepped through its readings in order, in successive steps.  A batch
+of one reading takes a scalar path with the same results (``_process_one``).
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ class Engine:
     def _configure(self, m: Manifest) -> None:
         self.manifest = m
         self.max_gap_ticks = m.max_gap_ticks if self._gap_override is None else int(self._gap_override)
+        if self.max_gap_ticks < 1:
+            raise ValueError(f"max_gap_ticks must be at least 1, got {self.max_gap_ticks}")
         self._pipeline = m.pipeline
         self._cadence = m.cadence_s
         self._target = m.pipeline.target_index

@@ -24,11 +24,23 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 from prometheus_client import CollectorRegistry
+from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 NUMPY_FROM = 64  # batches at least this long are bucketed with numpy
+
+
+def _add_in_turn(total: float, values: Iterable[float]) -> float:
+    for v in values:
+        total += v
+    return total
+
+
+def _created_series() -> bool:
+    """Whether prometheus_client exports ``_created`` series (PROMETHEUS_DISABLE_CREATED_SERIES)."""
+    return bool(getattr(prometheus_metrics, "_use_created", True))
 
 
 class HistogramChild:
@@ -43,30 +55,33 @@ class HistogramChild:
         self.created = time.time()
 
     def observe(self, value: float) -> None:
-        with self._lock:
-            self._counts[bisect.bisect_left(self._bounds, value)] += 1
-            self._sum += value
+        self.observe_many((value,))
 
     def observe_many(self, values: Sequence[float]) -> None:
-        """Observe every value (one lock for all of them)."""
+        """Observe every value (one lock for all of them).
+
+        As ``prometheus_client``: the sum adds the values one after the other
+        (never raises, NaN and infinities included) and a NaN falls in no bucket.
+        """
         n = len(values)
         if n == 0:
             return
         if n >= NUMPY_FROM:
             a = np.asarray(values, dtype=np.float64)
+            a = a[~np.isnan(a)]
             found = np.bincount(np.searchsorted(self._bounds_array, a, side="left"), minlength=len(self._counts))
-            total = float(a.sum())
             with self._lock:
                 self._counts = [c + int(k) for c, k in zip(self._counts, found.tolist(), strict=True)]
-                self._sum += total
+                self._sum = _add_in_turn(self._sum, values)
             return
         where = bisect.bisect_left
         bounds = self._bounds
         with self._lock:
             counts = self._counts
             for v in values:
-                counts[where(bounds, v)] += 1
-            self._sum += math.fsum(values)
+                if v == v:  # not NaN
+                    counts[where(bounds, v)] += 1
+            self._sum = _add_in_turn(self._sum, values)
 
     def snapshot(self) -> tuple[list[int], float]:
         """Cumulative counts per bucket (last is +Inf, the total count) and the sum."""
@@ -135,6 +150,7 @@ class BatchHistogram(Collector):
         les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
         with self._lock:
             children = list(self._children.items())
+        created = _created_series()
         for key, child in children:
             labels = dict(zip(self.labelnames, key, strict=True))
             cumulative, total = child.snapshot()
@@ -142,7 +158,8 @@ class BatchHistogram(Collector):
                 family.add_sample(f"{self.name}_bucket", {**labels, "le": le}, float(count))
             family.add_sample(f"{self.name}_count", labels, float(cumulative[-1]))
             family.add_sample(f"{self.name}_sum", labels, total)
-            family.add_sample(f"{self.name}_created", labels, child.created)
+            if created:
+                family.add_sample(f"{self.name}_created", labels, child.created)
         return [family]
 
 
@@ -186,7 +203,7 @@ class RollingMeanGauge(Collector):
         with self._lock:
             items = [(k, list(w)) for k, w in self._series.items()]
         for key, values in items:
-            yield key, math.fsum(values) / len(values)
+            yield key, sum(values) / len(values)
 
     def describe(self) -> Iterable[Metric]:
         return [GaugeMetricFamily(self.name, self.documentation, labels=[self.labelname])]
