@@ -13,12 +13,15 @@ suite's summary (``docs/performance.md``) shows those figures beside today's.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from bench import results
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_NAMES = ("ceiling", "daemon", "cpu")
@@ -51,10 +54,30 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--doc", str(out / "performance.md"), *passthrough]
         env = {**os.environ, "PYTHONPATH": str(tree)}  # the old edge_lstm before the installed one
         print("running", " ".join(cmd[1:]), "against", args.rev, flush=True)
-        return subprocess.run(cmd, cwd=tree, env=env).returncode
+        rc = subprocess.run(cmd, cwd=tree, env=env).returncode
+        if rc == 0:
+            _mark(out, args.names, _short(args.rev), argv if argv is not None else sys.argv[1:])
+        return rc
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _short(rev: str) -> str:
+    proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], capture_output=True, text=True)
+    return proc.stdout.strip() or rev
+
+
+def _mark(out: Path, names: list[str], rev: str, argv: list[str]) -> None:
+    """Record in each result file which revision was measured, and the command that did it."""
+    for name in names:
+        path = out / f"{name}.json"
+        if not path.exists():
+            continue
+        doc = json.loads(path.read_text())
+        doc["against"] = rev
+        doc["command"] = results.portable("python -m bench.against " + " ".join(argv))
+        path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 if __name__ == "__main__":

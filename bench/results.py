@@ -19,7 +19,7 @@ _LOG = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _portable(text: str) -> str:
+def portable(text: str) -> str:
     """Paths inside the checkout relative to it, temporary paths as ``$TMPDIR``: results travel between machines."""
     text = text.replace(str(REPO) + "/", "").replace(str(REPO), ".")
     return text.replace(tempfile.gettempdir().rstrip("/") + "/", "$TMPDIR/")
@@ -28,7 +28,7 @@ def _portable(text: str) -> str:
 def _clean(value: Any) -> Any:
     """JSON-safe copy: NaN/inf become None, numpy scalars plain numbers, tuples lists, paths portable."""
     if isinstance(value, str):
-        return _portable(value)
+        return portable(value)
     if isinstance(value, dict):
         return {str(k): _clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
