@@ -174,7 +174,9 @@ class Engine:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _step(self, rows: IntArray, x: npt.NDArray[np.float32], result: BatchResult) -> npt.NDArray[np.float32]:
+    def _step(
+        self, rows: IntArray | slice, x: npt.NDArray[np.float32], result: BatchResult
+    ) -> npt.NDArray[np.float32]:
         t = self.table
         state = t.gather(rows)
         t0 = self._clock()
@@ -228,13 +230,7 @@ class Engine:
             self._fill_gaps(rows, np.array([n_ticks - 1]), v, np.array([ts]), np.array([last]), result)
 
         x = self._pipeline.encode_row(values, t.prev[row].tolist(), ts)
-        state = t.state
-        t0 = self._clock()
-        y, new_state = self.model.step(x, [a[row : row + 1] for a in state])
-        result.inference_seconds += self._clock() - t0
-        result.model_steps += 1
-        for a, s in zip(state, new_state, strict=True):
-            a[row] = s[0]
+        y = self._step(slice(row, row + 1), x, result)
         fc = self._pipeline.decode(y, [actual])[0]
         t.prev[row] = values
         t.last_ts[row] = ts

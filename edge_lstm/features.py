@@ -157,7 +157,7 @@ def calendar_features(
     """Calendar features of epoch-second timestamps, shape ``[N, len(kinds)]``."""
     t = np.asarray(timestamps, dtype=np.float64) + utc_offset_s
     out = np.empty((t.shape[0], len(kinds)), dtype=np.float64)
-    _calendar_into(out, list(range(len(kinds))), kinds, t)
+    _calendar_into(out, list(range(len(kinds))), _calendar_source(kinds), t)
     return out
 
 
@@ -173,16 +173,21 @@ _CALENDAR_SOURCE = {
 }
 
 
-def _calendar_into(out: FloatArray, columns: Sequence[int], kinds: Sequence[FeatureKind], t: FloatArray) -> None:
-    """Write calendar features of shifted timestamps ``t`` into ``out[:, columns]``.
-
-    Both phases, and the sines and cosines, are each one array operation: a
-    small batch costs a handful of numpy calls whatever the number of features.
-    """
+def _calendar_source(kinds: Sequence[FeatureKind]) -> list[int]:
+    """Where each calendar kind is in ``[sin(day), sin(week), cos(day), cos(week)]``."""
     try:
-        source = [_CALENDAR_SOURCE[k] for k in kinds]
+        return [_CALENDAR_SOURCE[k] for k in kinds]
     except KeyError as e:
         raise ValueError(f"{e.args[0].value} is not a calendar feature") from None
+
+
+def _calendar_into(out: FloatArray, columns: Sequence[int], source: Sequence[int], t: FloatArray) -> None:
+    """Write calendar features of shifted timestamps ``t`` into ``out[:, columns]``.
+
+    ``source`` comes from :func:`_calendar_source`.  Both phases, and the sines
+    and cosines, are each one array operation: a small batch costs a handful of
+    numpy calls whatever the number of features.
+    """
     phase = 2.0 * np.pi * np.mod(t[:, None] - _PHASE_SHIFT, _PHASE_PERIOD) / _PHASE_PERIOD
     out[:, columns] = np.concatenate([np.sin(phase), np.cos(phase)], axis=1)[:, source]
 
@@ -192,7 +197,7 @@ class _EncodePlan:
     """Index arrays that let :meth:`FeaturePipeline.encode` fill each kind of feature in one operation."""
 
     calendar_columns: list[int]
-    calendar_kinds: tuple[FeatureKind, ...]
+    calendar_source: list[int]  # see _calendar_source
     diff_x: npt.NDArray[np.intp]  # columns of x
     diff_v: npt.NDArray[np.intp]  # their value columns
     diff_scale: FloatArray
@@ -252,7 +257,7 @@ class FeaturePipeline:
         x = np.empty((v.shape[0], self.n_features), dtype=np.float64)
         if plan.calendar_columns:
             t = np.asarray(timestamps, dtype=np.float64) + self.utc_offset_s
-            _calendar_into(x, plan.calendar_columns, plan.calendar_kinds, t)
+            _calendar_into(x, plan.calendar_columns, plan.calendar_source, t)
         if len(plan.diff_x):
             d = (v[:, plan.diff_v] - p[:, plan.diff_v]) / plan.diff_scale
             x[:, plan.diff_x] = np.where(np.isnan(d), 0.0, d)
@@ -276,8 +281,8 @@ class FeaturePipeline:
             week = 2.0 * math.pi * ((t - _EPOCH_WEEKDAY_SHIFT) % WEEK_SECONDS) / WEEK_SECONDS
             phase = np.array([day, week])
             waves = [*np.sin(phase).tolist(), *np.cos(phase).tolist()]
-            for j, kind in zip(plan.calendar_columns, plan.calendar_kinds, strict=True):
-                x[j] = waves[_CALENDAR_SOURCE[kind]]
+            for j, k in zip(plan.calendar_columns, plan.calendar_source, strict=True):
+                x[j] = waves[k]
         for j, c, scale in plan.diff_rows:
             d = (values[c] - previous[c]) / scale
             x[j] = 0.0 if math.isnan(d) else d
@@ -300,7 +305,7 @@ class FeaturePipeline:
 
         return _EncodePlan(
             calendar_columns=[j for j, _ in cal],
-            calendar_kinds=tuple(k for _, k in cal),
+            calendar_source=_calendar_source([k for _, k in cal]),
             diff_x=idx([j for j, _ in diff]),
             diff_v=idx([col(f) for _, f in diff]),
             diff_scale=np.asarray([f.scale for _, f in diff], dtype=np.float64),

@@ -77,7 +77,6 @@ class ForecastEncoder:
         self.cadence_s = float(cadence_s)
         self._units = _json_str(units)
         self._value_fmt = f"%.{int(precision)}g" if precision is not None else "%r"
-        self._fmt = f"{{:.{int(precision)}g}}".format if precision is not None else repr
         self._items = functools.lru_cache(maxsize=256)(self._make_items)  # reading times in use
 
     def _prefixes(self, t0: float, horizon: int) -> list[str]:
@@ -102,8 +101,8 @@ class ForecastEncoder:
         if math.isfinite(sum(values)):  # the sum of finite values is finite, unless it overflows
             items = template % tuple(values)
         else:
-            fmt = self._fmt
-            texts = [fmt(v) if math.isfinite(v) else "null" for v in values]
+            fmt = self._value_fmt
+            texts = [fmt % v if math.isfinite(v) else "null" for v in values]
             items = "},".join([p + v for p, v in zip(prefixes, texts, strict=True)])
         return (
             f'{{"stream":{_json_str(f.stream)},"model":{_json_str(f.model_id)},{head},'

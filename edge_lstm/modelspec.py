@@ -132,6 +132,9 @@ class Manifest:
             sha = str(d["sha256"])
             if len(sha) != 64:
                 raise ValueError("'sha256' must be 64 hex digits")
+            max_gap = int(d.get("max_gap_ticks", 4))
+            if max_gap < 1:
+                raise ValueError(f"'max_gap_ticks' must be at least 1, got {max_gap}")
             return cls(
                 name=str(d["name"]),
                 sha256=sha.lower(),
@@ -142,7 +145,7 @@ class Manifest:
                 target_units=str(d.get("target_units", "")),
                 model_file=str(d.get("model_file", MODEL_NAME)),
                 warmup_ticks=int(d.get("warmup_ticks", 0)),
-                max_gap_ticks=_at_least_one("max_gap_ticks", int(d.get("max_gap_ticks", 4))),
+                max_gap_ticks=max_gap,
                 extra={k: v for k, v in d.items() if k not in known},
             )
         except KeyError as e:
@@ -181,12 +184,6 @@ def load_manifest(path: Path | str) -> Manifest:
     if not isinstance(raw, dict):
         raise ModelError(f"model manifest {p} must hold a JSON object")
     return Manifest.from_dict(raw)
-
-
-def _at_least_one(name: str, value: int) -> int:
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
-    return value
 
 
 def load_model(path: Path | str) -> ModelBundle:

@@ -212,11 +212,12 @@ class StateTable:
 
     # -- batching -------------------------------------------------------------------------------
 
-    def gather(self, rows: IntArray) -> list[F32]:
-        """Copies of the state arrays for ``rows``, in ``[h_0, c_0, ...]`` order."""
+    def gather(self, rows: IntArray | slice) -> list[F32]:
+        """The state arrays for ``rows``, in ``[h_0, c_0, ...]`` order: copies for an index array,
+        views for a slice (cheaper for one row; the model step copies its inputs)."""
         return [a[rows] for a in self.state]
 
-    def scatter(self, rows: IntArray, state: Sequence[npt.NDArray[np.float32]]) -> None:
+    def scatter(self, rows: IntArray | slice, state: Sequence[npt.NDArray[np.float32]]) -> None:
         """Write new state arrays for ``rows``."""
         for a, s in zip(self.state, state, strict=True):
             a[rows] = s
