@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from edge_lstm.config import MqttConfig, MqttProtocol
 from edge_lstm.metrics import Metrics
 from edge_lstm.mqtt import MqttLink, filter_pattern
-from tests.support.broker import Broker
+from tests.support.broker import Broker, password_acl_listener
 from tests.support.collector import Collector
 from tests.support.daemon import DaemonProcess
 
@@ -134,20 +134,7 @@ def test_status_online_when_ready_and_offline_on_stop(broker: Broker) -> None:
 
 @pytest.fixture
 def password_broker(broker_factory: Callable[..., Broker], tmp_path: Path) -> Broker:
-    pwfile = tmp_path / "passwd"
-    pwfile.write_text("")
-    subprocess.run(["mosquitto_passwd", "-b", str(pwfile), "edge", "right-pw"], check=True)
-    subprocess.run(["mosquitto_passwd", "-b", str(pwfile), "sensor", "sensor-pw"], check=True)
-    pwfile.chmod(0o600)
-    acl = tmp_path / "acl"
-    acl.write_text(
-        "user edge\ntopic read sensors/#\ntopic write forecasts/#\ntopic readwrite edge-lstm/#\n"
-        "user sensor\ntopic write sensors/#\ntopic read forecasts/#\n"
-    )
-    acl.chmod(0o600)
-    return broker_factory(
-        listener_config=f"listener {{port}} 127.0.0.1\nallow_anonymous false\npassword_file {pwfile}\nacl_file {acl}",
-    ).start()
+    return broker_factory(listener_config=password_acl_listener(tmp_path, "right-pw")).start()
 
 
 def test_bad_password_is_reported_clearly_and_never_logged(

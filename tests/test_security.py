@@ -18,7 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_lstm import checkpoint as ckpt
 from edge_lstm.config import Config
 from edge_lstm.payload import sanitise_stream_id
-from tests.support.broker import Broker
+from tests.support.broker import Broker, password_acl_listener
 from tests.support.collector import Collector
 from tests.support.daemon import TAYLOR_MODEL, DaemonProcess, to_toml
 from tests.support.faults import record, reliability_report  # noqa: F401
@@ -103,20 +103,7 @@ def test_tls_client_certificate_works_and_bad_certificates_fail_clearly(
 
 @pytest.fixture
 def acl_broker(broker_factory: Callable[..., Broker], tmp_path: Path) -> Broker:
-    pwfile = tmp_path / "passwd"
-    pwfile.write_text("")
-    subprocess.run(["mosquitto_passwd", "-b", str(pwfile), "edge", PASSWORD], check=True)
-    subprocess.run(["mosquitto_passwd", "-b", str(pwfile), "sensor", "sensor-pw"], check=True)
-    pwfile.chmod(0o600)
-    acl = tmp_path / "acl"
-    acl.write_text(
-        "user edge\ntopic read sensors/#\ntopic write forecasts/#\ntopic readwrite edge-lstm/#\n"
-        "user sensor\ntopic write sensors/#\ntopic read forecasts/#\n"
-    )
-    acl.chmod(0o600)
-    return broker_factory(
-        listener_config=f"listener {{port}} 127.0.0.1\nallow_anonymous false\npassword_file {pwfile}\nacl_file {acl}",
-    ).start()
+    return broker_factory(listener_config=password_acl_listener(tmp_path, PASSWORD)).start()
 
 
 def _sensor_pub(broker: Broker, topic: str, payload: str) -> None:

@@ -154,3 +154,27 @@ class Broker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+SENSOR_PASSWORD = "sensor-pw"
+
+
+def password_acl_listener(directory: Path, edge_password: str) -> str:
+    """``listener_config`` for a broker with a password file and an ACL, written into ``directory``.
+
+    User ``edge`` (the daemon, password ``edge_password``) reads ``sensors/#``, writes
+    ``forecasts/#`` and owns ``edge-lstm/#``; user ``sensor`` (``SENSOR_PASSWORD``) writes
+    ``sensors/#`` and reads ``forecasts/#``; anonymous clients are refused.
+    """
+    pwfile = directory / "passwd"
+    pwfile.write_text("")
+    subprocess.run(["mosquitto_passwd", "-b", str(pwfile), "edge", edge_password], check=True)
+    subprocess.run(["mosquitto_passwd", "-b", str(pwfile), "sensor", SENSOR_PASSWORD], check=True)
+    pwfile.chmod(0o600)
+    acl = directory / "acl"
+    acl.write_text(
+        "user edge\ntopic read sensors/#\ntopic write forecasts/#\ntopic readwrite edge-lstm/#\n"
+        "user sensor\ntopic write sensors/#\ntopic read forecasts/#\n"
+    )
+    acl.chmod(0o600)
+    return f"listener {{port}} 127.0.0.1\nallow_anonymous false\npassword_file {pwfile}\nacl_file {acl}"
