@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chronological fractions for training and validation; the rest is the hold-out")  # fmt: skip
     t.add_argument("--modes", type=_modes, default=tuple(Quantization), metavar="LIST",
                    help="modes to export and score in the report: all (default), none or a list")  # fmt: skip
+    t.add_argument("--folds", type=int, default=3,
+                   help="rolling-origin validation folds before the hold-out (default 3)")  # fmt: skip
+    t.add_argument("--candidates", type=int, default=2,
+                   help="seeds trained on every fold; the best on validation ships (default 2)")  # fmt: skip
+    t.add_argument("--no-seasonal-blend", action="store_true",
+                   help="shrink towards persistence only, never towards seasonal naive")  # fmt: skip
+    t.add_argument("--no-baselines", action="store_true", help="skip the SARIMA and ETS baselines")
     t.add_argument("--no-plot", action="store_true", help="skip forecast.png")
     t.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
 
@@ -160,6 +167,10 @@ def _train(args: argparse.Namespace) -> int:
         split=_split(args.split),
         modes=args.modes,
         plot=not args.no_plot,
+        folds=args.folds,
+        candidates=args.candidates,
+        seasonal_blend=not args.no_seasonal_blend,
+        baselines=not args.no_baselines,
     )
     result = train(cfg)
     if args.json:
