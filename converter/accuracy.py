@@ -56,7 +56,7 @@ class Series:
 SERIES: tuple[Series, ...] = (
     Series("taylor", "taylor.csv", "timestamp", "demand_mw", 16,
            "electricity demand, 30 min, 4032 ticks: daily and weekly seasons",
-           ("--units", "64", "--epochs", "200", "--patience", "15")),
+           ("--units", "64", "--epochs", "100", "--patience", "10", "--candidates", "1")),
     Series("msft", "msft.csv", "date", "close", 5,
            "stock price, daily, 1980 trading days: trend, weekend gaps", ("--units", "32")),
     Series("co2", "co2.csv", "date", "co2_ppm", 4,
@@ -65,7 +65,7 @@ SERIES: tuple[Series, ...] = (
            "pipeline flow sensor, hourly, 1268 readings: daily season, gaps up to 32 h",
            ("--units", "32")),
     Series("seattle_temps", "seattle_temps.csv", "timestamp", "temp_f", 6,
-           "air temperature sensor, hourly, 4416 ticks (Jul-Dec 2010): daily season, autumn trend",
+           "air temperature sensor, hourly, 1464 ticks (Nov-Dec 2010): daily season, weather swings",
            ("--units", "32")),
     Series("occupancy", "occupancy.csv", "timestamp", "temperature_c", 4,
            "office temperature sensor, 16 min, 509 ticks: daily season, occupancy changes",
@@ -186,16 +186,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma-separated series names to retrain (default: all)")
     p.add_argument("--json", type=Path, default=ACCURACY_JSON)
     p.add_argument("--md", type=Path, default=ACCURACY_MD)
+    p.add_argument("--add", type=Path, action="append", default=[],
+                   help="merge the results in this JSON file (from another run) and rewrite the table")  # fmt: skip
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     only = {s for s in args.only.split(",") if s}
     unknown = only - {s.name for s in SERIES}
     if unknown:
         p.error(f"unknown series: {sorted(unknown)}")
-    results: dict[str, Any] = json.loads(args.json.read_text()) if only and args.json.exists() else {}
+    keep = only or args.add
+    results: dict[str, Any] = json.loads(args.json.read_text()) if keep and args.json.exists() else {}
+    for extra in args.add:
+        results.update(json.loads(extra.read_text()))
     with tempfile.TemporaryDirectory() as tmp:
         for s in SERIES:
-            if only and s.name not in only:
+            if (only and s.name not in only) or (args.add and not only):
                 continue
             _LOG.info("training %s", s.name)
             results[s.name] = train_one(s, Path(tmp))

@@ -123,6 +123,11 @@ class Engine:
             )
 
     def _configure(self, m: Manifest) -> None:
+        if m.pipeline.output.history_ticks:
+            raise ValueError(
+                f"model {m.model_id} blends in seasonal naive, which needs {m.pipeline.output.history_ticks} ticks of "
+                "history per stream that this daemon does not keep yet: retrain with --no-seasonal-blend"
+            )
         self.manifest = m
         self.max_gap_ticks = m.max_gap_ticks if self._gap_override is None else int(self._gap_override)
         if self.max_gap_ticks < 1:

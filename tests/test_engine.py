@@ -382,3 +382,14 @@ def test_batched_equals_sequential_with_the_bundled_model() -> None:
         one = fresh()
         want = [one.process([reading(s, k)]).forecasts[0].values for k in range(60) if k % 10 != 3]
         np.testing.assert_allclose(np.array(got[s]), np.array(want), rtol=1e-4, atol=0.5)  # MW
+
+
+def test_a_model_that_blends_in_seasonal_naive_is_refused_until_the_engine_keeps_history() -> None:
+    m = make_manifest()
+    out = dataclasses.replace(m.pipeline.output, season_ticks=24, seasonal_weights=(0.0, 0.5, 1.0))
+    blended = dataclasses.replace(m, pipeline=dataclasses.replace(m.pipeline, output=out))
+    with pytest.raises(ValueError, match="--no-seasonal-blend"):
+        engine_for(NumpyModel(blended))
+    # Weights that are all zero need no history: such a model is served as before.
+    flat = dataclasses.replace(m.pipeline.output, season_ticks=24, seasonal_weights=(0.0, 0.0, 0.0))
+    engine_for(NumpyModel(dataclasses.replace(m, pipeline=dataclasses.replace(m.pipeline, output=flat))))
