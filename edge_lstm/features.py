@@ -415,6 +415,30 @@ def seasonal_naive(target: npt.ArrayLike, season: int, horizon: int) -> FloatArr
     return np.where(idx >= 0, tgt[np.maximum(idx, 0)], np.nan)
 
 
+def record_history(history: FloatArray, rows: npt.ArrayLike, tick_index: npt.ArrayLike, target: npt.ArrayLike) -> None:
+    """Store the target of tick ``tick_index`` (0 = a stream's first tick) in its row's ring of one season.
+
+    ``history`` is ``[rows, m]``; column ``i % m`` holds tick ``i``, so the ring always holds
+    the last ``m`` ticks, all that :func:`seasonal_from_history` needs.
+    """
+    m = history.shape[1]
+    history[np.asarray(rows, np.intp), np.asarray(tick_index, np.int64) % m] = target
+
+
+def seasonal_from_history(
+    history: FloatArray, rows: npt.ArrayLike, tick_index: npt.ArrayLike, horizon: int
+) -> FloatArray:
+    """Seasonal-naive forecasts ``[B, K]`` at origin ticks ``tick_index`` from the rings of ``rows``.
+
+    The same numbers as :func:`seasonal_naive` on the stream's whole history: NaN where the
+    reading one season before the forecast tick precedes the stream's first tick.
+    """
+    m = history.shape[1]
+    idx = np.asarray(tick_index, np.int64)[:, None] - seasonal_lags(m, horizon)[None, :]
+    vals = history[np.asarray(rows, np.intp)[:, None], idx % m]
+    return np.where(idx >= 0, vals, np.nan)
+
+
 def ticks_between(t_prev: float, t_now: float, cadence_s: float) -> int:
     """Whole ticks from ``t_prev`` to ``t_now`` (at least 1 when ``t_now > t_prev``).
 

@@ -112,3 +112,19 @@ def test_out_of_sample_pools_folds_per_horizon() -> None:
     b = OutOfSample([np.ones(3)] * 2, [np.ones(3)] * 2, [np.zeros(3)] * 2, [np.ones(3)] * 2)
     pooled = OutOfSample.concat([a, b])
     assert pooled.counts == [5, 5] and pooled.horizon == 2
+
+
+def test_a_ring_of_one_season_gives_the_same_seasonal_naive_as_the_whole_history() -> None:
+    from edge_lstm.features import record_history, seasonal_from_history
+
+    rng = np.random.default_rng(3)
+    for season, horizon in ((1, 3), (4, 9), (24, 6), (7, 7)):
+        streams = [rng.normal(size=int(n)) for n in rng.integers(1, 60, size=3)]
+        ring = np.full((3, season), np.nan)
+        for i in range(max(len(s) for s in streams)):
+            rows = np.array([r for r, s in enumerate(streams) if i < len(s)])
+            record_history(ring, rows, np.full(rows.size, i), [streams[r][i] for r in rows])
+            got = seasonal_from_history(ring, rows, np.full(rows.size, i), horizon)
+            for j, r in enumerate(rows):
+                want = seasonal_naive(streams[r][: i + 1], season, horizon)[i]
+                np.testing.assert_array_equal(got[j], want)
