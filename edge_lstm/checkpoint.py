@@ -157,6 +157,7 @@ def save_checkpoint(
     data = encode_checkpoint(arrays, fingerprint)
     d = Path(directory)
     final = d / CHECKPOINT_NAME
+    d.mkdir(parents=True, exist_ok=True)  # removed while running: recreate it rather than fail every time
     _remove_stale_temps(d)
     tmp = d / f"{_TMP_PREFIX}{os.getpid()}"
     try:
