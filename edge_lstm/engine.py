@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from edge_lstm.intervals import anomaly_scores
 from edge_lstm.modelspec import Manifest
 from edge_lstm.outcomes import Outcome
 from edge_lstm.payload import Reading
@@ -48,6 +49,9 @@ class Forecast:
     warming_up: bool
     received: float  # time.monotonic() when the reading that closed the tick arrived
     model_id: str
+    # How far the tick's value lay outside the previous tick's 1-step interval, in interval widths (0: inside);
+    # None when it was not checked (no intervals, no on-time forecast to check against).
+    anomaly_score: float | None = None
 
 
 @dataclasses.dataclass
@@ -63,6 +67,8 @@ class BatchResult:
     batch_size: int  # closed ticks that went through the model (filled ticks not counted)
     model_steps: int = 0  # model invocations (1 per batch unless gaps were filled or a stream closed several)
     step_sizes: list[int] = dataclasses.field(default_factory=list)  # closed ticks per model step (not filled)
+    anomaly_checks: int = 0  # closed ticks checked against the previous tick's 1-step interval
+    anomalies: Counter[str] = dataclasses.field(default_factory=Counter)  # outside it: "high" / "low"
 
 
 def _empty_result() -> BatchResult:
@@ -114,6 +120,7 @@ class Engine:
         self._target = m.pipeline.target_index
         self._warmup = m.warmup_ticks
         self._model_id = m.model_id
+        self._check = m.intervals.check_offsets if m.intervals is not None else None
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -245,16 +252,30 @@ class Engine:
         # (pending_value is NaN after a filled tick, a reset, for a new stream and while warming up).
         pending = t.pending_value[obs_rows]
         scored = np.flatnonzero(~np.isnan(pending))
+        scores: list[float | None] = [None] * len(observed)
         if len(scored):
             errs = np.abs(pending[scored] - actual[scored]).tolist()
             result.abs_errors.extend(zip([streams[observed[i]] for i in scored.tolist()], errs, strict=True))
+            if self._check is not None:
+                p, a = pending[scored], actual[scored]
+                upper = p + self._check[1]
+                sc = anomaly_scores(a, p + self._check[0], upper)
+                for i, v in zip(scored.tolist(), sc.tolist(), strict=True):
+                    scores[i] = v
+                out = sc > 0
+                result.anomaly_checks += len(scored)
+                high = int((out & (a > upper)).sum())
+                if high:
+                    result.anomalies["high"] += high
+                if int(out.sum()) - high:
+                    result.anomalies["low"] += int(out.sum()) - high
         warming = t.ticks[obs_rows] < self._warmup
         t.pending_value[obs_rows] = np.where(warming, np.nan, fc[:, 0])
         t.pending_ts[obs_rows] = np.array([ticks[i][0].ts for i in observed]) + self._cadence
         model_id = self._model_id
         warm_list = warming.tolist()
         result.forecasts.extend(
-            Forecast(streams[i], ticks[i][0].ts, fc[k], warm_list[k], ticks[i][1], model_id)
+            Forecast(streams[i], ticks[i][0].ts, fc[k], warm_list[k], ticks[i][1], model_id, scores[k])
             for k, i in enumerate(observed)
         )
         result.batch_size += len(observed)

@@ -51,6 +51,7 @@ STREAM_ERROR_WINDOW = 32  # readings in the rolling mean of edge_lstm_stream_abs
 RESET_REASONS = ("gap", "model_change")
 RESTORE_RESULTS = ("restored", "cold", "rejected")
 RELOAD_RESULTS = ("ok", "failed")
+ANOMALY_DIRECTIONS = ("high", "low")
 
 
 class Metrics:
@@ -107,6 +108,22 @@ class Metrics:
         )
         for reason in RESET_REASONS:
             self.state_resets.labels(reason)
+        # Readings checked against the previous tick's 1-step interval (models with intervals), and those
+        # outside it: the anomaly rate is the ratio of their rates.
+        self.anomaly_checks = Counter(
+            "anomaly_checks",
+            "Readings checked against the previous tick's 1-step prediction interval (widest level)",
+            namespace=ns,
+            registry=r,
+        )
+        self.anomalies = Counter(
+            "anomalies",
+            "Readings outside the previous tick's 1-step prediction interval, above (high) or below (low) it",
+            ["direction"],
+            namespace=ns,
+            registry=r,
+        )
+        self._anomaly_children = {d: self.anomalies.labels(d) for d in ANOMALY_DIRECTIONS}
         self.forecast_abs_error = BatchHistogram(
             "forecast_abs_error",
             "Absolute 1-step forecast error in the target's units",
@@ -203,6 +220,10 @@ class Metrics:
             self.abs_errors(self._model_id, result.abs_errors)
         if result.evictions:
             self.evictions.inc(result.evictions)
+        if result.anomaly_checks:
+            self.anomaly_checks.inc(result.anomaly_checks)
+            for direction, n in result.anomalies.items():
+                self._anomaly_children[direction].inc(n)
         self.inference.observe(result.inference_seconds)
         self.batch_size.observe_many(result.step_sizes)
         self.streams_active.set(streams_active)
