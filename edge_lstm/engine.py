@@ -257,14 +257,14 @@ class Engine:
             errs = np.abs(pending[scored] - actual[scored]).tolist()
             result.abs_errors.extend(zip([streams[observed[i]] for i in scored.tolist()], errs, strict=True))
             if self._check is not None:
-                p, a = pending[scored], actual[scored]
-                upper = p + self._check[1]
-                sc = anomaly_scores(a, p + self._check[0], upper)
+                pv, av = pending[scored], actual[scored]
+                upper = pv + self._check[1]
+                sc = anomaly_scores(av, pv + self._check[0], upper)
                 for i, v in zip(scored.tolist(), sc.tolist(), strict=True):
                     scores[i] = v
                 out = sc > 0
                 result.anomaly_checks += len(scored)
-                high = int((out & (a > upper)).sum())
+                high = int((out & (av > upper)).sum())
                 if high:
                     result.anomalies["high"] += high
                 if int(out.sum()) - high:
