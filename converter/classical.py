@@ -9,9 +9,10 @@ hold-out pairs as the model:
   season ``m`` (``statsmodels.tsa.statespace.exponential_smoothing``).
 
 Parameters are fitted by maximum likelihood on the ticks before the hold-out
-(the most recent ``FIT_TICKS`` of them, which keeps a fit with a long season to
-seconds), then the Kalman filter runs over the hold-out with those parameters
-fixed: each forecast ``k`` ticks ahead is made from the state filtered up to
+(the most recent ``FIT_TICKS`` of them, after the last missing tick when that
+leaves four seasons, with SARIMA's differencing done up front: that keeps a fit
+with a long season to seconds), then the Kalman filter runs over the hold-out
+with those parameters fixed: each forecast ``k`` ticks ahead is made from the state filtered up to
 its origin, with no refit.  Interpolated ticks are fed as the network sees
 them; the ticks between segments (a long gap) are missing values.
 
@@ -36,7 +37,7 @@ _LOG = logging.getLogger(__name__)
 
 F64 = npt.NDArray[np.float64]
 
-FIT_TICKS = 1500  # most recent pre-hold-out ticks the parameters are fitted on
+FIT_TICKS = 1000  # most recent pre-hold-out ticks the parameters are fitted on
 MAX_GAP_FILL = 1000  # a gap between segments enters as at most this many missing ticks
 CLASSICAL = ("sarima", "ets")
 
@@ -78,25 +79,40 @@ def _timeline(encoded: Sequence[EncodedSegment], cadence_s: float) -> _Series:
     return _Series(y=y, seg_start=starts, holdout_start=holdout if holdout >= 0 else y.shape[0])
 
 
-def _models(season: int, n_fit: int) -> dict[str, Callable[[F64], Any]]:
+def _models(season: int, n_fit: int) -> dict[str, Callable[..., Any]]:
     from statsmodels.tsa.statespace.exponential_smoothing import ExponentialSmoothing
     from statsmodels.tsa.statespace.sarimax import SARIMAX
 
     seasonal = season > 1 and n_fit >= 3 * season
 
-    def sarima(y: F64) -> Any:
+    def sarima(y: F64, fitting: bool = False) -> Any:
+        # Fitting on the differenced series halves the state (same parameters, much faster).
         if seasonal:
-            return SARIMAX(y, order=(1, 1, 1), seasonal_order=(0, 1, 1, season))
-        return SARIMAX(y, order=(1, 1, 1))
+            return SARIMAX(y, order=(1, 1, 1), seasonal_order=(0, 1, 1, season), simple_differencing=fitting)
+        return SARIMAX(y, order=(1, 1, 1), simple_differencing=fitting)
 
-    def ets(y: F64) -> Any:
+    def ets(y: F64, fitting: bool = False) -> Any:
         return ExponentialSmoothing(y, trend=True, damped_trend=True, seasonal=season if seasonal else None)
 
     return {"sarima": sarima, "ets": ets}
 
 
+def _keep_filtered_mean_only() -> int:
+    """Kalman filter memory flags: store the filtered state means, none of the covariance matrices."""
+    from statsmodels.tsa.statespace import kalman_filter as kf
+
+    return (
+        kf.MEMORY_NO_FORECAST_COV | kf.MEMORY_NO_PREDICTED_COV | kf.MEMORY_NO_FILTERED_COV
+        | kf.MEMORY_NO_GAIN | kf.MEMORY_NO_SMOOTHING | kf.MEMORY_NO_STD_FORECAST
+    )  # fmt: skip
+
+
 def _fast(model: Any, y: F64) -> Any:
-    """Chandrasekhar recursions (much faster for a large state) when nothing is missing."""
+    """Chandrasekhar recursions (much faster for a large state) when nothing is missing.
+
+    Only for the differenced ARMA being fitted: with the diffuse start of the undifferenced
+    model (or ETS) they give wrong states.
+    """
     if not np.isnan(y).any():
         model.ssm.filter_chandrasekhar = True
     return model
@@ -143,6 +159,9 @@ def classical_forecasts(
         return {}
     series = _timeline(encoded, cadence_s)
     lo = max(0, series.holdout_start - FIT_TICKS)
+    gaps = np.flatnonzero(np.isnan(series.y[lo : series.holdout_start]))
+    if gaps.size and series.holdout_start - (lo + int(gaps[-1]) + 1) >= max(4 * season, 100):
+        lo += int(gaps[-1]) + 1  # a stretch without missing ticks: the fast filter applies
     fit_y = series.y[lo : series.holdout_start]
     run_y = series.y[lo:]
     out: dict[str, dict[str, Any]] = {}
@@ -151,9 +170,14 @@ def classical_forecasts(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model = _fast(make(fit_y), fit_y)
-                res = model.fit(disp=False, maxiter=200)
-                filtered = _fast(make(run_y), run_y).filter(res.params)
+                # cov_type "none": no parameter covariance (numerical derivatives: many more filter passes)
+                fitting = make(fit_y, fitting=True)
+                if name == "sarima":
+                    _fast(fitting, fit_y)
+                res = fitting.fit(disp=False, maxiter=100, cov_type="none")
+                model = make(run_y)
+                model.ssm.set_conserve_memory(_keep_filtered_mean_only())
+                filtered = model.filter(res.params, cov_type="none")
                 ahead = _ahead(filtered, horizon)
         except (ValueError, np.linalg.LinAlgError) as e:  # a model statsmodels cannot fit to this series
             _LOG.warning("%s baseline not fitted: %s", name, e)

@@ -14,11 +14,15 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from converter.errors import ConvertError
 from converter.prepare import CalendarMode, LevelMode, Split
 from edge_lstm.features import time_zone
 from edge_lstm.modelspec import Quantization
+
+if TYPE_CHECKING:
+    from converter.convert import TrainConfig
 from edge_lstm.ticks import Aggregate, Align
 
 _LOG = logging.getLogger(__name__)
@@ -213,8 +217,9 @@ def _split(text: str) -> Split:
     return Split(a, b)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from converter.convert import TrainConfig, train
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The ``TrainConfig`` of parsed ``train`` flags."""
+    from converter.convert import TrainConfig
 
     if args.timezone is not None and args.utc_offset is not None:
         raise ConvertError("give --timezone or --utc-offset, not both")
@@ -260,6 +265,13 @@ def _train(args: argparse.Namespace) -> int:
         seasonal_blend=not args.no_seasonal_blend,
         baselines=not args.no_baselines,
     )
+    return cfg
+
+
+def _train(args: argparse.Namespace) -> int:
+    from converter.convert import train
+
+    cfg = train_config(args)
     result = train(cfg)
     if args.json:
         print(json.dumps(result.report, indent=2, default=str))

@@ -251,8 +251,17 @@ def train(cfg: TrainConfig) -> TrainResult:
     return dataclasses.replace(result, out=cfg.out)
 
 
-def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> TrainResult:
-    t_start = time.monotonic()
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    grid: data_mod.GridSeries
+    season: int
+    warmup: int
+    pipeline: FeaturePipeline
+    encoded: list[EncodedSegment]
+
+
+def _prepare(cfg: TrainConfig, columns: tuple[str, ...]) -> _Prepared:
+    """The series on its tick grid, its split and network inputs, as ``train`` sees them."""
     grid = data_mod.load(
         cfg.data, cfg.time_col, columns, cfg.cadence_s, cfg.max_gap_ticks,
         aggregate=cfg.aggregate, align=cfg.align, origin_s=cfg.tick_origin_s, lateness_s=cfg.lateness_s,
@@ -266,6 +275,27 @@ def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> Train
     )  # fmt: skip
     encoded = encode(grid, pipeline, cfg.split)
     _check_length(encoded, cfg.horizon, warmup)
+    return _Prepared(grid, season, warmup, pipeline, encoded)
+
+
+def holdout_baselines(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
+    """SARIMA and ETS on the hold-out pairs ``train`` scores (MAE per horizon, spec), without any training."""
+    from converter.classical import classical_forecasts
+
+    p = _prepare(cfg, tuple(dict.fromkeys((cfg.target, *cfg.features))))
+    runs = eval_runs(p.encoded, Part.HOLDOUT, p.warmup)
+    pairs = report_mod.scored_pairs(p.encoded, runs, cfg.horizon, p.season)
+    found = classical_forecasts(p.encoded, runs, pairs.run_index, pairs.offset, p.grid.cadence_s, p.season, cfg.horizon)
+    return {
+        n: {"mae": report_mod.mae(c["forecasts"], pairs.actual), **{k: v for k, v in c.items() if k != "forecasts"}}
+        for n, c in found.items()
+    }
+
+
+def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> TrainResult:
+    t_start = time.monotonic()
+    prep = _prepare(cfg, columns)
+    grid, season, warmup, pipeline, encoded = prep.grid, prep.season, prep.warmup, prep.pipeline, prep.encoded
     n_train = sum(int((e.part == Part.TRAIN).sum()) for e in encoded)
     window = cfg.window or int(min(max(4 * warmup, 2 * cfg.horizon + warmup, 64), max(n_train, 8)))
     folds = _fold_data(grid, pipeline, cfg, encoded, window, warmup, season)
