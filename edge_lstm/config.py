@@ -56,6 +56,13 @@ class MqttProtocol(str, enum.Enum):
     V311 = "3.1.1"
 
 
+class RetainedPolicy(str, enum.Enum):
+    """What the daemon does with retained input messages (sent again on every subscribe)."""
+
+    IGNORE = "ignore"
+    PROCESS = "process"
+
+
 class LogLevel(str, enum.Enum):
     """Lowest level of log lines written to stderr."""
 
@@ -188,6 +195,14 @@ class InputConfig:
     max_abs_value: float = dataclasses.field(
         default=1e12, metadata=_doc("Values of larger magnitude are rejected (`non_finite`).")
     )
+    retained: RetainedPolicy = dataclasses.field(
+        default=RetainedPolicy.IGNORE,
+        metadata=_doc(
+            "Retained input messages (the broker sends them again on every subscribe and reconnect): "
+            '`"ignore"` counts them (`retained`) and leaves them out; `"process"` treats them as readings '
+            "(a reading with the timestamp of one already stepped is then a `duplicate`)."
+        ),
+    )
     max_clock_skew_s: float = dataclasses.field(
         default=86400.0,
         metadata=_doc(
@@ -219,6 +234,13 @@ class StateConfig:
     )
     checkpoint_interval_s: float = dataclasses.field(
         default=60.0, metadata=_doc("Seconds between checkpoints; one more is written on shutdown.")
+    )
+    journal_sync: bool = dataclasses.field(
+        default=True,
+        metadata=_doc(
+            "Sync the journal of acknowledged messages to disk (`fdatasync`) before acknowledging them: the "
+            "promise then holds across power loss; false keeps it across a killed process only."
+        ),
     )
     capacity: int = dataclasses.field(
         default=10000, metadata=_doc("Most streams kept; the least recently seen is evicted beyond this.")
@@ -253,11 +275,18 @@ class EngineConfig:
         ),
     )
     queue_size: int = dataclasses.field(
-        default=10000, metadata=_doc("Intake queue bound; when full the oldest reading is dropped (`queue_full`).")
+        default=10000,
+        metadata=_doc(
+            "Most readings queued for the model; when full, the daemon stops reading from the broker until there "
+            "is room (nothing is dropped: unacknowledged messages wait in the broker)."
+        ),
     )
     drain_timeout_s: float = dataclasses.field(
         default=10.0,
-        metadata=_doc("On shutdown, how long queued readings may still be processed; the rest count as `shutdown`."),
+        metadata=_doc(
+            "On shutdown, how long to wait for the broker to acknowledge forecasts already published; readings "
+            "not yet processed count as `shutdown` and stay unacknowledged, so the broker delivers them again."
+        ),
     )
 
 

@@ -77,9 +77,39 @@ class Metrics:
         for o in Outcome:  # export zeros, so rates and sums work from the first scrape
             self.readings.labels(o.value)
         self._outcome_children = {o: self.readings.labels(o.value) for o in Outcome}
-        self.forecasts_published = Counter("forecasts_published", "Forecasts published", namespace=ns, registry=r)
+        self.forecasts_published = Counter(
+            "forecasts_published",
+            "Forecasts the broker acknowledged (QoS 1) or that were written to the socket (QoS 0)",
+            namespace=ns,
+            registry=r,
+        )
         self.publish_failures = Counter(
-            "publish_failures", "Forecasts the MQTT client refused to publish", namespace=ns, registry=r
+            "publish_failures",
+            "Forecasts that could not be published or that the broker refused",
+            namespace=ns,
+            registry=r,
+        )
+        self.forecasts_redelivered = Counter(
+            "forecasts_redelivered",
+            "Forecasts made from messages the broker delivered again after a crash (a subscriber may see them twice)",
+            namespace=ns,
+            registry=r,
+        )
+        self.messages_redelivered = Counter(
+            "messages_redelivered",
+            "Messages the broker delivered again that were already in the state: acknowledged, not processed twice",
+            namespace=ns,
+            registry=r,
+        )
+        self.journal_commits = Counter(
+            "journal_commits", "Group commits of the journal (one write and one sync each)", namespace=ns, registry=r
+        )
+        self.journal_bytes = Counter("journal_bytes", "Bytes written to the journal", namespace=ns, registry=r)
+        self.journal_failures = Counter(
+            "journal_failures",
+            "Journal writes that failed (the acknowledgements wait and are retried)",
+            namespace=ns,
+            registry=r,
         )
         # The histograms the worker updates for every batch take a batch of values at once.
         self.latency = BatchHistogram(

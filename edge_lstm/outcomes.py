@@ -21,5 +21,6 @@ class Outcome(str, Enum):
     BAD_STREAM = "bad_stream"  # no stream id could be derived
     OUT_OF_ORDER = "out_of_order"  # timestamp older than the stream's last reading
     DUPLICATE = "duplicate"  # same timestamp as the stream's last reading
-    QUEUE_FULL = "queue_full"  # dropped (oldest first) because the intake queue was full
-    SHUTDOWN = "shutdown"  # still queued when the daemon stopped (only with a drain timeout)
+    RETAINED = "retained"  # a retained message, left out (input.retained = "ignore")
+    INTERNAL_ERROR = "internal_error"  # handling it raised an unexpected exception (logged; intake goes on)
+    SHUTDOWN = "shutdown"  # still queued at stop: left unacknowledged, the broker delivers it to the next run
