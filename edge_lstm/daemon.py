@@ -252,8 +252,6 @@ class Daemon:
                 _LOG.error("the serving loop did not stop")
         if self.link is not None and (self._thread is None or not self._thread.is_alive()):
             self.link.close()
-        if self.pipeline is not None:
-            self.pipeline.journal.close()
         if self.loop is not None:
             self.loop.close()
         if self.metrics_server is not None:

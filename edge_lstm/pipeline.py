@@ -121,7 +121,7 @@ class Pipeline:
         self.journal = journal
         self.clock = clock
         self.seq = seq  # last journal sequence number used
-        self._routes: list[tuple[object, TopicFilter]] = [(filter_pattern(f.filter), f) for f in cfg.subscriptions()]
+        self._route = routes_of(cfg)
         self.process_retained = cfg.input.retained == "process"
         self.queue: collections.deque[Reading] = collections.deque()
         self.messages: collections.deque[_Message] = collections.deque()
@@ -142,51 +142,24 @@ class Pipeline:
     # -- restart --------------------------------------------------------------------------------
 
     def replay(self, records: Sequence[Record], after: int) -> int:
-        """Rebuild the state: step the journaled messages after sequence ``after`` (nothing is published).
+        """Rebuild the state from the journal (see :func:`replay_journal`) and learn its packet ids.
 
         Every record (also those a checkpoint already holds) teaches the
         pipeline its message's packet id, so the broker's redelivery of a
-        message whose acknowledgement was lost is recognised.  Returns how many
-        messages were stepped.
+        message whose acknowledgement was lost is recognised.
         """
-        stepped = 0
         for r in records:
             self.seq = max(self.seq, r.seq)
             if r.qos > 0:
                 self._remember(r.mid, r.digest)
             self._recent.append(r)
-            if r.seq <= after or r.payload is None:
-                continue
-            route = self._route(r.topic)
-            if route is None:
-                continue
-            try:
-                result = self.decoder.decode(r.payload, route.stream_of(r.topic), r.arrival, time.monotonic())
-            except PayloadError:
-                continue
-            except Exception:  # it failed the same way when it was first handled
-                continue
-            if result.readings:
-                try:
-                    self.engine.process(result.readings)
-                except Exception:
-                    self._log_error("replaying a journaled message")
-            stepped += 1
-        return stepped
+        return replay_journal(records, after, self.engine, self.decoder, self._route)
 
     def _remember(self, mid: int, digest: int) -> None:
         self._digest[mid] = digest
         self._known[mid] = True
 
     # -- intake (inside MqttLink.poll) ----------------------------------------------------------
-
-    def _route(self, topic: str | None) -> TopicFilter | None:
-        if topic is None:
-            return None
-        for pattern, tf in self._routes:
-            if pattern.fullmatch(topic):  # type: ignore[attr-defined]
-                return tf
-        return None
 
     def accept(self, m: Inbound) -> None:
         """Take one message in; it ends in the queue or in exactly one counted outcome."""
@@ -394,6 +367,7 @@ class Loop:
         self._checkpoint_due = time.monotonic() + cfg.state.checkpoint_interval_s
         self._barrier_since: float | None = None
         self._force_checkpoint = False
+        self._journal_reopened = 0
         self._last_watchdog = 0.0
         self._status_at = time.monotonic()
         self._status_count = 0
@@ -454,6 +428,9 @@ class Loop:
                     link.flush()
             if p.commit():
                 link.flush()
+                if p.journal.reopened != self._journal_reopened:
+                    self._journal_reopened = p.journal.reopened
+                    self._force_checkpoint = True  # the records since the last checkpoint went with the old file
             self.metrics.queue_depth.set(len(p.queue))
             if barrier:
                 self._at_barrier()
@@ -519,7 +496,9 @@ class Loop:
         start = time.monotonic()
         directory = Path(self.cfg.state.dir)
         try:
-            directory.mkdir(parents=True, exist_ok=True)  # recreated if it was removed at run time
+            if not directory.exists():
+                _LOG.warning("state.dir %s is gone: creating it again", directory)
+                directory.mkdir(parents=True)
             saved = ckpt.save_checkpoint(p.engine.table, directory, self.fingerprint, journal_seq=p.seq)
             p.journal.reset(p.carry(), fingerprint=self.fingerprint)
         except OSError as e:
@@ -584,6 +563,54 @@ class Loop:
     def close(self) -> None:
         for s in (self._wake_r, self._wake_w):
             s.close()
+
+
+def replay_journal(
+    records: Sequence[Record],
+    after: int,
+    engine: Engine,
+    decoder: PayloadDecoder,
+    route: Callable[[str | None], TopicFilter | None],
+) -> int:
+    """Step the journaled messages after sequence ``after`` through decoder and engine, publishing nothing.
+
+    The same calls, in the same order, as when the messages first arrived
+    (the decoder gets each message's recorded arrival time), so the engine
+    ends in the state it held then.  Returns how many messages were stepped.
+    """
+    stepped = 0
+    for r in records:
+        if r.seq <= after or r.payload is None:
+            continue
+        tf = route(r.topic)
+        if tf is None:
+            continue
+        try:
+            result = decoder.decode(r.payload, tf.stream_of(r.topic), r.arrival, time.monotonic())
+        except Exception:  # rejected (or failed) the same way when it first arrived
+            continue
+        if result.readings:
+            try:
+                engine.process(result.readings)
+            except Exception:
+                _LOG.exception("replaying journal record %d", r.seq)
+        stepped += 1
+    return stepped
+
+
+def routes_of(cfg: Config) -> Callable[[str | None], TopicFilter | None]:
+    """The router of a configuration: the first input filter that matches a topic."""
+    routes = [(filter_pattern(f.filter), f) for f in cfg.subscriptions()]
+
+    def route(topic: str | None) -> TopicFilter | None:
+        if topic is None:
+            return None
+        for pattern, tf in routes:
+            if pattern.fullmatch(topic):
+                return tf
+        return None
+
+    return route
 
 
 def open_journal(directory: Path, fingerprint: str, sync: bool) -> tuple[Journal, list[Record]]:
