@@ -121,7 +121,7 @@ class Pipeline:
         active = len(self.table)
         t0 = clock()
         for res in results:
-            record(res, len(res.forecasts), 0.0, active)
+            record(res, 0.0, active)
         t_metrics = clock() - t0
         return {
             "decode": t_decode,

@@ -38,6 +38,18 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _levels(text: str) -> tuple[float, ...]:
+    if text == "none":
+        return ()
+    try:
+        levels = tuple(sorted({float(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 'none' or levels such as 0.8,0.95") from None
+    if not levels or any(not 0.0 < v < 1.0 for v in levels):
+        raise argparse.ArgumentTypeError(f"{text!r}: levels must lie strictly between 0 and 1, e.g. 0.8,0.95")
+    return levels
+
+
 def _modes(text: str) -> tuple[Quantization, ...]:
     if text == "all":
         return tuple(Quantization)
@@ -102,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chronological fractions for training and validation; the rest is the hold-out")  # fmt: skip
     t.add_argument("--modes", type=_modes, default=tuple(Quantization), metavar="LIST",
                    help="modes to export and score in the report: all (default), none or a list")  # fmt: skip
+    t.add_argument("--levels", type=_levels, default=(0.8, 0.95), metavar="LIST",
+                   help="prediction interval levels, calibrated on the validation part (default 0.8,0.95; "
+                   "none: no intervals)")  # fmt: skip
     t.add_argument("--no-plot", action="store_true", help="skip forecast.png")
     t.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
 
@@ -118,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--modes", type=_modes, default=(), metavar="LIST",
                    help="also re-export and score these modes from weights.npz: all, or a list")  # fmt: skip
     v.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    c = sub.add_parser(
+        "calibrate",
+        help="(re)calibrate a model directory's prediction intervals on its data",
+        description="Stream the validation part of DATA through DIR/model.tflite, fit split-conformal "
+        "prediction intervals on its residuals, write them into DIR/manifest.json (the model file is not "
+        "changed) and print their coverage on the hold-out.",
+    )
+    c.add_argument("model_dir", type=Path, metavar="DIR")
+    c.add_argument("data", type=Path, metavar="DATA.csv")
+    c.add_argument("--time-col", default=None, help="timestamp column (default: the one the model was trained with)")
+    c.add_argument("--levels", type=_levels, default=(0.8, 0.95), metavar="LIST",
+                   help="interval levels (default 0.8,0.95)")  # fmt: skip
+    c.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
 
@@ -159,6 +188,7 @@ def _train(args: argparse.Namespace) -> int:
         patience=args.patience,
         split=_split(args.split),
         modes=args.modes,
+        levels=args.levels,
         plot=not args.no_plot,
     )
     result = train(cfg)
@@ -183,6 +213,20 @@ def _verify(args: argparse.Namespace) -> int:
     return EXIT_OK if res["ok"] else EXIT_VERIFY_FAILED
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from converter.convert import CalibrateConfig, calibrate
+    from converter.report import coverage_table
+
+    res = calibrate(CalibrateConfig(model_dir=args.model_dir, data=args.data, time_col=args.time_col,
+                                    levels=args.levels))  # fmt: skip
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        print("\n".join(coverage_table(res["intervals"])))
+        print(f"\nwrote the intervals into {args.model_dir} ({res['model']})")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -194,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "calibrate":
+            return _calibrate(args)
         return _verify(args)
     except ConvertError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from converter import calibrate as calibrate_mod
 from converter import data as data_mod
 from converter import report as report_mod
 from converter.errors import ConvertError
@@ -42,6 +43,7 @@ from converter.prepare import (
     training_windows,
 )
 from edge_lstm.features import FeaturePipeline
+from edge_lstm.intervals import DEFAULT_LEVELS, Intervals
 from edge_lstm.modelspec import MODEL_NAME, Manifest, ModelError, Quantization, load_manifest
 from edge_lstm.reference import WEIGHTS_NAME, ReferenceWeights
 
@@ -82,6 +84,7 @@ class TrainConfig:
     patience: int = 12
     split: Split = dataclasses.field(default_factory=Split)
     modes: tuple[Quantization, ...] = ALL_MODES
+    levels: tuple[float, ...] = DEFAULT_LEVELS  # prediction interval levels; () for none
     plot: bool = True
 
 
@@ -284,6 +287,14 @@ def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> Train
     train_seconds = time.monotonic() - t_start
 
     content = contents[cfg.quantize]
+    intervals: Intervals | None = None
+    interval_report: dict[str, Any] | None = None
+    if cfg.levels:
+        # Calibrated on the model that ships, streamed as the daemon streams it.
+        val = calibrate_mod.score_part(content, weights.layers, pipeline, encoded, Part.VAL, warmup, season)
+        intervals = calibrate_mod.fit_intervals(val, cfg.levels)
+        hold = calibrate_mod.score_part(content, weights.layers, pipeline, encoded, Part.HOLDOUT, warmup, season)
+        interval_report = calibrate_mod.interval_report(intervals, hold)
     (work / MODEL_NAME).write_bytes(content)
     weights.save(work / WEIGHTS_NAME)
     name = cfg.name or cfg.out.name
@@ -320,6 +331,8 @@ def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> Train
         "versions": _versions(),
         "target_units": cfg.units_label,
     }
+    if interval_report is not None:
+        report["intervals"] = interval_report
     mae1 = holdout["mae"]["model"][0]
     manifest = Manifest(
         name=name,
@@ -331,6 +344,7 @@ def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> Train
         target_units=cfg.units_label,
         warmup_ticks=warmup,
         max_gap_ticks=cfg.max_gap_ticks,
+        intervals=intervals,
         extra={
             "time_column": cfg.time_col,
             "signature": "serving_default",
@@ -356,7 +370,9 @@ def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> Train
     manifest.write(work)
     report_mod.write_report(work, report)
     if cfg.plot:
-        _plot(work / report_mod.PLOT_NAME, encoded, runs, keras_preds, pipeline, holdout, name, cfg.units_label)
+        _plot(
+            work / report_mod.PLOT_NAME, encoded, runs, keras_preds, pipeline, holdout, name, cfg.units_label, intervals
+        )
     table = report_mod.summary_table(report, cfg.units_label)
     return TrainResult(out=cfg.out, manifest=manifest, report=report, table=table)
 
@@ -370,6 +386,7 @@ def _plot(
     holdout: dict[str, dict[str, list[float]]],
     name: str,
     units: str,
+    intervals: Intervals | None = None,
     max_ticks: int = 336,
 ) -> None:
     i = int(np.argmax([r.stop - r.score_from for r in runs]))
@@ -381,7 +398,12 @@ def _plot(
     scale = pipeline.output.scale
     f1 = e.target[j - 1] + pred[j - 1 - run.start, 0] * scale
     fk = e.target[j - k] + pred[j - k - run.start, k - 1] * scale
-    report_mod.plot(path, e.segment.timestamps[j], e.target[j], f1, fk, k, holdout, f"{name}: hold-out", units)
+    bands = None
+    if intervals is not None:
+        bands = [(lv, f1 + intervals.lower[i, 0], f1 + intervals.upper[i, 0]) for i, lv in enumerate(intervals.levels)]
+    report_mod.plot(
+        path, e.segment.timestamps[j], e.target[j], f1, fk, k, holdout, f"{name}: hold-out", units, bands=bands
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,6 +463,8 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
         },
         "ok": True,
     }
+    if man.intervals is not None:
+        out["intervals"] = calibrate_mod.interval_report(man.intervals, calibrate_mod.Scored(pairs, fc))
     extra = [m for m in cfg.modes if m is not man.quantization]
     if extra:
         train_seqs = [e.x[e.part == Part.TRAIN] for e in encoded if (e.part == Part.TRAIN).any()]
@@ -461,3 +485,61 @@ def manifest_of(directory: Path) -> Manifest:
         return load_manifest(directory)
     except ModelError as e:
         raise ConvertError(str(e)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrateConfig:
+    model_dir: Path
+    data: Path
+    time_col: str | None = None
+    levels: tuple[float, ...] = DEFAULT_LEVELS
+
+
+def calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
+    """(Re)calibrate the prediction intervals of an existing model directory on the data it was trained on.
+
+    The model file is untouched (same SHA-256, same forecasts): only the
+    manifest's ``intervals`` and report.json's ``intervals`` are rewritten.
+    """
+    import json
+
+    from edge_lstm.modelspec import MANIFEST_NAME, load_model
+
+    if not cfg.levels:
+        raise ConvertError("--levels: give at least one level")
+    try:
+        bundle = load_model(cfg.model_dir)
+    except ModelError as e:
+        raise ConvertError(f"cannot load model {cfg.model_dir}: {e}") from None
+    man = bundle.manifest
+    time_col = cfg.time_col or man.extra.get("time_column")
+    if not time_col:
+        raise ConvertError("the manifest names no time column: pass --time-col")
+    training = man.extra.get("training", {})
+    split = Split(float(training.get("split", {}).get("train", 0.7)), float(training.get("split", {}).get("val", 0.15)))
+    season = int(training.get("season_ticks", 0)) or season_ticks(man.cadence_s)
+    grid = data_mod.load(cfg.data, str(time_col), man.pipeline.columns, man.cadence_s, man.max_gap_ticks)
+    encoded = encode(grid, man.pipeline, split)
+    _check_length(encoded, man.horizon, man.warmup_ticks)
+    args = (bundle.content, man.layers, man.pipeline, encoded)
+    val = calibrate_mod.score_part(*args, Part.VAL, man.warmup_ticks, season)
+    intervals = calibrate_mod.fit_intervals(val, cfg.levels)
+    hold = calibrate_mod.score_part(*args, Part.HOLDOUT, man.warmup_ticks, season)
+    rep = calibrate_mod.interval_report(intervals, hold)
+
+    directory = Path(cfg.model_dir)
+    staging = Path(tempfile.mkdtemp(prefix=".manifest.", dir=directory))
+    try:
+        dataclasses.replace(man, intervals=intervals).write(staging)
+        os.replace(staging / MANIFEST_NAME, directory / MANIFEST_NAME)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report_path = directory / report_mod.REPORT_NAME
+    if report_path.exists():
+        report = json.loads(report_path.read_text())
+        report["intervals"] = rep
+        report_mod.write_report(directory, report)
+        if (directory / report_mod.PLOT_NAME).exists():
+            _plot(directory / report_mod.PLOT_NAME, encoded, hold.runs, hold.preds, man.pipeline,
+                  report["holdout"], man.name, man.target_units, intervals)  # fmt: skip
+    return {"model": man.model_id, "intervals": rep}

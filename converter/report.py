@@ -51,7 +51,10 @@ class Pairs:
         return [int(a.shape[0]) for a in self.actual]
 
 
-def scored_pairs(encoded: Sequence[EncodedSegment], runs: Sequence[EvalRun], horizon: int, season: int) -> Pairs:
+def scored_pairs(
+    encoded: Sequence[EncodedSegment], runs: Sequence[EvalRun], horizon: int, season: int, part: Part = Part.HOLDOUT
+) -> Pairs:
+    """The (origin, horizon) pairs of ``part`` (the hold-out, or the validation part for calibration)."""
     ri: list[list[npt.NDArray[np.intp]]] = [[] for _ in range(horizon)]
     off: list[list[npt.NDArray[np.intp]]] = [[] for _ in range(horizon)]
     last: list[list[F64]] = [[] for _ in range(horizon)]
@@ -66,7 +69,7 @@ def scored_pairs(encoded: Sequence[EncodedSegment], runs: Sequence[EvalRun], hor
             s = j - season * math.ceil(k / season)
             ok = (j < run.stop) & (s >= 0)
             tt, jj, ss = t[ok], j[ok], s[ok]
-            ok2 = obs[tt] & obs[jj] & (e.part[tt] == Part.HOLDOUT) & (e.part[jj] == Part.HOLDOUT)
+            ok2 = obs[tt] & obs[jj] & (e.part[tt] == part) & (e.part[jj] == part)
             tt, jj, ss = tt[ok2], jj[ok2], ss[ok2]
             ri[k - 1].append(np.full(tt.shape[0], r_i, dtype=np.intp))
             off[k - 1].append((tt - run.start).astype(np.intp))
@@ -153,6 +156,8 @@ def summary_table(report: Mapping[str, Any], units: str = "") -> str:
     for k, (m, p, s) in enumerate(zip(h["model"], h["persistence"], h["seasonal_naive"], strict=True), start=1):
         ratio = m / p if p else float("nan")
         lines.append(f"{k:>8} {m:>12.4g} {p:>12.4g} {s:>12.4g} {ratio:>7.3f}")
+    if report.get("intervals"):
+        lines += ["", *coverage_table(report["intervals"])]
     lines.append("")
     lines.append(f"{'mode':>8} {'bytes':>8} {'parity':>10} {'MAE h=1':>12} {'MAE mean':>12} {'vs float32':>10}")
     modes = report.get("modes", {})
@@ -166,6 +171,21 @@ def summary_table(report: Mapping[str, Any], units: str = "") -> str:
     return "\n".join(lines)
 
 
+def coverage_table(intervals: Mapping[str, Any]) -> list[str]:
+    """Lines of the hold-out coverage (%) of each interval level per horizon."""
+    cov = intervals["holdout_coverage"]
+    labels = list(cov)
+    lines = [
+        f"hold-out coverage of the prediction intervals ({intervals['method']}, %)",
+        f"{'horizon':>8} " + " ".join(f"{'nominal ' + lab:>11}" for lab in labels),
+    ]
+    for k in range(len(cov[labels[0]])):
+        values = [cov[lab][k] for lab in labels]
+        cells = " ".join(f"{100.0 * c:>11.1f}" if c is not None else f"{'-':>11}" for c in values)
+        lines.append(f"{k + 1:>8} {cells}")
+    return lines
+
+
 def plot(
     path: Path,
     timestamps: F64,
@@ -176,8 +196,12 @@ def plot(
     metrics: Mapping[str, Mapping[str, list[float]]],
     title: str,
     units: str,
+    bands: Sequence[tuple[float, F64, F64]] | None = None,
 ) -> None:
-    """Actual vs forecast over the end of the hold-out, and MAE by horizon."""
+    """Actual vs forecast over the end of the hold-out (with the 1-step intervals), and MAE by horizon.
+
+    ``bands`` holds ``(level, lower, upper)`` of the 1-step forecasts, narrowest level first.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,6 +210,11 @@ def plot(
 
     times = np.asarray(timestamps, dtype="datetime64[s]")
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 7), gridspec_kw={"height_ratios": [2, 1]})
+    for i, (level, lo, hi) in enumerate(reversed(bands or [])):
+        ax1.fill_between(
+            times, lo, hi, color="tab:blue", alpha=0.12 + 0.1 * i, lw=0,
+            label=f"{100 * level:g} % interval, 1 tick ahead",
+        )  # fmt: skip
     ax1.plot(times, actual, color="black", lw=1.2, label="actual")
     ax1.plot(times, forecast_1, color="tab:blue", lw=1.0, label="forecast, 1 tick ahead")
     ax1.plot(times, forecast_k, color="tab:orange", lw=1.0, alpha=0.8, label=f"forecast, {horizon} ticks ahead")

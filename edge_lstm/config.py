@@ -318,6 +318,22 @@ class LogConfig:
 
 
 @dataclasses.dataclass
+class HomeAssistantConfig:
+    """Home Assistant MQTT discovery (opt-in): each stream's forecast, bounds and anomaly flag as entities."""
+
+    enabled: bool = dataclasses.field(
+        default=False,
+        metadata=_doc(
+            "Publish retained discovery configs for each new stream (an empty retained config removes its "
+            "entities when the stream is evicted)."
+        ),
+    )
+    discovery_prefix: str = dataclasses.field(
+        default="homeassistant", metadata=_doc("Home Assistant's MQTT discovery prefix.")
+    )
+
+
+@dataclasses.dataclass
 class Config:
     """The whole configuration."""
 
@@ -329,6 +345,7 @@ class Config:
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    homeassistant: HomeAssistantConfig = dataclasses.field(default_factory=HomeAssistantConfig)
     source: Path | None = dataclasses.field(default=None, compare=False)
 
     @property
@@ -351,6 +368,7 @@ _SECTION_TYPES: dict[str, type] = {
     "engine": EngineConfig,
     "metrics": MetricsConfig,
     "log": LogConfig,
+    "homeassistant": HomeAssistantConfig,
 }
 
 
@@ -567,6 +585,12 @@ def _validate(c: Config) -> None:
     need(0 <= mt.port <= 65535, f"metrics.port must be 0..65535, got {mt.port}")
     need(bool(mt.bind), "metrics.bind must not be empty")
     need(mt.max_stream_labels >= 0, "metrics.max_stream_labels must be >= 0")
+
+    prefix = c.homeassistant.discovery_prefix
+    need(
+        bool(prefix) and not any(ch in prefix for ch in "+#") and prefix.strip("/") == prefix,
+        f"homeassistant.discovery_prefix {prefix!r} must be a topic without wildcards or leading/trailing '/'",
+    )
 
 
 def parse_config(

@@ -35,6 +35,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import CollectorRegistry
 
 from edge_lstm.config import ConfigError, parse_config
+from edge_lstm.intervals import bound_keys, level_label
 from edge_lstm.modelspec import ModelError, load_manifest
 
 _LOG = logging.getLogger(__name__)
@@ -155,6 +156,8 @@ class _StreamStats:
     forecasts: int = 0
     model_err: list[float] = dataclasses.field(default_factory=list)
     persist_err: list[float] = dataclasses.field(default_factory=list)
+    checked: int = 0  # readings checked against their previous 1-step interval
+    anomalies: int = 0  # of those, outside it
 
 
 class _ForecastBook:
@@ -356,9 +359,13 @@ def _replay(
     last_fc: dict[str, list[float]] = {}
     warm = manifest.warmup_ticks
     units = manifest.target_units
+    iv = manifest.intervals
+    band_keys = bound_keys(iv.check_level) if iv is not None else None
+    last_band: dict[str, tuple[float, float]] = {}
     if not opts.quiet:
+        band = f"  {level_label(iv.check_level) + ' % interval':>17}" if iv is not None else ""
         print(f"{'stream':<8} {'time (UTC)':<15} {'actual':>9} {'forecast':>9} {'error':>8} "
-              f"{'+' + str(manifest.horizon) + ' ticks':>10}  {units}", file=out)  # fmt: skip
+              f"{'+' + str(manifest.horizon) + ' ticks':>10}{band}  {units}", file=out)  # fmt: skip
 
     start = time.monotonic()
     try:
@@ -381,9 +388,19 @@ def _replay(
                 st = stats[name]
                 prev_fc = last_fc.get(name)
                 one_step = prev_fc[0] if prev_fc else None
+                band_text = ""
+                if band_keys is not None and name in last_band:
+                    lo, hi = last_band[name]
+                    band_text = f"  {lo:8.0f}..{hi:<8.0f}"
                 if fc is not None:
                     st.forecasts += 1
                     last_fc[name] = [f["value"] for f in fc["forecasts"]]
+                    if band_keys is not None:
+                        first = fc["forecasts"][0]
+                        last_band[name] = (first[band_keys[0]], first[band_keys[1]])
+                    if fc.get("anomaly") is not None:
+                        st.checked += 1
+                        st.anomalies += bool(fc["anomaly"])
                 if one_step is not None and name in last_actual and st.readings > warm:
                     st.model_err.append(abs(one_step - actual))
                     st.persist_err.append(abs(last_actual[name] - actual))
@@ -393,7 +410,10 @@ def _replay(
                     ahead = f"{last_fc[name][-1]:10.0f}" if fc is not None else f"{'-':>10}"
                     fcs = f"{one_step:9.0f}" if one_step is not None else f"{'-':>9}"
                     flag = "  (warming up)" if fc is not None and fc.get("warming_up") else ""
-                    print(f"{name:<8} {_fmt_time(ts):<15} {actual:9.0f} {fcs} {err} {ahead}{flag}", file=out)
+                    if fc is not None and fc.get("anomaly"):
+                        flag = f"  ANOMALY ({fc['anomaly_score'] or math.inf:.1f} widths out)"
+                    print(f"{name:<8} {_fmt_time(ts):<15} {actual:9.0f} {fcs} {err} {ahead}{band_text}{flag}",
+                          file=out)  # fmt: skip
     except KeyboardInterrupt:
         interrupt.requested = True
     if interrupt.requested:
@@ -417,3 +437,8 @@ def _summary(stats: dict[str, _StreamStats], units: str, out: TextIO) -> None:
         print(f"  1-step MAE, persistence  {mae_p:10.1f} {units}  (model/persistence = {ratio:.2f})", file=out)
     else:
         print("  (too few ticks after warm-up for an error estimate)", file=out)
+    checked = sum(s.checked for s in stats.values())
+    if checked:
+        flagged = sum(s.anomalies for s in stats.values())
+        share = 100 * flagged / checked
+        print(f"  anomalies flagged        {flagged:10d} of {checked} readings checked ({share:.1f} %)", file=out)

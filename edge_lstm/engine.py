@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from edge_lstm.intervals import anomaly_score, anomaly_scores
 from edge_lstm.modelspec import Manifest
 from edge_lstm.outcomes import Outcome
 from edge_lstm.payload import Reading
@@ -51,6 +52,9 @@ class Forecast:
     warming_up: bool
     received: float  # time.monotonic() when the reading arrived
     model_id: str
+    # How far the reading lay outside the previous tick's 1-step interval, in interval widths (0: inside);
+    # None when it was not checked (no intervals, no on-time forecast to check against).
+    anomaly_score: float | None = None
 
 
 @dataclasses.dataclass
@@ -66,6 +70,8 @@ class BatchResult:
     batch_size: int  # readings that went through the model (filled ticks not counted)
     model_steps: int = 0  # model invocations (1 per batch unless gaps were filled or a stream repeats)
     step_sizes: list[int] = dataclasses.field(default_factory=list)  # readings per model step (not filled ticks)
+    anomaly_checks: int = 0  # readings checked against the previous tick's 1-step interval
+    anomalies: Counter[str] = dataclasses.field(default_factory=Counter)  # outside it: "high" / "low"
 
 
 def _empty_result() -> BatchResult:
@@ -126,6 +132,7 @@ class Engine:
         self._target = m.pipeline.target_index
         self._warmup = m.warmup_ticks
         self._model_id = m.model_id
+        self._check = m.intervals.check_offsets if m.intervals is not None else None
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -223,8 +230,15 @@ class Engine:
         values = reading.values
         actual = values[self._target]
         pending = float(t.pending_value[row])
+        score: float | None = None
         if n_ticks == 1 and not math.isnan(pending):
             result.abs_errors.append((stream, abs(pending - actual)))
+            if self._check is not None:
+                upper = pending + self._check[1]
+                score = anomaly_score(actual, pending + self._check[0], upper)
+                result.anomaly_checks += 1
+                if score > 0:
+                    result.anomalies["high" if actual > upper else "low"] += 1
         if n_ticks > 1:
             v = np.array([values], dtype=np.float64)
             self._fill_gaps(rows, np.array([n_ticks - 1]), v, np.array([ts]), np.array([last]), result)
@@ -239,7 +253,7 @@ class Engine:
         warming = ticks < self._warmup
         t.pending_value[row] = math.nan if warming else fc[0]
         t.pending_ts[row] = ts + self._cadence
-        result.forecasts.append(Forecast(stream, reading.ts, fc, warming, reading.received, self._model_id))
+        result.forecasts.append(Forecast(stream, reading.ts, fc, warming, reading.received, self._model_id, score))
         result.outcomes[Outcome.PROCESSED] += 1
         result.batch_size += 1
         result.step_sizes.append(1)
@@ -298,10 +312,25 @@ class Engine:
         actual = values[:, self._target]
         pending = t.pending_value[rows]
         on_time = ~np.isnan(pending) if single else ~np.isnan(pending) & (n_ticks == 1)
+        scores: list[float | None] | None = None
         if on_time.any():
             scored = np.flatnonzero(on_time)
             errs = np.abs(pending[scored] - actual[scored]).tolist()
             result.abs_errors.extend(zip([streams[i] for i in scored.tolist()], errs, strict=True))
+            if self._check is not None:
+                p, a = pending[scored], actual[scored]
+                upper = p + self._check[1]
+                sc = anomaly_scores(a, p + self._check[0], upper)
+                scores = [None] * n
+                for i, v in zip(scored.tolist(), sc.tolist(), strict=True):
+                    scores[i] = v
+                out = sc > 0
+                result.anomaly_checks += len(scored)
+                high = int((out & (a > upper)).sum())
+                if high:
+                    result.anomalies["high"] += high
+                if int(out.sum()) - high:
+                    result.anomalies["low"] += int(out.sum()) - high
 
         if not single:
             fills = n_ticks - 1
@@ -322,9 +351,15 @@ class Engine:
 
         model_id = self._model_id
         warm_list = warming.tolist()
-        result.forecasts.extend(
-            Forecast(r.stream, r.ts, fc[i], warm_list[i], r.received, model_id) for i, r in enumerate(readings)
-        )
+        if scores is None:
+            result.forecasts.extend(
+                Forecast(r.stream, r.ts, fc[i], warm_list[i], r.received, model_id) for i, r in enumerate(readings)
+            )
+        else:
+            result.forecasts.extend(
+                Forecast(r.stream, r.ts, fc[i], warm_list[i], r.received, model_id, scores[i])
+                for i, r in enumerate(readings)
+            )
         result.outcomes[Outcome.PROCESSED] += n
         result.batch_size += n
         result.step_sizes.append(n)

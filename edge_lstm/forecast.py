@@ -6,6 +6,12 @@ One message per forecast, compact JSON in UTF-8::
      "ts_epoch":1716998400.0,"units":"MW","warming_up":false,
      "forecasts":[{"ts":"2024-05-29T16:30:00Z","value":31012.5}, ...]}
 
+A model with prediction intervals adds each level's bounds to every item
+(``"lo80"``, ``"hi80"``, ``"lo95"``, ``"hi95"``: value plus the manifest's
+offsets) and, after ``warming_up``, the check of this reading against the
+previous tick's 1-step interval: ``"anomaly":false,"anomaly_score":0.0``
+(``null`` for both when it was not checked).
+
 ``ts`` is the timestamp of the reading the forecast follows (ISO 8601 UTC, with
 milliseconds when not whole seconds) and ``ts_epoch`` the same in epoch
 seconds; item ``k`` (1-based) is the forecast for ``ts + k * cadence``.  A
@@ -21,7 +27,10 @@ import json
 import math
 import re
 
+import numpy as np
+
 from edge_lstm.engine import Forecast
+from edge_lstm.intervals import Intervals, bound_keys
 from edge_lstm.modelspec import Manifest
 
 _EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
@@ -71,13 +80,21 @@ class ForecastEncoder:
     but one of its steps).
     """
 
-    def __init__(self, cadence_s: float, units: str = "", precision: int | None = None) -> None:
+    def __init__(
+        self, cadence_s: float, units: str = "", precision: int | None = None, intervals: Intervals | None = None
+    ) -> None:
         if not cadence_s > 0:
             raise ValueError("cadence must be positive")
         self.cadence_s = float(cadence_s)
         self._units = _json_str(units)
         self._value_fmt = f"%.{int(precision)}g" if precision is not None else "%r"
         self._items = functools.lru_cache(maxsize=256)(self._make_items)  # reading times in use
+        self._intervals = intervals
+        # After each value: the bounds' keys, in the order of the columns of _values().
+        self._bound_keys = [f',"{key}":' for lv in intervals.levels for key in bound_keys(lv)] if intervals else []
+        if intervals is not None:
+            self._offsets = np.empty((2 * len(intervals.levels), intervals.horizon))
+            self._offsets[0::2], self._offsets[1::2] = intervals.lower, intervals.upper
 
     def _prefixes(self, t0: float, horizon: int) -> list[str]:
         c = self.cadence_s
@@ -87,25 +104,47 @@ class ForecastEncoder:
         """For reading time ``t0``: its ``ts`` fields, the item prefixes, and the items as one template."""
         head = f'"ts":"{iso_utc(t0)}","ts_epoch":{t0!r}'
         prefixes = self._prefixes(t0, horizon)
-        template = "},".join(p.replace("%", "%%") + self._value_fmt for p in prefixes)
+        fmt = self._value_fmt
+        rest = "".join(k + fmt for k in self._bound_keys)
+        template = "},".join(p.replace("%", "%%") + fmt + rest for p in prefixes)
         return head, prefixes, template
 
     @classmethod
     def for_manifest(cls, manifest: Manifest, precision: int | None = None) -> ForecastEncoder:
-        return cls(manifest.cadence_s, manifest.target_units, precision)
+        return cls(manifest.cadence_s, manifest.target_units, precision, manifest.intervals)
 
     def encode(self, f: Forecast) -> bytes:
         t0 = float(f.ts)
-        values = f.values.tolist()
-        head, prefixes, template = self._items(t0, len(values))
+        horizon = len(f.values)
+        if self._intervals is None:
+            values = f.values.tolist()
+            flags = ""
+        else:
+            # Per item: the value, then each level's lower and upper bound (value + offset).
+            cols = np.empty((1 + len(self._bound_keys), horizon))
+            cols[0] = f.values
+            cols[1:] = f.values + self._offsets
+            values = cols.T.ravel().tolist()
+            score = f.anomaly_score
+            if score is None:
+                flags = ',"anomaly":null,"anomaly_score":null'
+            else:
+                text = self._value_fmt % score if math.isfinite(score) else "null"
+                flags = f',"anomaly":{"true" if score > 0 else "false"},"anomaly_score":{text}'
+        head, prefixes, template = self._items(t0, horizon)
         if math.isfinite(sum(values)):  # the sum of finite values is finite, unless it overflows
             items = template % tuple(values)
         else:
             fmt = self._value_fmt
             texts = [fmt % v if math.isfinite(v) else "null" for v in values]
-            items = "},".join([p + v for p, v in zip(prefixes, texts, strict=True)])
+            per = 1 + len(self._bound_keys)
+            keys = self._bound_keys
+            items = "},".join(
+                p + "".join(k + t for k, t in zip(["", *keys], texts[i * per : (i + 1) * per], strict=True))
+                for i, p in enumerate(prefixes)
+            )
         return (
             f'{{"stream":{_json_str(f.stream)},"model":{_json_str(f.model_id)},{head},'
-            f'"units":{self._units},"warming_up":{"true" if f.warming_up else "false"},'
+            f'"units":{self._units},"warming_up":{"true" if f.warming_up else "false"}{flags},'
             f'"forecasts":[{items}}}]}}'
         ).encode()

@@ -51,6 +51,7 @@ STREAM_ERROR_WINDOW = 32  # readings in the rolling mean of edge_lstm_stream_abs
 RESET_REASONS = ("gap", "model_change")
 RESTORE_RESULTS = ("restored", "cold", "rejected")
 RELOAD_RESULTS = ("ok", "failed")
+ANOMALY_DIRECTIONS = ("high", "low")
 
 
 class Metrics:
@@ -137,6 +138,22 @@ class Metrics:
         )
         for reason in RESET_REASONS:
             self.state_resets.labels(reason)
+        # Readings checked against the previous tick's 1-step interval (models with intervals), and those
+        # outside it: the anomaly rate is the ratio of their rates.
+        self.anomaly_checks = Counter(
+            "anomaly_checks",
+            "Readings checked against the previous tick's 1-step prediction interval (widest level)",
+            namespace=ns,
+            registry=r,
+        )
+        self.anomalies = Counter(
+            "anomalies",
+            "Readings outside the previous tick's 1-step prediction interval, above (high) or below (low) it",
+            ["direction"],
+            namespace=ns,
+            registry=r,
+        )
+        self._anomaly_children = {d: self.anomalies.labels(d) for d in ANOMALY_DIRECTIONS}
         self.forecast_abs_error = BatchHistogram(
             "forecast_abs_error",
             "Absolute 1-step forecast error in the target's units",
@@ -216,16 +233,14 @@ class Metrics:
         for outcome, n in counts:
             self.outcome(outcome, n)
 
-    def record_batch(self, result: BatchResult, published: int, done: float, streams_active: int) -> None:
-        """Everything one worker batch changes: outcomes, latency, errors, batch size, state table size.
+    def record_batch(self, result: BatchResult, done: float, streams_active: int) -> None:
+        """Everything one batch changes: outcomes, latency, errors, batch size, state table size.
 
-        ``published`` is how many of its forecasts went out, ``done`` the
-        ``time.monotonic()`` after the last publish.
+        ``done`` is the ``time.monotonic()`` when its forecasts were handed to
+        the MQTT client (they count as published once the broker acknowledges them).
         """
         if result.forecasts:
             self.latency.observe_many([done - f.received for f in result.forecasts])
-        if published:
-            self.forecasts_published.inc(published)
         self.outcomes(result.outcomes.items())
         for reason, n in result.resets.items():
             self.state_resets.labels(reason).inc(n)
@@ -233,6 +248,10 @@ class Metrics:
             self.abs_errors(self._model_id, result.abs_errors)
         if result.evictions:
             self.evictions.inc(result.evictions)
+        if result.anomaly_checks:
+            self.anomaly_checks.inc(result.anomaly_checks)
+            for direction, n in result.anomalies.items():
+                self._anomaly_children[direction].inc(n)
         self.inference.observe(result.inference_seconds)
         self.batch_size.observe_many(result.step_sizes)
         self.streams_active.set(streams_active)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_lstm.features import FeaturePipeline
+from edge_lstm.intervals import Intervals
 
 FORMAT = "edge-lstm-model"
 FORMAT_VERSION = 1
@@ -70,6 +71,7 @@ class Manifest:
     model_file: str = MODEL_NAME
     warmup_ticks: int = 0  # ticks a stream needs before its forecasts are trusted
     max_gap_ticks: int = 4  # gaps up to this many ticks were interpolated in training
+    intervals: Intervals | None = None  # calibrated prediction intervals; None in older manifests
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # metrics, versions, ...
 
     @property
@@ -105,6 +107,7 @@ class Manifest:
             "inputs": self.input_names,
             "outputs": self.output_names,
             **self.pipeline.to_dict(),
+            **({"intervals": self.intervals.to_dict()} if self.intervals is not None else {}),
             **self.extra,
         }
 
@@ -120,7 +123,7 @@ class Manifest:
         known = {
             "format", "format_version", "name", "model_file", "sha256", "quantization", "cadence_seconds",
             "layers", "target_units", "warmup_ticks", "max_gap_ticks", "inputs", "outputs",
-            "columns", "features", "output", "utc_offset_seconds",
+            "columns", "features", "output", "utc_offset_seconds", "intervals",
         }  # fmt: skip
         try:
             layers = tuple(int(n) for n in d["layers"])
@@ -135,17 +138,20 @@ class Manifest:
             max_gap = int(d.get("max_gap_ticks", 4))
             if max_gap < 1:
                 raise ValueError(f"'max_gap_ticks' must be at least 1, got {max_gap}")
+            pipeline = FeaturePipeline.from_dict(d)
+            intervals = Intervals.from_dict(d["intervals"], pipeline.output.horizon) if "intervals" in d else None
             return cls(
                 name=str(d["name"]),
                 sha256=sha.lower(),
                 quantization=Quantization(d["quantization"]),
-                pipeline=FeaturePipeline.from_dict(d),
+                pipeline=pipeline,
                 cadence_s=cadence,
                 layers=layers,
                 target_units=str(d.get("target_units", "")),
                 model_file=str(d.get("model_file", MODEL_NAME)),
                 warmup_ticks=int(d.get("warmup_ticks", 0)),
                 max_gap_ticks=max_gap,
+                intervals=intervals,
                 extra={k: v for k, v in d.items() if k not in known},
             )
         except KeyError as e:

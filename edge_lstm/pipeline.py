@@ -248,7 +248,7 @@ class Pipeline:
                 failed += 1
         if failed:
             self.metrics.publish_failures.inc(failed)
-        self.metrics.record_batch(result, 0, time.monotonic(), len(self.engine.table))
+        self.metrics.record_batch(result, time.monotonic(), len(self.engine.table))
         return n
 
     def on_published(self, token: object, ok: bool) -> None:

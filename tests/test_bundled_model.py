@@ -138,3 +138,17 @@ def test_bundled_report_meets_the_acceptance_targets() -> None:
     assert r["parity"]["float32"] <= 1e-4
     assert set(r["parity"]) == {q.value for q in Quantization}
     assert r["modes"]["dynamic"]["sha256"] == load_model(MODEL).manifest.sha256
+
+
+def test_bundled_intervals_meet_the_coverage_targets() -> None:
+    """Hold-out coverage within 4 points of nominal one tick ahead and 6 points at the last horizon."""
+    r = json.loads((MODEL / "report.json").read_text())["intervals"]
+    iv = load_model(MODEL).manifest.intervals
+    assert iv is not None and iv.levels == (0.8, 0.95) and r["levels"] == [0.8, 0.95]
+    for level, label in zip(iv.levels, ("80", "95"), strict=True):
+        cov = r["holdout_coverage"][label]
+        assert len(cov) == iv.horizon
+        assert abs(cov[0] - level) <= 0.04, (label, cov[0])
+        assert abs(cov[-1] - level) <= 0.06, (label, cov[-1])
+    assert min(r["holdout_pairs"]) >= 500
+

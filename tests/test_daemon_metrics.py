@@ -25,6 +25,8 @@ CONTRACT = {
     "edge_lstm_streams_capacity": "gauge",
     "edge_lstm_stream_evictions": "counter",
     "edge_lstm_state_resets": "counter",
+    "edge_lstm_anomaly_checks": "counter",
+    "edge_lstm_anomalies": "counter",
     "edge_lstm_forecast_abs_error": "histogram",
     "edge_lstm_forecast_trained_mae": "gauge",
     "edge_lstm_stream_abs_error": "gauge",

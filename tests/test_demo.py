@@ -37,6 +37,8 @@ def test_demo_replays_and_summarises() -> None:
     assert "daemon: received 160, processed 160, published 160" in out
     m = re.search(r"model/persistence = ([0-9.]+)", out)
     assert m is not None and float(m.group(1)) < 1.0  # the model beats persistence after warm-up
+    # each reading after warm-up is checked against its 95 % interval, shown in the table
+    assert "95 % interval" in out and re.search(r"anomalies flagged\s+\d+ of 64 readings checked", out)
     assert not _demo_brokers()
 
 

@@ -32,6 +32,7 @@ REQUIRED_ALERTS = {
     "EdgeLstmNoForecasts",
     "EdgeLstmHighRejectRate",
     "EdgeLstmForecastErrorDrift",
+    "EdgeLstmHighAnomalyRate",
     "EdgeLstmCheckpointStale",
     "EdgeLstmCheckpointFailing",
 }

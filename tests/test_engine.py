@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from edge_lstm.engine import Engine
 from edge_lstm.features import FeatureKind, FeaturePipeline, FeatureSpec, OutputSpec, fill_gap, ticks_between
+from edge_lstm.intervals import Intervals
 from edge_lstm.modelspec import Manifest, Quantization, load_model
 from edge_lstm.outcomes import Outcome
 from edge_lstm.payload import Reading
@@ -326,8 +327,9 @@ _steps = st.lists(
 @settings(max_examples=80, deadline=None)
 @given(_steps, st.integers(2, 6))
 def test_single_reading_path_equals_the_batch_path_exactly(steps: list[tuple[int, float, float]], cap: int) -> None:
-    """A batch of one takes the scalar path: same forecasts, counts, errors and state, bit for bit."""
-    model = NumpyModel(make_manifest(max_gap=4, warmup=3))
+    """A batch of one takes the scalar path: same forecasts, counts, errors, anomaly checks and state, bit for bit."""
+    iv = Intervals((0.8, 0.95), [[-0.5, -1.0, -1.5], [-1.0, -2.0, -3.0]], [[0.4, 1.0, 1.5], [0.9, 2.0, 3.0]])
+    model = NumpyModel(dataclasses.replace(make_manifest(max_gap=4, warmup=3), intervals=iv))
     ticks: dict[int, float] = {}
     readings = []
     for s, jump, v in steps:  # per stream: on time, jittered, late, duplicate, short and long gaps
@@ -341,8 +343,10 @@ def test_single_reading_path_equals_the_batch_path_exactly(steps: list[tuple[int
             b.outcomes, b.resets, b.evictions, b.batch_size, b.model_steps, b.step_sizes
         )
         assert a.abs_errors == b.abs_errors
-        assert [(f.stream, f.ts, f.warming_up, f.values.tolist()) for f in a.forecasts] == [
-            (f.stream, f.ts, f.warming_up, f.values.tolist()) for f in b.forecasts
+        assert (a.anomaly_checks, a.anomalies) == (b.anomaly_checks, b.anomalies)
+        assert a.anomaly_checks == len(a.abs_errors)
+        assert [(f.stream, f.ts, f.warming_up, f.values.tolist(), f.anomaly_score) for f in a.forecasts] == [
+            (f.stream, f.ts, f.warming_up, f.values.tolist(), f.anomaly_score) for f in b.forecasts
         ]
     ta, tb = scalar.table.to_arrays(), vector.table.to_arrays()
     assert ta.keys() == tb.keys()

@@ -38,6 +38,7 @@ ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 RATE_INTERVAL = "5s"  # Grafana's $__rate_interval for a 1 s scrape interval: at least 4 scrapes
 MAX_PAYLOAD = 2048
 STREAMS = ("north", "south", "east", "west")
+SPIKE_MW = 3000.0  # added to one reading of "west" after its warm-up: outside the 95 % interval (~1100 MW wide)
 
 
 # --- Prometheus -------------------------------------------------------------------------------
@@ -172,7 +173,8 @@ def send_traffic(broker: Broker, series: tuple[np.ndarray, np.ndarray], rounds: 
     """Real readings on every stream over a few seconds, with every kind of bad reading mixed in.
 
     Each stream gets ``rounds * per_round`` consecutive readings of the series: more than the
-    model's warm-up, so that its forecasts are scored (the online error metrics).
+    model's warm-up, so that its forecasts are scored (the online error metrics) and its readings
+    checked against their intervals; one reading of "west" near the end is a spike (an anomaly).
     """
     ts, values = series
     sent: Counter[str] = Counter()
@@ -182,8 +184,10 @@ def send_traffic(broker: Broker, series: tuple[np.ndarray, np.ndarray], rounds: 
         for r in range(rounds):
             for k in range(per_round):
                 i = r * per_round + k
+                spike = i == rounds * per_round - 3
                 for stream in STREAMS:
-                    pub.send(f"sensors/{stream}/value", json.dumps(_reading(ts[i], values[i])))
+                    v = values[i] + (SPIKE_MW if spike and stream == "west" else 0.0)
+                    pub.send(f"sensors/{stream}/value", json.dumps(_reading(ts[i], v)))
                     sent["processed"] += 1
             last = (r + 1) * per_round - 1
             # One of each rejection per round, on the stream "north" (its last reading is ts[last]).
@@ -375,6 +379,7 @@ ALERT_EXPECTATIONS: dict[str, tuple[bool, str]] = {
         "rate(edge_lstm_forecast_abs_error_sum[5m]) / rate(edge_lstm_forecast_abs_error_count[5m]) > 0"
         " and on (instance, model) edge_lstm_forecast_trained_mae > 0",
     ),
+    "EdgeLstmHighAnomalyRate": (False, "edge_lstm_anomaly_checks_total > 0"),
     "EdgeLstmCheckpointStale": (False, "time() - edge_lstm_checkpoint_last_success_timestamp_seconds < 60"),
     "EdgeLstmCheckpointFailing": (False, "edge_lstm_checkpoint_failures_total == 0"),
     "EdgeLstmModelReloadFailed": (False, 'edge_lstm_model_reloads_total{result="failed"} == 0'),
@@ -445,3 +450,21 @@ def test_stream_state_reset_and_error_series(scenario: Scenario) -> None:
     assert p.value(f'edge_lstm_state_resets_total{{instance="{inst}", reason="gap"}}') == 1.0
     streams = {s["metric"]["stream"] for s in p.query(f'edge_lstm_stream_abs_error{{instance="{inst}"}}')["result"]}
     assert streams == set(STREAMS)
+
+
+def test_anomaly_panel_and_alert_see_the_spike(scenario: Scenario) -> None:
+    """The spike on "west" is counted; the alert's ratio is the share of flagged readings, below its threshold."""
+    p, inst = scenario.prom, scenario.instance
+    checks = p.value(f'edge_lstm_anomaly_checks_total{{instance="{inst}"}}')
+    high = p.value(f'edge_lstm_anomalies_total{{instance="{inst}", direction="high"}}')
+    low = p.value(f'edge_lstm_anomalies_total{{instance="{inst}", direction="low"}}')
+    assert checks is not None and checks >= 4 * 8  # every stream past its warm-up
+    assert high is not None and high >= 1 and low is not None
+    # The panel's ratio over the whole run equals the counters' ratio.
+    panel = next(p_ for p_ in _panels() if p_["title"] == "Anomaly rate")
+    ratio_expr = panel["targets"][0]["expr"].replace('"$instance"', f'"{inst}"')
+    ratio = p.value(ratio_expr.replace("[$__rate_interval]", "[10m]"))
+    assert ratio == pytest.approx((high + low) / checks, rel=0.05)
+    rule = _alert_rules(p)["EdgeLstmHighAnomalyRate"]
+    assert 0 < ratio < 0.15 and "0.15" in rule["query"]
+

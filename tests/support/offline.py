@@ -75,3 +75,25 @@ def restore_as_daemon(state_dir: Path, config: dict, model: StepModel) -> tuple[
     found = read_journal(state_dir, m.sha256)
     stepped = replay_journal(found.records, res.journal_seq, engine, make_decoder(cfg, m), routes_of(cfg))
     return engine, stepped
+
+
+def offline_intervals(model: StepModel, forecasts: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, ...]:
+    """For an uninterrupted run from a cold start: bounds ``[N, L, K]`` and anomaly scores ``[N]``.
+
+    Reading ``i`` is checked against the 1-step interval of forecast ``i - 1`` at the widest level once
+    the stream has warmed up (forecasts made while warming up are not checked); NaN: not checked.
+    """
+    from edge_lstm.intervals import anomaly_score
+
+    m = model.manifest
+    iv = m.intervals
+    assert iv is not None, "the model has no intervals"
+    lower = forecasts[:, None, :] + iv.lower
+    upper = forecasts[:, None, :] + iv.upper
+    target = np.asarray(values, np.float64).reshape(len(forecasts), -1)[:, m.pipeline.target_index]
+    scores = np.full(len(forecasts), np.nan)
+    lo1, hi1 = float(iv.lower[-1, 0]), float(iv.upper[-1, 0])
+    for i in range(max(1, m.warmup_ticks), len(forecasts)):
+        p = float(forecasts[i - 1, 0])
+        scores[i] = anomaly_score(float(target[i]), p + lo1, p + hi1)
+    return lower, upper, scores
