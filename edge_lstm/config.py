@@ -233,7 +233,11 @@ class StateConfig:
         default="/var/lib/edge-lstm", metadata=_doc("Directory for state checkpoints (must be writable).")
     )
     checkpoint_interval_s: float = dataclasses.field(
-        default=60.0, metadata=_doc("Seconds between checkpoints; one more is written on shutdown.")
+        default=60.0,
+        metadata=_doc(
+            "Seconds between checkpoints (each waits for a moment when nothing stepped awaits the broker); one "
+            "more on shutdown. Between checkpoints the journal holds what was acknowledged."
+        ),
     )
     journal_sync: bool = dataclasses.field(
         default=True,
@@ -261,16 +265,16 @@ class EngineConfig:
     max_batch: int = dataclasses.field(
         default=256,
         metadata=_doc(
-            "Most readings the worker takes at once, oldest first; each stream's first reading in it goes "
+            "Most readings the loop takes at once, oldest first; each stream's first reading in it goes "
             "into one batched model step, a stream's repeats into the next steps, in order."
         ),
     )
     max_wait_ms: float = dataclasses.field(
         default=2.0,
         metadata=_doc(
-            "How long the worker may hold the oldest queued reading back (ms) while fewer than `max_batch` are "
+            "How long the loop may hold the oldest queued reading back (ms) while fewer than `max_batch` are "
             "queued, to take more readings per wake-up: fewer, larger model steps and publish bursts for at most "
-            "this much added latency (see docs/performance.md). 0: run whatever is queued as soon as the worker "
+            "this much added latency (see docs/performance.md). 0: run whatever is queued as soon as the loop "
             "is free."
         ),
     )
