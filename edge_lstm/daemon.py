@@ -199,6 +199,8 @@ class Daemon:
 
         for f in cfg.subscriptions():
             self.link.subscribe(f.filter)
+        if self.pipeline.ha_status_topic is not None:
+            self.link.subscribe(self.pipeline.ha_status_topic)
         self.link.begin()
         self.loop = Loop(cfg, self.pipeline, self.link, self.metrics, self.notifier,
                          on_model_swapped=self._model_swapped)  # fmt: skip

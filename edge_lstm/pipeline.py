@@ -50,8 +50,9 @@ import numpy as np
 
 from edge_lstm import checkpoint as ckpt
 from edge_lstm.config import Config, TopicFilter
-from edge_lstm.engine import Engine
+from edge_lstm.engine import Engine, Forecast
 from edge_lstm.forecast import ForecastEncoder
+from edge_lstm.homeassistant import Discovery
 from edge_lstm.journal import Journal, Record, message_digest
 from edge_lstm.metrics import Metrics
 from edge_lstm.mqtt import READ_BUDGET, Inbound, MqttLink, filter_pattern
@@ -138,6 +139,15 @@ class Pipeline:
         self.errors = 0
         out = cfg.output
         self._out_qos, self._out_retain, self._out_template = out.qos, out.retain, out.topic
+        self.discovery: Discovery | None = None
+        if cfg.homeassistant.enabled:
+            self.discovery = Discovery.from_config(cfg, engine.model.manifest)
+            engine.table.evicted_ids = []
+
+    @property
+    def ha_status_topic(self) -> str | None:
+        """Home Assistant's birth topic, when discovery is on (the daemon subscribes to it)."""
+        return self.discovery.ha_status_topic if self.discovery is not None else None
 
     # -- restart --------------------------------------------------------------------------------
 
@@ -172,6 +182,11 @@ class Pipeline:
             if m.mid not in self._window:  # already in the state: acknowledge it again, in order
                 self._hold(m.mid, m.qos, self.enqueued, topic, None, 0.0, digest)
             return  # else the first copy is still on its way; its acknowledgement covers both
+        if self.discovery is not None and m.topic == self.discovery.ha_status_topic:
+            if m.payload == b"online":  # Home Assistant (re)started: announce every stream again
+                self._announce(self.discovery.on_ha_online())
+            self._hold(m.mid, m.qos, self.enqueued, topic, None, 0.0, digest)
+            return
         now = self.clock()
         metrics.mqtt_last_message.set(now)
         start = self.enqueued
@@ -235,6 +250,8 @@ class Pipeline:
         link, encode, template = self.link, self.encoder.encode, self._out_template
         qos, retain = self._out_qos, self._out_retain
         failed = 0
+        if self.discovery is not None:
+            self._discover(result.forecasts)
         for f in result.forecasts:
             try:
                 payload = encode(f)
@@ -250,6 +267,23 @@ class Pipeline:
             self.metrics.publish_failures.inc(failed)
         self.metrics.record_batch(result, time.monotonic(), len(self.engine.table))
         return n
+
+    def _discover(self, forecasts: Sequence[Forecast]) -> None:
+        """Home Assistant discovery: configs of streams seen for the first time, removal of evicted ones."""
+        d = self.discovery
+        assert d is not None
+        evicted = self.engine.table.evicted_ids
+        if evicted:
+            self._announce([m for s in evicted for m in d.on_evicted(s)])
+            evicted.clear()
+        fresh = [f.stream for f in forecasts if f.stream not in d.announced]
+        if fresh:
+            self._announce(d.on_new_streams(fresh))
+
+    def _announce(self, messages: Sequence[tuple[str, bytes, bool]]) -> None:
+        for topic, payload, retain in messages:
+            if not self.link.publish(topic, payload, 1, retain):
+                self.metrics.publish_failures.inc()
 
     def on_published(self, token: object, ok: bool) -> None:
         """The broker acknowledged (or refused) one forecast of a batch."""
@@ -486,6 +520,11 @@ class Loop:
             _LOG.error("model reload failed, keeping %s: %s", p.engine.model.manifest.model_id, e)
             return
         p.encoder = ForecastEncoder.for_manifest(model.manifest, precision=self.cfg.output.precision or None)
+        if p.discovery is not None:  # the entities follow the new model (its id, its intervals)
+            announced = p.discovery.announced
+            p.discovery = Discovery.from_config(self.cfg, model.manifest)
+            p.engine.table.evicted_ids = []
+            p._announce(p.discovery.on_new_streams(sorted(announced)))
         self.fingerprint = model.manifest.sha256
         if self.on_model_swapped is not None:
             self.on_model_swapped(model, kept)
