@@ -148,6 +148,8 @@ class _RecordingLink:
     def __init__(self) -> None:
         self.tokens: list[object] = []
         self.acks = 0
+        self.outstanding = 0
+        self.hold = False
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, token: object = None) -> bool:
         self.tokens.append(token)

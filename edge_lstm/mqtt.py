@@ -111,7 +111,8 @@ class MqttLink:
         self._next_attempt = 0.0
         self._delay = float(cfg.reconnect_min_s)
         self._tcp_since: float | None = None  # TCP up, CONNACK not yet seen
-        self._events = 0  # callbacks seen: tells poll whether a loop_read made progress
+        self._events = 0  # callbacks seen
+        self.hold = False  # set by the owner inside on_message to end the current read early
         self._fail_logged_at = -REFUSAL_LOG_EVERY_S
         v5 = cfg.protocol is MqttProtocol.V5
         self._v5 = v5
@@ -229,14 +230,23 @@ class MqttLink:
         return woken
 
     def _read(self, budget: int) -> int:
-        """Read packets while they keep coming (paho's loop_read takes about one per call)."""
+        """Read packets one at a time until the socket is drained, ``budget`` is spent or the owner holds.
+
+        paho's public ``loop_read`` reads as many packets per call as there are
+        publishes in flight (thousands under load), so an owner could not bound
+        what one call delivers; ``_packet_read`` is the step it repeats (paho 2.x).
+        """
         c = self.client
+        self.hold = False
         handled = 0
-        while handled < budget:
-            before = self._events
-            if c.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS or self._events == before:
+        while handled < budget and not self.hold and c.socket() is not None:
+            rc = c._packet_read()
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                break  # drained, or a packet only partly arrived
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                c._loop_rc_handle(rc)  # closes the socket and reports the disconnect
                 break
-            handled += self._events - before
+            handled += 1
         return handled
 
     def flush(self) -> None:

@@ -31,7 +31,8 @@ sleeps: every wait is the ``select`` in :meth:`MqttLink.poll`.
 
 **Faults.** An exception while handling one message or one batch is counted
 (``internal_error``), logged with its traceback (rate-limited) and the loop
-goes on; the watchdog is pinged only from this loop, after real work or an
+goes on (a batch that fails is stepped again one reading at a time, so only
+the reading that fails is lost); the watchdog is pinged only from this loop, after real work or an
 idle wait, so a loop that stops turning is restarted by systemd.
 """
 
@@ -50,7 +51,7 @@ import numpy as np
 
 from edge_lstm import checkpoint as ckpt
 from edge_lstm.config import Config, TopicFilter
-from edge_lstm.engine import Engine, Forecast
+from edge_lstm.engine import BatchResult, Engine, Forecast
 from edge_lstm.forecast import ForecastEncoder
 from edge_lstm.homeassistant import Discovery
 from edge_lstm.journal import Journal, Record, message_digest
@@ -69,6 +70,7 @@ IDLE_WAIT_S = 0.5  # longest poll without work (the watchdog and timers run afte
 BARRIER_TIMEOUT_S = 5.0  # how long a checkpoint may hold intake back waiting for a quiescent point
 STATUS_EVERY_S = 10.0
 MID_SPACE = 65536
+OUTSTANDING_PER_BATCH = 4  # forecasts awaiting the broker's PUBACK: at most this many batches' worth
 
 
 @dataclasses.dataclass(slots=True)
@@ -124,6 +126,8 @@ class Pipeline:
         self.seq = seq  # last journal sequence number used
         self._route = routes_of(cfg)
         self.process_retained = cfg.input.retained == "process"
+        self.queue_limit = cfg.engine.queue_size
+        self.max_outstanding = OUTSTANDING_PER_BATCH * cfg.engine.max_batch
         self.queue: collections.deque[Reading] = collections.deque()
         self.messages: collections.deque[_Message] = collections.deque()
         self.batches: collections.deque[_Batch] = collections.deque()
@@ -206,6 +210,8 @@ class Pipeline:
                 if result.readings:
                     self.queue.extend(result.readings)
                     self.enqueued += len(result.readings)
+                    if len(self.queue) >= self.queue_limit and not self.starved:
+                        self.link.hold = True  # full: read no more until steps make room
                     payload = m.payload
                     if m.dup:
                         metrics.forecasts_redelivered.inc(len(result.readings))
@@ -244,9 +250,18 @@ class Pipeline:
         try:
             result = self.engine.process(readings)
         except Exception:
-            self.metrics.outcome(Outcome.INTERNAL_ERROR, n)
-            self._log_error(f"stepping a batch of {n} reading(s)")
+            self._log_error(f"stepping a batch of {n} reading(s); stepping them one by one")
+            for r in readings:  # only the reading that fails is lost, not its batch
+                try:
+                    self._publish(self.engine.process([r]), batch)
+                except Exception:
+                    self.metrics.outcome(Outcome.INTERNAL_ERROR)
+                    self._log_error(f"stepping a reading of {r.stream!r}")
             return n
+        self._publish(result, batch)
+        return n
+
+    def _publish(self, result: BatchResult, batch: _Batch) -> None:
         link, encode, template = self.link, self.encoder.encode, self._out_template
         qos, retain = self._out_qos, self._out_retain
         failed = 0
@@ -266,7 +281,6 @@ class Pipeline:
         if failed:
             self.metrics.publish_failures.inc(failed)
         self.metrics.record_batch(result, time.monotonic(), len(self.engine.table))
-        return n
 
     def _discover(self, forecasts: Sequence[Forecast]) -> None:
         """Home Assistant discovery: configs of streams seen for the first time, removal of evicted ones."""
@@ -330,6 +344,11 @@ class Pipeline:
         n = len(to_ack)
         to_ack.clear()
         return n
+
+    @property
+    def starved(self) -> bool:
+        """Too many forecasts await the broker: no steps until its PUBACKs are read."""
+        return self.link.outstanding >= self.max_outstanding
 
     @property
     def quiescent(self) -> bool:
@@ -441,10 +460,12 @@ class Loop:
         linger = cfg.engine.max_wait_ms / 1000.0
         while not self._stop:
             barrier = self._barrier_wanted()
-            room = queue_size - len(p.queue)
-            read = 0 if barrier or link.backlogged or room <= 0 else min(READ_BUDGET, room)
+            starved = p.starved
+            # Read while there is room; while too many forecasts await their PUBACKs, read anyway: only
+            # those PUBACKs make room (QoS 1 input is bounded by the broker's in-flight window meanwhile).
+            read = READ_BUDGET if starved or (len(p.queue) < queue_size and not link.backlogged) else 0
             timeout = IDLE_WAIT_S
-            if p.queue and not barrier:
+            if p.queue and not barrier and not starved:
                 timeout = 0.0
                 if linger > 0 and len(p.queue) < max_batch:
                     timeout = max(0.0, p.queue[0].received + linger - time.monotonic())
@@ -453,7 +474,7 @@ class Loop:
                 if self._ready_requested:
                     self._ready_requested = False
                     link.set_ready()
-            if p.queue:
+            if p.queue and not p.starved:
                 # At a barrier only the rest of a message split across batches is stepped.
                 limit = min(max_batch, p.partial()) if barrier else max_batch
                 ready = linger <= 0 or len(p.queue) >= max_batch or time.monotonic() - p.queue[0].received >= linger

@@ -166,6 +166,8 @@ def test_sigkill_at_random_points_under_load_loses_no_reading_and_restarts_exact
         load.stop()
         n, dups = check_forecasts(load, col)
         redelivered = d.metric("edge_lstm_forecasts_redelivered_total")
+        # checkpoints happen under load too (every 0.3 s at a quiescent moment)
+        assert d.wait_metric("edge_lstm_checkpoint_last_success_timestamp_seconds", 1.0, timeout=10) > 0
         assert d.terminate() == 0
     label = f"max_inflight_messages {inflight or '20 (default)'}"
     record("9", f"SIGKILLs at random points under load, {label}", KILLS_PER_BROKER, ">= 15 per broker setting")

