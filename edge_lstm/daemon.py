@@ -83,7 +83,7 @@ def make_decoder(cfg: Config, manifest: Manifest) -> PayloadDecoder:
             manifest.pipeline.columns,
             fields=i.fields,
             stream_field=i.stream_field or None,
-            timestamp_fields=(i.timestamp_field,) if i.timestamp_field else (),
+            timestamp_fields=tuple(i.timestamp_fields),
             max_payload_bytes=i.max_payload_bytes,
             max_array_len=i.max_array_len,
             max_abs_value=i.max_abs_value,

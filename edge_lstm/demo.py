@@ -64,11 +64,11 @@ def _candidates(relative: str) -> Iterator[Path]:
     here = Path(__file__).resolve().parent
     yield Path.cwd() / relative
     yield here.parent / relative  # a source checkout
-    yield Path(sys.prefix) / "share" / "edge-lstm" / relative
+    yield here / "bundled" / relative  # an installed wheel (pyproject.toml maps them there)
 
 
 def find_bundled(relative: str) -> Path | None:
-    """The bundled ``models/taylor`` or ``data/taylor.csv``: in the working directory or the checkout."""
+    """The bundled ``models/taylor`` or ``data/taylor.csv``: in the working directory, the checkout or the package."""
     for p in _candidates(relative):
         if p.exists():
             return p

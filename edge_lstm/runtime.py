@@ -26,7 +26,10 @@ import enum
 import importlib
 import importlib.metadata
 import logging
-from collections.abc import Sequence
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -116,6 +119,59 @@ class _Slot:
     outputs: list[int]  # tensor indices in manifest.output_names order
 
 
+NATIVE_INFO = "INFO: "  # how the runtimes' C++ logger starts an informational line
+
+
+@contextlib.contextmanager
+def native_log_to_debug() -> Iterator[None]:
+    """Turn the runtime's native INFO lines on file descriptor 2 into debug log records.
+
+    LiteRT's C++ code prints ``INFO: Created TensorFlow Lite XNNPACK delegate for CPU.`` to
+    descriptor 2 when a process first allocates an interpreter; ``TF_CPP_MIN_LOG_LEVEL`` does
+    not reach that logger, and Python's ``sys.stderr`` is not involved. While the block runs,
+    descriptor 2 points at an in-memory file; afterwards native ``INFO:`` lines go to this
+    module's logger at debug level and every other byte (warnings, errors, other threads' log
+    lines) is written back to descriptor 2 unchanged, only later.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no descriptor 2 at all: nothing to keep clean
+        yield
+        return
+    try:
+        sink = os.memfd_create("edge-lstm-native-log") if hasattr(os, "memfd_create") else None
+    except OSError:
+        sink = None
+    if sink is None:
+        try:
+            with tempfile.TemporaryFile() as f:
+                sink = os.dup(f.fileno())
+        except OSError:
+            os.close(saved)
+            yield
+            return
+    os.dup2(sink, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.lseek(sink, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(sink, 65536):
+            chunks.append(chunk)
+        os.close(sink)
+        passed = []
+        for line in b"".join(chunks).decode(errors="replace").splitlines(keepends=True):
+            if line.startswith(NATIVE_INFO):
+                _LOG.debug("%s", line[len(NATIVE_INFO) :].strip())
+            else:
+                passed.append(line)
+        if passed:
+            os.write(2, "".join(passed).encode())
+
+
 class StepModel:
     """A loaded one-step model.  Use :func:`load_step_model` to build one."""
 
@@ -134,7 +190,8 @@ class StepModel:
         self._layers = self.manifest.layers
         self._n_state = 2 * len(self._layers)
         self._state_sizes = [h for h in self._layers for _ in (0, 1)]
-        first = self._new_slot(1)
+        with native_log_to_debug():
+            first = self._new_slot(1)
         self._slots[1] = first
 
     # -- construction ---------------------------------------------------------------------------
