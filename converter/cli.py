@@ -10,13 +10,16 @@ import argparse
 import enum
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from converter.errors import ConvertError
 from converter.prepare import CalendarMode, LevelMode, Split
+from edge_lstm.features import time_zone
 from edge_lstm.modelspec import Quantization
+from edge_lstm.ticks import Aggregate, Align
 
 _LOG = logging.getLogger(__name__)
 
@@ -26,10 +29,38 @@ EXIT_ERROR = 1
 EXIT_VERIFY_FAILED = 3
 
 
-
 def _choices(modes: type[enum.Enum]) -> str:
     """How an enum's values read in --help: ``{a,b,c}``."""
     return "{" + ",".join(str(m.value) for m in modes) + "}"
+
+
+_OFFSET = re.compile(r"(?:UTC|GMT)?([+-])(\d{1,2})(?::?(\d{2}))?")
+
+
+def _timezone(text: str) -> tuple[str | None, float]:
+    """``--timezone``: an IANA zone name, or a fixed offset such as ``+02:00`` / ``UTC-5`` (zone None, seconds)."""
+    t = text.strip()
+    if t.upper() in ("UTC", "Z", "GMT"):
+        return None, 0.0
+    m = _OFFSET.fullmatch(t)
+    if m:
+        hours, minutes = int(m.group(2)), int(m.group(3) or 0)
+        if hours > 14 or minutes >= 60:
+            raise ConvertError(f"--timezone {text!r}: a UTC offset is at most ±14:00")
+        return None, (1 if m.group(1) == "+" else -1) * (hours * 3600.0 + minutes * 60.0)
+    try:
+        time_zone(t)
+    except ValueError as e:
+        raise ConvertError(f"--timezone: {e}") from None
+    return t, 0.0
+
+
+def _non_negative_float(text: str) -> float:
+    v = float(text)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return v
+
 
 def _positive_float(text: str) -> float:
     v = float(text)
@@ -100,8 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--calendar", type=CalendarMode, default=CalendarMode.AUTO, choices=list(CalendarMode),
                    metavar=_choices(CalendarMode),
                    help="time-of-day/day-of-week inputs as the cadence allows (auto) or none")  # fmt: skip
-    t.add_argument("--utc-offset", type=float, default=0.0, metavar="HOURS",
+    t.add_argument("--utc-offset", type=float, default=None, metavar="HOURS",
                    help="fixed offset from UTC for the calendar inputs (default 0)")  # fmt: skip
+    t.add_argument("--timezone", default=None, metavar="ZONE",
+                   help="time zone of the calendar inputs: an IANA name with daylight saving time "
+                        "(Europe/Berlin) or a fixed offset (+01:00); default UTC")  # fmt: skip
+    t.add_argument("--aggregate", type=Aggregate, default=None, choices=list(Aggregate),
+                   metavar=_choices(Aggregate),
+                   help="value of a tick holding several readings: their mean, the last, or the first (which "
+                        "closes the tick at once); default: mean when the data has several readings per tick, "
+                        "else first")  # fmt: skip
+    t.add_argument("--align", type=Align, default=None, choices=list(Align), metavar=_choices(Align),
+                   help="a tick's bucket starts at its timestamp (start) or is centred on it (center); default: "
+                        "start with several readings per tick, else center")  # fmt: skip
+    t.add_argument("--tick-origin", type=float, default=None, metavar="SECONDS",
+                   help="one tick's timestamp (epoch seconds; only its phase in the cadence matters); default: "
+                        "0 with several readings per tick, else the readings' own grid")  # fmt: skip
+    t.add_argument("--lateness", type=_non_negative_float, default=0.0, metavar="SECONDS",
+                   help="how long a tick stays open for readings that arrive late (below one cadence; "
+                        "default 0)")  # fmt: skip
     t.add_argument("--warmup", type=int, default=None, metavar="TICKS",
                    help="ticks a stream needs before its forecasts count (default: one season, 16..96)")  # fmt: skip
     t.add_argument("--season", type=int, default=None, metavar="TICKS",
@@ -161,6 +209,11 @@ def _split(text: str) -> Split:
 def _train(args: argparse.Namespace) -> int:
     from converter.convert import TrainConfig, train
 
+    if args.timezone is not None and args.utc_offset is not None:
+        raise ConvertError("give --timezone or --utc-offset, not both")
+    zone, utc_offset_s = (
+        _timezone(args.timezone) if args.timezone is not None else (None, (args.utc_offset or 0.0) * 3600.0)
+    )
     cfg = TrainConfig(
         data=args.data,
         out=args.out,
@@ -179,7 +232,12 @@ def _train(args: argparse.Namespace) -> int:
         max_gap_ticks=args.max_gap_ticks,
         level=args.level,
         calendar=args.calendar,
-        utc_offset_s=args.utc_offset * 3600.0,
+        utc_offset_s=utc_offset_s,
+        timezone=zone,
+        aggregate=args.aggregate,
+        align=args.align,
+        tick_origin_s=args.tick_origin,
+        lateness_s=args.lateness,
         warmup_ticks=args.warmup,
         season=args.season,
         window=args.window,

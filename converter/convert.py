@@ -46,6 +46,7 @@ from edge_lstm.features import FeaturePipeline
 from edge_lstm.intervals import DEFAULT_LEVELS, Intervals
 from edge_lstm.modelspec import MODEL_NAME, Manifest, ModelError, Quantization, load_manifest
 from edge_lstm.reference import WEIGHTS_NAME, ReferenceWeights
+from edge_lstm.ticks import Aggregate, Align
 
 _LOG = logging.getLogger(__name__)
 
@@ -76,6 +77,11 @@ class TrainConfig:
     level: LevelMode = LevelMode.AUTO
     calendar: CalendarMode = CalendarMode.AUTO
     utc_offset_s: float = 0.0
+    timezone: str | None = None  # IANA zone of the calendar inputs (instead of utc_offset_s)
+    aggregate: Aggregate | None = None  # None: chosen from the data (see converter.data.choose_policy)
+    align: Align | None = None
+    tick_origin_s: float | None = None
+    lateness_s: float = 0.0
     warmup_ticks: int | None = None
     season: int | None = None
     window: int | None = None
@@ -222,13 +228,17 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> TrainResult:
     t_start = time.monotonic()
-    grid = data_mod.load(cfg.data, cfg.time_col, columns, cfg.cadence_s, cfg.max_gap_ticks)
+    grid = data_mod.load(
+        cfg.data, cfg.time_col, columns, cfg.cadence_s, cfg.max_gap_ticks,
+        aggregate=cfg.aggregate, align=cfg.align, origin_s=cfg.tick_origin_s, lateness_s=cfg.lateness_s,
+    )  # fmt: skip
     season = cfg.season or season_ticks(grid.cadence_s)
     warmup = cfg.warmup_ticks if cfg.warmup_ticks is not None else int(min(96, max(16, season)))
     parts = assign_parts(grid, cfg.split)
     pipeline = build_pipeline(
-        grid, parts, cfg.target, cfg.horizon, level=cfg.level, calendar=cfg.calendar, utc_offset_s=cfg.utc_offset_s
-    )
+        grid, parts, cfg.target, cfg.horizon, level=cfg.level, calendar=cfg.calendar, utc_offset_s=cfg.utc_offset_s,
+        timezone=cfg.timezone,
+    )  # fmt: skip
     encoded = encode(grid, pipeline, cfg.split)
     _check_length(encoded, cfg.horizon, warmup)
     n_train = sum(int((e.part == Part.TRAIN).sum()) for e in encoded)
@@ -306,6 +316,10 @@ def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> Train
             "rows": grid.n_rows,
             "rows_missing": grid.n_missing,
             "ticks_filled": grid.n_filled,
+            "rows_aggregated": grid.n_aggregated,
+            "rows_late": grid.n_late,
+            "rows_duplicate": grid.n_duplicate,
+            "ticks_policy": grid.policy.to_dict(),
             "segments": len(grid.segments),
             "ticks": grid.n_ticks,
             "cadence_seconds": grid.cadence_s,
@@ -343,7 +357,8 @@ def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> Train
         layers=weights.layers,
         target_units=cfg.units_label,
         warmup_ticks=warmup,
-        max_gap_ticks=cfg.max_gap_ticks,
+        max_gap_ticks=grid.max_gap_ticks,
+        tick_policy=grid.policy,
         intervals=intervals,
         extra={
             "time_column": cfg.time_col,
@@ -434,7 +449,7 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
     split = Split(float(split_d.get("train", 0.7)), float(split_d.get("val", 0.15)))
     season = int(man.extra.get("training", {}).get("season_ticks", 0)) or season_ticks(man.cadence_s)
     pipeline = man.pipeline
-    grid = data_mod.load(cfg.data, str(time_col), pipeline.columns, man.cadence_s, man.max_gap_ticks)
+    grid = data_mod.load(cfg.data, str(time_col), pipeline.columns, policy=man.ticks)
     encoded = encode(grid, pipeline, split)
     runs = eval_runs(encoded, Part.HOLDOUT, man.warmup_ticks)
     if not runs:

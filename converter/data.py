@@ -1,18 +1,20 @@
-"""CSV loading, cadence inference and resampling onto a regular tick grid.
+"""CSV loading, cadence inference and resampling onto the model's ticks.
 
 Pure numpy and the stdlib ``csv`` module: no TensorFlow here, so bad input is
 rejected in a second, before any training starts.
 
-Policy for holes (the daemon applies the same rules live):
+The rows are a log of one stream in arrival (file) order.  They become ticks
+through :class:`edge_lstm.ticks.TickPolicy` - the very code the daemon runs on
+live readings - so training sees exactly the ticks the device will see:
 
 * A row whose timestamp or any used value is empty or NaN is a *missing*
-  reading; it is dropped.  (The daemon rejects such a reading and never steps
-  the model with it.)
-* Between two consecutive readings ``n = ticks_between(t_prev, t_now)`` ticks
-  apart: ``n <= max_gap_ticks`` fills the ``n - 1`` ticks in between with
-  :func:`edge_lstm.features.fill_gap` (linear interpolation); a longer gap ends
-  the segment and the next reading starts a new one (the daemon resets the
-  stream's state).
+  reading; it is dropped.  (The daemon rejects such a reading.)
+* Several rows in one tick are aggregated (mean, last or first); rows whose tick
+  has already closed are late, rows repeating the newest timestamp duplicates:
+  both dropped and counted.
+* A gap of ``n <= max_gap_ticks`` ticks is filled by linear interpolation; a
+  longer one ends the segment and the next tick starts a new one (the daemon
+  resets the stream's state).
 * Filled ticks are fed to the network but are never used as training targets,
   as forecast origins or for scoring: ``Segment.observed`` marks the real ones.
 """
@@ -31,7 +33,8 @@ import numpy as np
 import numpy.typing as npt
 
 from converter.errors import ConvertError
-from edge_lstm.features import fill_gap, ticks_between
+from edge_lstm.outcomes import Outcome
+from edge_lstm.ticks import Aggregate, Align, TickPolicy, ticks_of
 
 _LOG = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ _EPOCH_MS_THRESHOLD = 1e11
 class RawSeries:
     """The rows of a CSV file as parsed: epoch seconds and float values (NaN = missing)."""
 
-    timestamps: npt.NDArray[np.float64]  # [N], strictly increasing
+    timestamps: npt.NDArray[np.float64]  # [N], file order
     values: npt.NDArray[np.float64]  # [N, V]
     columns: tuple[str, ...]
 
@@ -63,19 +66,29 @@ class Segment:
 
 @dataclasses.dataclass(frozen=True)
 class GridSeries:
-    """A series resampled onto its cadence grid, as segments."""
+    """A series resampled onto its ticks, as segments."""
 
     segments: tuple[Segment, ...]
     columns: tuple[str, ...]
-    cadence_s: float
-    max_gap_ticks: int
+    policy: TickPolicy
     n_rows: int  # rows in the file
     n_missing: int  # rows dropped for an empty/NaN cell
     n_filled: int  # ticks interpolated
+    n_aggregated: int = 0  # rows merged into a tick another row opened
+    n_late: int = 0  # rows whose tick had closed
+    n_duplicate: int = 0  # rows repeating the newest timestamp
 
     @property
     def n_ticks(self) -> int:
         return sum(len(s) for s in self.segments)
+
+    @property
+    def cadence_s(self) -> float:
+        return self.policy.cadence_s
+
+    @property
+    def max_gap_ticks(self) -> int:
+        return self.policy.max_gap_ticks
 
 
 def parse_timestamp(text: str) -> float:
@@ -162,85 +175,109 @@ def read_csv(path: Path | str, time_col: str, columns: Sequence[str]) -> RawSeri
     if not times:
         raise ConvertError(f"{p}: no data rows")
     ts = np.asarray(times, dtype=np.float64)
-    d = np.diff(ts)
-    if d.size and np.any(d == 0):
-        k = int(np.argmax(d == 0))
-        raise ConvertError(f"{p}: duplicate timestamp at data rows {k + 1} and {k + 2} ({_iso(ts[k])})")
-    if d.size and np.any(d < 0):
-        k = int(np.argmax(d < 0))
-        raise ConvertError(
-            f"{p}: timestamps are not sorted: data row {k + 2} ({_iso(ts[k + 1])}) comes before row {k + 1} "
-            f"({_iso(ts[k])})"
-        )
     return RawSeries(timestamps=ts, values=np.asarray(rows, dtype=np.float64).reshape(len(rows), len(columns)),
                      columns=tuple(columns))  # fmt: skip
 
 
-def _iso(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, tz=dt.timezone.utc).isoformat().replace("+00:00", "Z")
-
-
 def infer_cadence(timestamps: npt.NDArray[np.float64]) -> float:
-    """The median spacing of the timestamps, in seconds."""
-    if timestamps.shape[0] < 2:
-        raise ConvertError("cannot infer a cadence from fewer than two timestamps")
-    return float(np.median(np.diff(timestamps)))
+    """The median spacing of the (distinct, sorted) timestamps, in seconds."""
+    t = np.unique(timestamps)
+    if t.shape[0] < 2:
+        raise ConvertError("cannot infer a cadence from fewer than two distinct timestamps")
+    return float(np.median(np.diff(t)))
 
 
-def resample(raw: RawSeries, cadence_s: float | None = None, max_gap_ticks: int = 4) -> GridSeries:
-    """Put the readings on the cadence grid, fill short gaps, split at long ones."""
+def choose_policy(
+    timestamps: npt.NDArray[np.float64],
+    cadence_s: float | None = None,
+    max_gap_ticks: int = 4,
+    *,
+    aggregate: Aggregate | None = None,
+    align: Align | None = None,
+    origin_s: float | None = None,
+    lateness_s: float = 0.0,
+) -> TickPolicy:
+    """The tick policy for a log: what is given, and defaults that suit the data for the rest.
+
+    A log with several readings per tick (median spacing at most half the
+    cadence) gets ``mean`` over buckets that start on the UTC grid
+    (``origin`` 0); a log with about one reading per tick gets ``first`` over
+    buckets centred on the readings' own grid (the mean phase of their
+    timestamps), so jitter never moves a reading to the next tick and a tick
+    closes as soon as its reading arrives.
+    """
+    spacing = infer_cadence(timestamps)
+    cadence = float(cadence_s) if cadence_s is not None else spacing
+    if not (cadence > 0 and math.isfinite(cadence)):
+        raise ConvertError(f"cadence must be a positive number of seconds, got {cadence}")
     if max_gap_ticks < 1:
         raise ConvertError("max_gap_ticks must be at least 1")
+    sub = spacing <= cadence / 2
+    agg = aggregate if aggregate is not None else (Aggregate.MEAN if sub else Aggregate.FIRST)
+    al = align if align is not None else (Align.START if sub else Align.CENTER)
+    if origin_s is None:
+        if sub:
+            origin_s = 0.0
+        else:
+            phase = 2 * np.pi * np.mod(timestamps, cadence) / cadence
+            angle = math.atan2(float(np.mean(np.sin(phase))), float(np.mean(np.cos(phase))))
+            origin_s = round((angle / (2 * np.pi)) * cadence % cadence, 3)
+    try:
+        return TickPolicy(cadence, origin_s, al, agg, lateness_s, max_gap_ticks)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+
+
+def resample(raw: RawSeries, policy: TickPolicy) -> GridSeries:
+    """Put the readings on their ticks with the daemon's tick policy; fill short gaps, split at long ones."""
     ok = np.all(np.isfinite(raw.values), axis=1)
     ts = raw.timestamps[ok]
     vals = raw.values[ok]
     n_missing = int((~ok).sum())
     if ts.shape[0] < 2:
         raise ConvertError(f"too few complete rows: {ts.shape[0]} of {raw.timestamps.shape[0]}")
-    # Rows with a missing value still tell the cadence.
-    cadence = float(cadence_s) if cadence_s is not None else infer_cadence(raw.timestamps)
-    if not (cadence > 0 and math.isfinite(cadence)):
-        raise ConvertError(f"cadence must be a positive number of seconds, got {cadence}")
+    ticks, outcomes = ticks_of(policy, list(zip(ts.tolist(), vals.tolist(), strict=True)), len(raw.columns))
+    counts = {o: 0 for o in Outcome}
+    for o in outcomes:
+        counts[o] += 1
+    late = counts[Outcome.LATE] + counts[Outcome.DUPLICATE]
+    if late > ts.shape[0] // 2:
+        raise ConvertError(
+            f"{late} of {ts.shape[0]} rows are older than a tick already closed or repeat a timestamp: the file "
+            "must list each stream's readings in time order (oldest first)"
+        )
     segments: list[Segment] = []
-    n_filled = 0
-    seg_t: list[npt.NDArray[np.float64]] = [ts[:1]]
-    seg_v: list[npt.NDArray[np.float64]] = [vals[:1]]
-    seg_o: list[npt.NDArray[np.bool_]] = [np.ones(1, dtype=bool)]
+    run: list[int] = []
 
     def close() -> None:
-        segments.append(Segment(np.concatenate(seg_t), np.concatenate(seg_v), np.concatenate(seg_o)))
-
-    for k in range(1, ts.shape[0]):
-        if ts[k] - ts[k - 1] < 0.5 * cadence:
-            raise ConvertError(
-                f"readings at {_iso(ts[k - 1])} and {_iso(ts[k])} fall on the same tick at a cadence of "
-                f"{cadence:g} s (pass a smaller --cadence)"
+        if run:
+            segments.append(
+                Segment(
+                    np.asarray([ticks[i].ts for i in run], dtype=np.float64),
+                    np.asarray([ticks[i].values for i in run], dtype=np.float64).reshape(len(run), len(raw.columns)),
+                    np.asarray([ticks[i].observed for i in run], dtype=bool),
+                )
             )
-        n = ticks_between(float(ts[k - 1]), float(ts[k]), cadence)
-        if n > max_gap_ticks:
+
+    for i, tick in enumerate(ticks):
+        if tick.reset:
             close()
-            seg_t, seg_v, seg_o = [], [], []
-        elif n > 1:
-            # Filled ticks get evenly spaced timestamps between the two real readings.
-            seg_t.append(ts[k - 1] + (ts[k] - ts[k - 1]) * np.arange(1, n, dtype=np.float64) / n)
-            seg_v.append(fill_gap(vals[k - 1], vals[k], n))
-            seg_o.append(np.zeros(n - 1, dtype=bool))
-            n_filled += n - 1
-        seg_t.append(ts[k : k + 1])
-        seg_v.append(vals[k : k + 1])
-        seg_o.append(np.ones(1, dtype=bool))
+            run = []
+        run.append(i)
     close()
     kept = [s for s in segments if len(s) >= 2]
     if len(kept) < len(segments):
-        _LOG.info("dropped %d single-reading segment(s) between long gaps", len(segments) - len(kept))
+        _LOG.info("dropped %d single-tick segment(s) between long gaps", len(segments) - len(kept))
     return GridSeries(
         segments=tuple(kept),
         columns=raw.columns,
-        cadence_s=cadence,
-        max_gap_ticks=max_gap_ticks,
+        policy=policy,
         n_rows=int(raw.timestamps.shape[0]),
         n_missing=n_missing,
-        n_filled=n_filled,
+        n_filled=sum(1 for t in ticks if not t.observed),
+        n_aggregated=counts[Outcome.AGGREGATED],
+        n_late=counts[Outcome.LATE],
+        n_duplicate=counts[Outcome.DUPLICATE],
     )
 
 
@@ -250,12 +287,26 @@ def load(
     columns: Sequence[str],
     cadence_s: float | None = None,
     max_gap_ticks: int = 4,
+    *,
+    policy: TickPolicy | None = None,
+    aggregate: Aggregate | None = None,
+    align: Align | None = None,
+    origin_s: float | None = None,
+    lateness_s: float = 0.0,
 ) -> GridSeries:
-    """Read a CSV file and resample it onto its cadence grid."""
+    """Read a CSV file and put it on its ticks: ``policy`` when given (a model's), else :func:`choose_policy`."""
     raw = read_csv(path, time_col, columns)
-    grid = resample(raw, cadence_s, max_gap_ticks)
+    if policy is None:  # rows with a missing value still tell the cadence
+        policy = choose_policy(
+            raw.timestamps, cadence_s, max_gap_ticks,
+            aggregate=aggregate, align=align, origin_s=origin_s, lateness_s=lateness_s,
+        )  # fmt: skip
+    grid = resample(raw, policy)
     _LOG.info(
-        "%s: %d rows, %d missing, cadence %g s, %d tick(s) filled, %d segment(s), %d ticks",
-        path, grid.n_rows, grid.n_missing, grid.cadence_s, grid.n_filled, len(grid.segments), grid.n_ticks,
+        "%s: %d rows (%d missing, %d aggregated, %d late, %d duplicate); ticks of %g s (%s, %s, origin %g s, "
+        "lateness %g s); %d tick(s) filled, %d segment(s), %d ticks",
+        path, grid.n_rows, grid.n_missing, grid.n_aggregated, grid.n_late, grid.n_duplicate, policy.cadence_s,
+        policy.aggregate.value, policy.align.value, policy.origin_s, policy.lateness_s, grid.n_filled,
+        len(grid.segments), grid.n_ticks,
     )  # fmt: skip
     return grid

@@ -159,6 +159,7 @@ def build_pipeline(
     level: LevelMode = LevelMode.AUTO,
     calendar: CalendarMode = CalendarMode.AUTO,
     utc_offset_s: float = 0.0,
+    timezone: str | None = None,
 ) -> FeaturePipeline:
     """Choose the inputs and fit their scaling on the training part only."""
     if horizon < 1:
@@ -205,7 +206,12 @@ def build_pipeline(
                 deltas.append(float(np.mean((y[k:] - y[:-k]) ** 2)))
     out_scale = positive(math.sqrt(float(np.mean(deltas)))) if deltas else 1.0
     output = OutputSpec(target=target, horizon=horizon, kind=OutputKind.DELTA, scale=out_scale)
-    return FeaturePipeline(columns=tuple(cols), features=tuple(features), output=output, utc_offset_s=utc_offset_s)
+    try:
+        return FeaturePipeline(
+            columns=tuple(cols), features=tuple(features), output=output, utc_offset_s=utc_offset_s, timezone=timezone
+        )
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
 
 
 def trends(grid: GridSeries, parts: Sequence[npt.NDArray[np.int8]], column: str) -> bool:

@@ -157,6 +157,8 @@ def save_checkpoint(
     data = encode_checkpoint(arrays, fingerprint)
     d = Path(directory)
     final = d / CHECKPOINT_NAME
+    if not os.path.lexists(d):  # removed while running: recreate it (a file in its place still fails below)
+        d.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(d)
     tmp = d / f"{_TMP_PREFIX}{os.getpid()}"
     try:

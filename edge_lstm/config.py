@@ -174,11 +174,12 @@ class InputConfig:
             example='{ demand_mw = "value" }',
         ),
     )
-    timestamp_field: str = dataclasses.field(
-        default="ts",
+    timestamp_fields: list[str] = dataclasses.field(
+        default_factory=lambda: ["ts", "timestamp", "time"],
         metadata=_doc(
-            "Payload field with the reading's time (epoch s/ms/us/ns or ISO 8601); the arrival time is used "
-            "when absent. Empty: always the arrival time."
+            "Payload fields with the reading's time (epoch s/ms/us/ns or ISO 8601), the first one present wins; "
+            "the arrival time is used when none is. Empty list: always the arrival time. (The older key "
+            "`timestamp_field = \"NAME\"` is read as `[\"NAME\"]`.)"
         ),
     )
     max_payload_bytes: int = dataclasses.field(
@@ -188,6 +189,11 @@ class InputConfig:
     max_abs_value: float = dataclasses.field(
         default=1e12, metadata=_doc("Values of larger magnitude are rejected (`non_finite`).")
     )
+    @property
+    def timestamp_field(self) -> str:
+        """The first timestamp field ("" for none): what a caller that reads a single field uses."""
+        return self.timestamp_fields[0] if self.timestamp_fields else ""
+
     max_clock_skew_s: float = dataclasses.field(
         default=86400.0,
         metadata=_doc(
@@ -430,9 +436,22 @@ def _coerce(where: str, tp: Any, value: Any) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover - schema error
 
 
+# Keys renamed since: old key -> (new key, how the old value reads as the new one).
+_RENAMED: dict[tuple[str, str], tuple[str, Any]] = {
+    ("input", "timestamp_field"): ("timestamp_fields", lambda v: [v] if v else []),
+}
+
+
 def _section(name: str, cls: type, raw: Any) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"[{name}] must be a table, got {raw!r}")
+    for (section, old), (new, convert) in _RENAMED.items():
+        if section == name and old in raw:
+            if new in raw:
+                raise ConfigError(f"[{name}] sets both {old!r} and its new name {new!r}: keep {new!r}")
+            if not isinstance(raw[old], str):
+                raise ConfigError(f"{name}.{old}: expected a string, got {raw[old]!r}")
+            raw = {**{k: v for k, v in raw.items() if k != old}, new: convert(raw[old])}
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
@@ -533,6 +552,7 @@ def _validate(c: Config) -> None:
     need(1 <= i.max_array_len <= 100_000, "input.max_array_len must be 1..100000")
     need(i.max_abs_value > 0, "input.max_abs_value must be > 0")
     need(i.max_clock_skew_s >= 0, "input.max_clock_skew_s must be >= 0 (0 disables the check)")
+    need(all(i.timestamp_fields), "input.timestamp_fields must not hold an empty name")
 
     o = c.output
     need(o.qos in (0, 1, 2), f"output.qos must be 0, 1 or 2, got {o.qos}")

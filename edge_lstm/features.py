@@ -17,8 +17,9 @@ Input features (``FeatureSpec.kind``):
     level far outside the training range cannot drive the network into
     saturation.
 ``tod_sin``, ``tod_cos``, ``dow_sin``, ``dow_cos``
-    Time of day and day of week on the unit circle, from the tick's timestamp
-    shifted by the model's fixed UTC offset.
+    Time of day and day of week on the unit circle, from the tick's timestamp in
+    local time: shifted by the model's fixed UTC offset, or by the offset of its
+    named time zone at that instant (``zoneinfo``, daylight saving time included).
 
 Output (``OutputSpec.kind``):
 
@@ -32,9 +33,11 @@ Output (``OutputSpec.kind``):
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import enum
 import functools
 import math
+import zoneinfo
 from collections.abc import Sequence
 
 import numpy as np
@@ -47,6 +50,40 @@ WEEK_SECONDS = 7 * DAY_SECONDS
 # 1970-01-01 was a Thursday; shifting by 3 days puts Sunday 00:00 (UTC + offset) at phase 0.
 _EPOCH_WEEKDAY_SHIFT = 3 * DAY_SECONDS
 LEVEL_CLIP = 8.0
+# Zone offsets change only on quarter hours (every transition in the tz database since 1970 does).
+_OFFSET_STEP = 900.0
+
+
+@functools.lru_cache(maxsize=32)
+def time_zone(name: str) -> zoneinfo.ZoneInfo:
+    """The named IANA time zone; ValueError naming the fix when the system has no such zone."""
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"unknown time zone {name!r} (an IANA name such as Europe/Berlin; install the tzdata package "
+            "if the system has no time zone database)"
+        ) from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _zone_offset(name: str, quarter: float) -> float:
+    t = dt.datetime.fromtimestamp(quarter * _OFFSET_STEP, tz=time_zone(name))
+    off = t.utcoffset()
+    return 0.0 if off is None else off.total_seconds()
+
+
+def zone_offset(name: str, ts: float) -> float:
+    """UTC offset in seconds of zone ``name`` at epoch time ``ts``."""
+    return _zone_offset(name, math.floor(ts / _OFFSET_STEP))
+
+
+def zone_offsets(name: str, ts: npt.ArrayLike) -> FloatArray:
+    """:func:`zone_offset` for an array of timestamps (one look-up per distinct quarter hour)."""
+    t = np.asarray(ts, dtype=np.float64)
+    q, inv = np.unique(np.floor(t / _OFFSET_STEP), return_inverse=True)
+    table = np.fromiter((_zone_offset(name, float(x)) for x in q.tolist()), dtype=np.float64, count=len(q))
+    return table[inv.reshape(t.shape)]
 
 
 class FeatureKind(str, enum.Enum):
@@ -222,8 +259,13 @@ class FeaturePipeline:
     features: tuple[FeatureSpec, ...]
     output: OutputSpec
     utc_offset_s: float = 0.0
+    timezone: str | None = None  # IANA zone of the calendar inputs; None: the fixed utc_offset_s
 
     def __post_init__(self) -> None:
+        if self.timezone is not None:
+            time_zone(self.timezone)  # ValueError when unknown
+            if self.utc_offset_s:
+                raise ValueError("give a time zone or a fixed UTC offset, not both")
         if not self.columns:
             raise ValueError("a model needs at least one value column")
         if len(set(self.columns)) != len(self.columns):
@@ -256,7 +298,7 @@ class FeaturePipeline:
         plan = self._plan
         x = np.empty((v.shape[0], self.n_features), dtype=np.float64)
         if plan.calendar_columns:
-            t = np.asarray(timestamps, dtype=np.float64) + self.utc_offset_s
+            t = self.local_time(timestamps)
             _calendar_into(x, plan.calendar_columns, plan.calendar_source, t)
         if len(plan.diff_x):
             d = (v[:, plan.diff_v] - p[:, plan.diff_v]) / plan.diff_scale
@@ -276,7 +318,7 @@ class FeaturePipeline:
         plan = self._plan
         x = [0.0] * len(self.features)
         if plan.calendar_columns:
-            t = timestamp + self.utc_offset_s
+            t = timestamp + (self.utc_offset_s if self.timezone is None else zone_offset(self.timezone, timestamp))
             day = 2.0 * math.pi * ((t - 0.0) % DAY_SECONDS) / DAY_SECONDS
             week = 2.0 * math.pi * ((t - _EPOCH_WEEKDAY_SHIFT) % WEEK_SECONDS) / WEEK_SECONDS
             phase = np.array([day, week])
@@ -289,6 +331,13 @@ class FeaturePipeline:
         for j, c, center, scale in plan.level_rows:
             x[j] = min(max((values[c] - center) / scale, -LEVEL_CLIP), LEVEL_CLIP)
         return np.array([x], dtype=np.float32)
+
+    def local_time(self, timestamps: npt.ArrayLike) -> FloatArray:
+        """Epoch timestamps shifted into the calendar's local time."""
+        t = np.asarray(timestamps, dtype=np.float64)
+        if self.timezone is None:
+            return t + self.utc_offset_s
+        return t + zone_offsets(self.timezone, t)
 
     @functools.cached_property
     def _plan(self) -> _EncodePlan:
@@ -330,6 +379,7 @@ class FeaturePipeline:
             "features": [f.to_dict() for f in self.features],
             "output": self.output.to_dict(),
             "utc_offset_seconds": self.utc_offset_s,
+            **({"timezone": self.timezone} if self.timezone is not None else {}),
         }
 
     @classmethod
@@ -343,24 +393,5 @@ class FeaturePipeline:
             features=tuple(FeatureSpec.from_dict(f) for f in feats),
             output=OutputSpec.from_dict(d["output"]),  # type: ignore[arg-type]
             utc_offset_s=float(d.get("utc_offset_seconds", 0.0)),  # type: ignore[arg-type]
+            timezone=None if d.get("timezone") is None else str(d["timezone"]),
         )
-
-
-def ticks_between(t_prev: float, t_now: float, cadence_s: float) -> int:
-    """Whole ticks from ``t_prev`` to ``t_now`` (at least 1 when ``t_now > t_prev``).
-
-    Readings need not land exactly on the cadence grid: the elapsed time is
-    rounded to the nearest number of cadences.
-    """
-    return max(1, round((t_now - t_prev) / cadence_s))
-
-
-def fill_gap(v_prev: FloatArray, v_now: FloatArray, n_ticks: int) -> FloatArray:
-    """Linear interpolation between two readings ``n_ticks`` apart.
-
-    Returns the ``n_ticks - 1`` readings in between, shape ``[n_ticks - 1, V]``:
-    the policy for short gaps, used by the converter on its training data and by
-    the daemon on live streams.
-    """
-    w = np.arange(1, n_ticks, dtype=np.float64)[:, None] / n_ticks
-    return (1.0 - w) * np.asarray(v_prev, np.float64)[None, :] + w * np.asarray(v_now, np.float64)[None, :]

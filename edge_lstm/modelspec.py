@@ -23,6 +23,7 @@ from typing import Any
 
 from edge_lstm.features import FeaturePipeline
 from edge_lstm.intervals import Intervals
+from edge_lstm.ticks import TickPolicy
 
 FORMAT = "edge-lstm-model"
 FORMAT_VERSION = 1
@@ -73,6 +74,21 @@ class Manifest:
     max_gap_ticks: int = 4  # gaps up to this many ticks were interpolated in training
     intervals: Intervals | None = None  # calibrated prediction intervals; None in older manifests
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # metrics, versions, ...
+    # How readings map onto ticks (manifest "ticks"); None: a manifest written before it existed,
+    # read with TickPolicy.legacy (one reading per tick, as those models were trained).
+    tick_policy: TickPolicy | None = None
+
+    def __post_init__(self) -> None:
+        p = self.tick_policy
+        if p is not None and (p.cadence_s != self.cadence_s or p.max_gap_ticks != self.max_gap_ticks):
+            raise ValueError("the tick policy's cadence and gap limit must be the manifest's")
+
+    @property
+    def ticks(self) -> TickPolicy:
+        """The tick policy the model was trained with."""
+        if self.tick_policy is not None:
+            return self.tick_policy
+        return TickPolicy.legacy(self.cadence_s, self.max_gap_ticks)
 
     @property
     def horizon(self) -> int:
@@ -104,6 +120,7 @@ class Manifest:
             "target_units": self.target_units,
             "warmup_ticks": self.warmup_ticks,
             "max_gap_ticks": self.max_gap_ticks,
+            **({"ticks": self.tick_policy.to_dict()} if self.tick_policy is not None else {}),
             "inputs": self.input_names,
             "outputs": self.output_names,
             **self.pipeline.to_dict(),
@@ -123,7 +140,7 @@ class Manifest:
         known = {
             "format", "format_version", "name", "model_file", "sha256", "quantization", "cadence_seconds",
             "layers", "target_units", "warmup_ticks", "max_gap_ticks", "inputs", "outputs",
-            "columns", "features", "output", "utc_offset_seconds", "intervals",
+            "columns", "features", "output", "utc_offset_seconds", "timezone", "ticks", "intervals",
         }  # fmt: skip
         try:
             layers = tuple(int(n) for n in d["layers"])
@@ -153,6 +170,7 @@ class Manifest:
                 max_gap_ticks=max_gap,
                 intervals=intervals,
                 extra={k: v for k, v in d.items() if k not in known},
+                tick_policy=None if d.get("ticks") is None else TickPolicy.from_manifest(d, cadence, max_gap),
             )
         except KeyError as e:
             raise ModelError(f"manifest is missing the field {e.args[0]!r}") from None
@@ -193,9 +211,19 @@ def load_manifest(path: Path | str) -> Manifest:
 
 
 def load_model(path: Path | str) -> ModelBundle:
-    """Load and verify a model directory: manifest valid, file present, SHA-256 equal."""
+    """Load and verify a model directory (or its ``manifest.json``): manifest valid, file present, SHA-256 equal.
+
+    Errors name ``path`` as given: a path that does not exist is never taken for its parent.
+    """
     p = Path(path)
-    directory = p if p.is_dir() else p.parent
+    if p.is_dir():
+        directory = p
+    elif p.is_file() and p.name == MANIFEST_NAME:
+        directory = p.parent
+    elif p.exists():
+        raise ModelError(f"{path} is not a model directory (expected a directory holding {MANIFEST_NAME})")
+    else:
+        raise ModelError(f"model directory not found: {path}")
     manifest = load_manifest(directory)
     model_path = directory / manifest.model_file
     try:

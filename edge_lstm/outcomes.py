@@ -12,14 +12,18 @@ from enum import Enum
 class Outcome(str, Enum):
     """The fate of one reading; the value is the metric label."""
 
-    PROCESSED = "processed"  # reading went through the model, forecast published
+    PROCESSED = "processed"  # reading opened a tick; the model steps when the tick closes (one forecast)
+    AGGREGATED = "aggregated"  # reading merged into a tick already opened by an earlier one
     BAD_PAYLOAD = "bad_payload"  # not decodable: bad UTF-8 / JSON / number, wrong shape
     NON_FINITE = "non_finite"  # NaN, Inf, or beyond the configured absolute limit
     MISSING_FIELD = "missing_field"  # a model column is absent from the payload
     TOO_LARGE = "too_large"  # body larger than input.max_payload_bytes
     BAD_TIMESTAMP = "bad_timestamp"  # unparsable or too far from the arrival time
     BAD_STREAM = "bad_stream"  # no stream id could be derived
-    OUT_OF_ORDER = "out_of_order"  # timestamp older than the stream's last reading
-    DUPLICATE = "duplicate"  # same timestamp as the stream's last reading
+    LATE = "late"  # its tick had already closed (older than the allowed lateness)
+    DUPLICATE = "duplicate"  # same timestamp as the stream's newest reading
+    # Not produced since ticks are explicit (a reading older than its closed tick is LATE); kept so
+    # that dashboards and alerts naming the label keep a (zero) series.
+    OUT_OF_ORDER = "out_of_order"
     QUEUE_FULL = "queue_full"  # dropped (oldest first) because the intake queue was full
     SHUTDOWN = "shutdown"  # still queued when the daemon stopped (only with a drain timeout)

@@ -8,8 +8,9 @@ Accepted bodies (UTF-8):
 * a JSON array of such objects or numbers (at most ``max_array_len``).
 
 A timestamp is epoch seconds, milliseconds, microseconds or nanoseconds (told
-apart by magnitude) or an ISO 8601 string (UTC when it has no offset); a
-reading without one takes its arrival time.  The stream id comes from the
+apart by magnitude) or an ISO 8601 string (UTC when it has no offset), and must
+lie in ``[1970-01-01T00:00:00Z, 1e11 s)`` (the year 5138, where the magnitude
+rule turns to milliseconds); a reading without one takes its arrival time.  The stream id comes from the
 payload's ``stream_field`` when configured and present, else from the topic.
 
 Nothing here raises anything but :class:`PayloadError`.  A body that cannot be
@@ -39,6 +40,8 @@ _LOG = logging.getLogger(__name__)
 MAX_STREAM_ID_LEN = 64
 _HASH_SUFFIX_LEN = 8
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+# What a changed id ends with; a raw id that already ends so is changed too, or it could meet one.
+_HASH_SUFFIX = re.compile(r"-[0-9a-f]{8}\Z")
 _UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9_.-]")
 _DOT_BEFORE_DOT = re.compile(r"\.(?=\.)")
 _NUMBER = re.compile(r"\s*[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?\s*")
@@ -51,6 +54,9 @@ _VECTOR_SCAN_MIN = 2048  # longer bodies are scanned for nesting with numpy
 # Epoch magnitudes: below 1e11 seconds (the year 5138), below 1e14 ms, 1e17 us, else ns.
 _EPOCH_SCALES = ((1e11, 1.0), (1e14, 1e-3), (1e17, 1e-6))
 _NS = 1e-9
+# Representable instants: from the epoch up to where the magnitude rule turns to milliseconds.
+MIN_EPOCH_S = 0.0
+MAX_EPOCH_S = 1e11
 
 
 class PayloadError(ValueError):
@@ -92,11 +98,13 @@ def sanitise_stream_id(raw: str) -> str:
 
     Keeps ``[A-Za-z0-9_.-]`` and replaces every other character with ``_``; no
     ``..`` and no leading dot; at most 64 characters. An id that had to be
-    changed (cut or cleaned) gets a hash suffix of the whole raw id, so distinct
-    raw ids stay distinct streams (``a+b`` and ``a#b`` do not merge).
+    changed (cut or cleaned) gets ``-`` and 8 hex digits of the SHA-256 of the
+    whole raw id; so does a raw id that already ends like that, so that no raw
+    id can meet a changed one: distinct raw ids stay distinct streams (``a+b``
+    and ``a#b`` do not merge, nor ``a b`` and ``a_b-c8687a08``).
     An empty id raises :class:`PayloadError` (``BAD_STREAM``).
     """
-    if _SAFE_ID.fullmatch(raw) and ".." not in raw:
+    if _SAFE_ID.fullmatch(raw) and ".." not in raw and not _HASH_SUFFIX.search(raw):
         return raw
     if not raw:
         raise PayloadError(Outcome.BAD_STREAM, "empty stream id")
@@ -105,7 +113,7 @@ def sanitise_stream_id(raw: str) -> str:
     s = _DOT_BEFORE_DOT.sub("_", s)
     if s.startswith("."):
         s = "_" + s[1:]
-    if len(raw) > MAX_STREAM_ID_LEN or s != raw:
+    if len(raw) > MAX_STREAM_ID_LEN or s != raw or _HASH_SUFFIX.search(raw):
         digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_SUFFIX_LEN]
         s = f"{s[: MAX_STREAM_ID_LEN - _HASH_SUFFIX_LEN - 1]}-{digest}"
     return s
@@ -160,27 +168,35 @@ def _nesting_exceeds_vector(data: bytes, limit: int) -> bool:
     return bool(np.cumsum(np.where(outside, step, 0), dtype=np.int32).max() > limit)
 
 
+def _instant(t: float) -> float:
+    if not MIN_EPOCH_S <= t < MAX_EPOCH_S:  # False for NaN
+        raise PayloadError(Outcome.BAD_TIMESTAMP, f"timestamp {t!r} is outside 1970-01-01 .. the year 5138")
+    return t
+
+
 def parse_timestamp(raw: object) -> float:
     """Epoch seconds from a number (s/ms/us/ns by magnitude) or an ISO 8601 string.
 
-    Raises :class:`PayloadError` (``BAD_TIMESTAMP``).
+    The result is a representable instant in ``[MIN_EPOCH_S, MAX_EPOCH_S)``;
+    anything else raises :class:`PayloadError` (``BAD_TIMESTAMP``), and nothing else is raised.
     """
     if type(raw) is str:
         text = raw.strip()
         if len(text) > _MAX_TS_STRING:
             raise PayloadError(Outcome.BAD_TIMESTAMP, "timestamp string too long")
         if _NUMBER.fullmatch(text):
-            raw = float(text)
+            raw = float(text)  # "1e999" is inf: rejected below
         else:
             if text.endswith(("Z", "z")):
                 text = text[:-1] + "+00:00"
             try:
                 t = dt.datetime.fromisoformat(text)
-            except ValueError:
+                if t.tzinfo is None:
+                    t = t.replace(tzinfo=dt.timezone.utc)
+                epoch = t.timestamp()
+            except (ValueError, OverflowError):  # OverflowError: an offset pushing year 1 or 9999 out of range
                 raise PayloadError(Outcome.BAD_TIMESTAMP, f"unparsable timestamp {raw[:32]!r}") from None
-            if t.tzinfo is None:
-                t = t.replace(tzinfo=dt.timezone.utc)
-            return t.timestamp()
+            return _instant(epoch)
     if type(raw) is int or type(raw) is float:
         try:
             v = float(raw)
@@ -190,8 +206,8 @@ def parse_timestamp(raw: object) -> float:
             raise PayloadError(Outcome.BAD_TIMESTAMP, f"timestamp {v!r} is not a valid epoch time")
         for limit, factor in _EPOCH_SCALES:
             if v < limit:
-                return v * factor
-        return v * _NS
+                return _instant(v * factor)
+        return _instant(v * _NS)
     raise PayloadError(Outcome.BAD_TIMESTAMP, f"timestamp of type {type(raw).__name__}")
 
 

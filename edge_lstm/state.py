@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_lstm.modelspec import state_names
+from edge_lstm.ticks import OPEN_SLOTS, StreamTicks, TickPolicy
 
 _LOG = logging.getLogger(__name__)
 
@@ -29,6 +30,16 @@ F64 = npt.NDArray[np.float64]
 
 _INITIAL_ROWS = 1024
 _PER_ROW_FIELDS = ("prev", "last_ts", "ticks", "last_seen", "pending_value", "pending_ts")
+# The open ticks: (name, trailing shape (V = values), fill).  A checkpoint written before they existed
+# restores with no tick open and its last reading's time as the newest.
+_TICK_FIELDS: tuple[tuple[str, tuple[str | int, ...], float], ...] = (
+    ("newest", (), np.nan),
+    ("slot_tick", (OPEN_SLOTS,), np.nan),
+    ("slot_n", (OPEN_SLOTS,), 0.0),
+    ("slot_sum", (OPEN_SLOTS, "V"), 0.0),
+    ("slot_last", (OPEN_SLOTS, "V"), np.nan),
+    ("slot_last_ts", (OPEN_SLOTS,), np.nan),
+)
 
 
 class StateTable:
@@ -43,6 +54,17 @@ class StateTable:
     ``last_seen``      ``[rows]`` int64 logical time of the last access (for eviction)
     ``pending_value``  ``[rows]`` float64 last 1-step forecast (NaN: none)
     ``pending_ts``     ``[rows]`` float64 the timestamp that forecast is for
+
+    and the open ticks (:class:`edge_lstm.ticks.StreamTicks`, ``S = OPEN_SLOTS``):
+
+    ``newest``         ``[rows]`` float64 event time of the newest reading (NaN: none)
+    ``slot_tick``      ``[rows, S]`` float64 index of each open bucket (NaN: slot free)
+    ``slot_n``         ``[rows, S]`` float64 readings in it
+    ``slot_sum``       ``[rows, S, V]`` float64 their sum
+    ``slot_last``      ``[rows, S, V]`` float64 the newest one's values (by event time)
+    ``slot_last_ts``   ``[rows, S]`` float64 its timestamp
+
+    ``prev`` and ``last_ts`` are then the values and the timestamp of the last closed tick.
     """
 
     def __init__(self, layers: Sequence[int], n_values: int, capacity: int) -> None:
@@ -67,7 +89,16 @@ class StateTable:
         self.last_seen: npt.NDArray[np.int64] = np.empty(0, np.int64)
         self.pending_value: F64 = np.empty(0)
         self.pending_ts: F64 = np.empty(0)
+        self.newest: F64 = np.empty(0)
+        self.slot_tick: F64 = np.empty((0, OPEN_SLOTS))
+        self.slot_n: F64 = np.empty((0, OPEN_SLOTS))
+        self.slot_sum: F64 = np.empty((0, OPEN_SLOTS, self.n_values))
+        self.slot_last: F64 = np.empty((0, OPEN_SLOTS, self.n_values))
+        self.slot_last_ts: F64 = np.empty((0, OPEN_SLOTS))
         self._grow(min(self.capacity, _INITIAL_ROWS))
+
+    def _shape(self, shape: tuple[str | int, ...]) -> tuple[int, ...]:
+        return tuple(self.n_values if d == "V" else int(d) for d in shape)
 
     # -- size -----------------------------------------------------------------------------------
 
@@ -91,7 +122,8 @@ class StateTable:
         return self._ids[row]
 
     def nbytes(self) -> int:
-        arrays: list[npt.NDArray[np.generic]] = [*self.state, *(getattr(self, f) for f in _PER_ROW_FIELDS)]
+        names = [*_PER_ROW_FIELDS, *(f for f, _, _ in _TICK_FIELDS)]
+        arrays: list[npt.NDArray[np.generic]] = [*self.state, *(getattr(self, f) for f in names)]
         return sum(a.nbytes for a in arrays)
 
     def _grow(self, rows: int) -> None:
@@ -114,6 +146,8 @@ class StateTable:
         self.last_seen = extend(self.last_seen, -1)  # type: ignore[assignment]
         self.pending_value = extend(self.pending_value, np.nan)  # type: ignore[assignment]
         self.pending_ts = extend(self.pending_ts, np.nan)  # type: ignore[assignment]
+        for name, _shape, fill in _TICK_FIELDS:
+            setattr(self, name, extend(getattr(self, name), fill))
         self._ids.extend([None] * (rows - old))
         # pop() takes from the end: keep low rows first so the table stays compact
         self._free.extend(range(rows - 1, old - 1, -1))
@@ -203,6 +237,8 @@ class StateTable:
         self.ticks[rows] = 0
         self.pending_value[rows] = np.nan
         self.pending_ts[rows] = np.nan
+        for name, _shape, fill in _TICK_FIELDS:
+            getattr(self, name)[rows] = fill
 
     def reset_all(self) -> int:
         """Reset every stream in use (rows are kept); returns how many."""
@@ -222,6 +258,32 @@ class StateTable:
         for a, s in zip(self.state, state, strict=True):
             a[rows] = s
 
+    # -- open ticks -----------------------------------------------------------------------------
+
+    def load_ticks(self, row: int, policy: TickPolicy) -> StreamTicks:
+        """The tick state of one row (the last closed tick's index from its stored time)."""
+        return StreamTicks(
+            float(self.newest[row]),
+            policy.tick_index(float(self.last_ts[row])),
+            self.prev[row].tolist(),
+            self.slot_tick[row].tolist(),
+            self.slot_n[row].tolist(),
+            self.slot_sum[row].tolist(),
+            self.slot_last[row].tolist(),
+            self.slot_last_ts[row].tolist(),
+        )
+
+    def store_ticks(self, row: int, s: StreamTicks, policy: TickPolicy) -> None:
+        """Write a row's tick state back (the last closed tick as its time)."""
+        self.newest[row] = s.newest
+        self.last_ts[row] = policy.tick_time(s.last_tick)
+        self.prev[row] = s.prev
+        self.slot_tick[row] = s.slot_tick
+        self.slot_n[row] = s.slot_n
+        self.slot_sum[row] = s.slot_sum
+        self.slot_last[row] = s.slot_last
+        self.slot_last_ts[row] = s.slot_last_ts
+
     # -- persistence ----------------------------------------------------------------------------
 
     def to_arrays(self) -> dict[str, npt.NDArray[np.generic]]:
@@ -231,7 +293,7 @@ class StateTable:
         out: dict[str, npt.NDArray[np.generic]] = {"streams": np.asarray(ids, dtype=np.str_)}
         for name, a in zip(state_names(self.layers), self.state, strict=True):
             out[name] = a[rows]
-        for name in _PER_ROW_FIELDS:
+        for name in (*_PER_ROW_FIELDS, *(f for f, _, _ in _TICK_FIELDS)):
             out[name] = getattr(self, name)[rows]
         return out
 
@@ -259,6 +321,13 @@ class StateTable:
             pending_value=((n,), np.float64),
             pending_ts=((n,), np.float64),
         )
+        for name, shape_spec, _fill in _TICK_FIELDS:
+            expected[name] = ((n, *table._shape(shape_spec)), np.float64)
+        arrays = dict(arrays)
+        if "newest" not in arrays and "last_ts" in arrays:  # written before ticks were explicit
+            arrays["newest"] = np.asarray(arrays["last_ts"])
+            for name, shape_spec, fill in _TICK_FIELDS[1:]:
+                arrays[name] = np.full((n, *table._shape(shape_spec)), fill)
         for name, (shape, dtype) in expected.items():
             a = arrays.get(name)
             if a is None:
@@ -269,7 +338,7 @@ class StateTable:
         keep = [ids[i] for i in order.tolist()]
         rows, _ = table.rows_for(keep)
         table.scatter(rows, [np.asarray(arrays[name])[order] for name in state_names(table.layers)])
-        for name in _PER_ROW_FIELDS:
+        for name in (*_PER_ROW_FIELDS, *(f for f, _, _ in _TICK_FIELDS)):
             getattr(table, name)[rows] = np.asarray(arrays[name])[order]
         table._clock = int(table.last_seen[rows].max()) if len(rows) else 0
         return table

@@ -154,8 +154,48 @@ def test_failed_save_leaves_the_old_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         save_checkpoint(filled_table(seed=2), tmp_path, FP)
     assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
+    (tmp_path / "a-file").write_text("")
     with pytest.raises(OSError):
-        save_checkpoint(filled_table(), tmp_path / "missing", FP)
+        save_checkpoint(filled_table(), tmp_path / "a-file", FP)
+
+
+def test_a_state_directory_removed_while_running_is_recreated(tmp_path: Path) -> None:
+    d = tmp_path / "state" / "edge-lstm"
+    saved = save_checkpoint(filled_table(), d, FP)
+    assert saved.path == d / CHECKPOINT_NAME and load(d).status is LoadStatus.RESTORED
+
+
+def test_open_ticks_survive_a_checkpoint_and_old_checkpoints_still_load(tmp_path: Path) -> None:
+    """A stream half-way through a tick resumes it; a file written before ticks were explicit restores."""
+    import dataclasses
+
+    from edge_lstm.ticks import Aggregate, Align, TickPolicy
+
+    bundle = load_model(MODEL_DIR)
+    m = dataclasses.replace(
+        bundle.manifest, tick_policy=TickPolicy(1800.0, 0.0, Align.START, Aggregate.MEAN, 600.0, 4)
+    )
+    model = load_step_model(dataclasses.replace(bundle, manifest=m))
+    readings = [Reading("s", (29000.0 + 37 * k,), 1.7e9 + 330.0 * k, 0.0) for k in range(60)]
+    straight, first = Engine(model, StateTable(m.layers, 1, 8)), Engine(model, StateTable(m.layers, 1, 8))
+    for r in readings[:31]:
+        straight.process([r])
+        first.process([r])
+    assert not np.isnan(first.table.slot_tick[first.table.row("s")]).all()  # a tick is open
+    save_checkpoint(first.table, tmp_path, m.sha256)
+    res = load_checkpoint(tmp_path, m.sha256, m.layers, 1, 8)
+    assert res.table is not None
+    resumed = Engine(model, res.table)
+    for r in readings[31:]:
+        a, b = straight.process([r]), resumed.process([r])
+        assert a.outcomes == b.outcomes
+        assert [(f.ts, f.values.tolist()) for f in a.forecasts] == [(f.ts, f.values.tolist()) for f in b.forecasts]
+    old = {k: v for k, v in filled_table().to_arrays().items() if not k.startswith(("slot_", "newest"))}
+    (tmp_path / CHECKPOINT_NAME).write_bytes(encode_checkpoint(old, FP))
+    res = load(tmp_path)
+    assert res.status is LoadStatus.RESTORED and res.table is not None
+    row = res.table.row("stream-3")
+    assert res.table.newest[row] == res.table.last_ts[row] == 1.7e9 + 3  # a repeat of it is a duplicate
 
 
 def test_stale_temp_files_are_removed(tmp_path: Path) -> None:

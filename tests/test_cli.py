@@ -86,7 +86,7 @@ def test_check_config_literal_password_is_hidden_and_warned(tmp_path: Path, caps
     ("sections", "message"),
     [
         ({"mqtt": {"prot": 1883}}, "unknown key 'prot' in section [mqtt]"),
-        ({"model": {"path": "/nonexistent/model"}}, "model manifest not found"),
+        ({"model": {"path": "/nonexistent/model"}}, "model directory not found: /nonexistent/model"),
         ({"input": {"fields": {"temperature": "t"}}}, "input.fields"),
     ],
 )
@@ -114,7 +114,7 @@ def test_check_config_rejects_a_tampered_model(tmp_path: Path, capsys: pytest.Ca
     ("sections", "message"),
     [
         ({"engine": {"max_batch": "big"}}, "engine.max_batch: expected an integer"),
-        ({"model": {"path": "/nonexistent/model"}}, "model manifest not found"),
+        ({"model": {"path": "/nonexistent/model"}}, "model directory not found: /nonexistent/model"),
     ],
 )
 def test_run_with_bad_config_or_model_fails_at_start_with_one_clear_line(

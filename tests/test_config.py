@@ -82,6 +82,8 @@ def test_example_config_in_deploy_is_valid_and_complete(monkeypatch: pytest.Monk
         ("[log]\nlevel = 'verbose'\n", "log.level: expected one of"),
         ("[model]\nruntime = 'tensorflow'\n", "model.runtime: expected one of"),
         ("mqtt = 3\n", "[mqtt] must be a table"),
+        ("[input]\ntimestamp_fields = ['ts', '']\n", "input.timestamp_fields must not hold an empty name"),
+        ("[input]\ntimestamp_field = 'ts'\ntimestamp_fields = ['t']\n", "sets both 'timestamp_field'"),
     ],
 )
 def test_bad_configs_name_the_key_and_problem(tmp_path: Path, text: str, message: str) -> None:
@@ -155,3 +157,23 @@ def test_reference_documents_every_field() -> None:
     for line in to_toml(Config()).splitlines():
         if " = " in line:
             assert f"| `{line.split(' = ')[0]}` |" in doc
+
+
+def test_timestamp_fields_default_and_the_older_single_key(tmp_path: Path) -> None:
+    """docs/formats.md: the first of ts, timestamp, time; the older `timestamp_field` still reads."""
+    assert load_config(write(tmp_path, "")).input.timestamp_fields == ["ts", "timestamp", "time"]
+    assert load_config(write(tmp_path, "[input]\ntimestamp_field = 'when'\n")).input.timestamp_fields == ["when"]
+    assert load_config(write(tmp_path, "[input]\ntimestamp_field = ''\n")).input.timestamp_fields == []
+    c = load_config(write(tmp_path, "[input]\ntimestamp_fields = ['t', 'time']\n"))
+    assert c.input.timestamp_fields == ["t", "time"] and c.input.timestamp_field == "t"
+
+
+def test_a_missing_or_mistyped_model_directory_is_named_as_written(tmp_path: Path) -> None:
+    from edge_lstm.modelspec import ModelError, load_model
+
+    model = REPO / "models" / "taylor"
+    for wrong in (tmp_path / "taylr", model / "typo", model / "model.tflite"):
+        with pytest.raises(ModelError) as e:
+            load_model(wrong)
+        assert str(wrong) in str(e.value)  # never its parent, never the parent's manifest
+    assert load_model(model / "manifest.json").manifest.name == "taylor"

@@ -79,7 +79,7 @@ def _holdout_sequences(
 ) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     """Hold-out input sequences and (actual next readings, last readings, observed) for 1-step scoring."""
     man = load_model(model_dir).manifest
-    grid = load(data, "timestamp", man.pipeline.columns, man.cadence_s, man.max_gap_ticks)
+    grid = load(data, "timestamp", man.pipeline.columns, policy=man.ticks)
     enc = encode(grid, man.pipeline, Split())
     seqs, truth = [], []
     for e in enc:
@@ -333,3 +333,31 @@ def test_real_series_with_trend_and_holes_beats_persistence(tmp_path: Path) -> N
     for k in range(4):
         assert h["model"][k] < 0.9 * h["persistence"][k]
         assert h["model"][k] < h["seasonal_naive"][k]
+
+
+def test_a_1_second_log_trains_a_1_minute_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`edge-lstm-convert train --cadence 60 --aggregate mean` on a raw sensor log sampled every second."""
+    rng = np.random.default_rng(5)
+    t0 = 1_700_000_040  # on the minute
+    n = 2 * 86_400
+    t = np.arange(n)
+    v = 20 + 3 * np.sin(2 * np.pi * t / 86_400) + 0.5 * np.sin(2 * np.pi * t / 3_600) + rng.normal(0, 0.3, n)
+    keep = (t % 7_200) >= 180  # three minutes missing every two hours: filled
+    path = tmp_path / "raw_1s.csv"
+    with open(path, "w") as f:
+        f.write("ts,temp\n")
+        f.writelines(f"{t0 + i},{x:.3f}\n" for i, x in zip(t[keep], v[keep], strict=True))
+    out = tmp_path / "minutely"
+    code = main(["train", str(path), "--time-col", "ts", "--target", "temp", "--cadence", "60", "--aggregate", "mean",
+                 "--horizon", "4", "--units", "8", "--epochs", "3", "--patience", "2", "--modes", "none",
+                 "--quantize", "float32", "--no-plot", "--json", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    man = load_model(out).manifest
+    assert man.cadence_s == 60 and man.ticks.aggregate.value == "mean" and man.ticks.align.value == "start"
+    assert json.loads((out / "manifest.json").read_text())["ticks"]["aggregate"] == "mean"
+    d = report["data"]
+    assert d["rows"] == int(keep.sum()) and d["segments"] == 1
+    assert d["ticks"] == 2 * 1440 - 3 and d["ticks_filled"] == 23 * 3  # the first three minutes are not there
+    assert d["rows_aggregated"] == int(keep.sum()) - (d["ticks"] - d["ticks_filled"])
+    assert np.isfinite(report["holdout"]["mae"]["model"][0])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from converter.cli import main
-from converter.data import infer_cadence, load, parse_timestamp, read_csv, resample
+from converter.data import choose_policy, infer_cadence, load, parse_timestamp, read_csv, resample
 from converter.prepare import (
     LevelMode,
     Part,
@@ -23,7 +23,8 @@ from converter.prepare import (
     training_windows,
     trends,
 )
-from edge_lstm.features import FeatureKind, fill_gap
+from edge_lstm.features import FeatureKind
+from edge_lstm.ticks import Aggregate, Align
 
 
 def _write(path: Path, text: str) -> Path:
@@ -70,14 +71,30 @@ def test_empty_and_nan_cells_are_missing_readings_filled_by_the_gap_policy(tmp_p
     p = _write(tmp_path / "d.csv", "ts,v\n0,1\n60,\n120,NaN\n180,4\n240,5\n")
     raw = read_csv(p, "ts", ["v"])
     assert np.isnan(raw.values[1, 0]) and np.isnan(raw.values[2, 0])
-    grid = resample(raw, max_gap_ticks=4)
+    grid = resample(raw, choose_policy(raw.timestamps, max_gap_ticks=4))
     assert grid.n_missing == 2 and grid.n_filled == 2 and len(grid.segments) == 1
     seg = grid.segments[0]
     np.testing.assert_allclose(seg.values[:, 0], [1, 2, 3, 4, 5])
     np.testing.assert_allclose(seg.timestamps, [0, 60, 120, 180, 240])
     assert seg.observed.tolist() == [True, False, False, True, True]
-    # The fill is the daemon's own function.
-    np.testing.assert_allclose(seg.values[1:3], fill_gap(np.array([1.0]), np.array([4.0]), 3))
+
+
+def test_a_1_hz_log_aggregates_onto_a_60_s_cadence(tmp_path: Path) -> None:
+    """A raw sensor log faster than the cadence: one tick per minute, the mean of its readings."""
+    t0 = 1_700_000_040  # on the minute
+    rows = [f"{t0 + i},{i % 60}" for i in range(3600) if i not in range(600, 630)]  # 30 s missing: no gap
+    rows.insert(100, f"{t0 + 50},99")  # a late row (its minute has closed), and a duplicate:
+    rows.insert(200, rows[199])
+    grid = load(_write(tmp_path / "d.csv", "ts,v\n" + "\n".join(rows) + "\n"), "ts", ["v"], cadence_s=60)
+    p = grid.policy
+    assert (p.cadence_s, p.aggregate, p.align, p.origin_s) == (60.0, Aggregate.MEAN, Align.START, 0.0)
+    (seg,) = grid.segments
+    assert len(seg) == 60 and seg.observed.all() and grid.n_filled == 0
+    np.testing.assert_allclose(seg.timestamps, t0 + 60 * np.arange(60))
+    np.testing.assert_allclose(seg.values[:, 0], [29.5] * 10 + [44.5] + [29.5] * 49)  # minute 10: 30..59 only
+    assert (grid.n_late, grid.n_duplicate, grid.n_aggregated) == (1, 1, 3570 - 60)
+    last = load(tmp_path / "d.csv", "ts", ["v"], cadence_s=60, aggregate=Aggregate.LAST)
+    np.testing.assert_allclose(last.segments[0].values[:, 0], 59.0)
 
 
 def test_long_gap_splits_the_series_into_segments(tmp_path: Path) -> None:
@@ -186,8 +203,9 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
         ("time,v\n0,1\n60,2\n", ["--target", "v"], "'ts' not found"),
         ("ts,v\n0,1\n60,abc\n120,3\n", ["--target", "v"], "line 3: column 'v': 'abc' is not a finite number"),
         ("ts,v\n0,1\n60,inf\n", ["--target", "v"], "'inf' is not a finite number"),
-        ("ts,v\n0,1\n60,2\n60,3\n", ["--target", "v"], "duplicate timestamp"),
-        ("ts,v\n0,1\n120,2\n60,3\n", ["--target", "v"], "not sorted"),
+        ("ts,v\n240,1\n180,2\n120,3\n60,4\n0,5\n", ["--target", "v"], "time order"),
+        ("ts,v\n0,1\n60,2\n", ["--target", "v", "--timezone", "Europe/Bonn"], "unknown time zone"),
+        ("ts,v\n0,1\n60,2\n", ["--target", "v", "--lateness", "60"], "below the cadence"),
         ("ts,v\n0,1\nsoon,2\n", ["--target", "v"], "line 3: column 'ts'"),
         ("ts,v\n" + "".join(f"{i * 60},{i % 7}\n" for i in range(40)), ["--target", "v"], "series too short"),
         ("", ["--target", "v"], "empty"),

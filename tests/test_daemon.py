@@ -111,7 +111,7 @@ def test_mosquitto_pub_and_paho_readings_each_give_one_forecast(
         assert doc["stream"] == topic.split("/")[1]
         assert doc["model"] == MANIFEST.model_id and doc["units"] == "MW"
         assert len(doc["forecasts"]) == K and doc["warming_up"] is True
-    assert docs["forecasts/attic"]["ts_epoch"] == 959_000_000
+    assert docs["forecasts/attic"]["ts_epoch"] == 959_000_400  # its tick on the model's 30-minute grid
     assert d.outcomes()["processed"] == 2
     assert d.metric("edge_lstm_forecasts_published_total") == 2
     # exactly one forecast each: nothing else arrives

@@ -1,4 +1,4 @@
-"""Engine: time policy, gap filling, warm-up, online error, model swap; batched == sequential."""
+"""Engine: tick policy, gap filling, warm-up, online error, model swap; batched == one reading at a time."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_lstm.engine import Engine
-from edge_lstm.features import FeatureKind, FeaturePipeline, FeatureSpec, OutputSpec, fill_gap, ticks_between
+from edge_lstm.features import FeatureKind, FeaturePipeline, FeatureSpec, OutputSpec
 from edge_lstm.intervals import Intervals
 from edge_lstm.modelspec import Manifest, Quantization, load_model
 from edge_lstm.outcomes import Outcome
@@ -20,21 +20,24 @@ from edge_lstm.payload import Reading
 from edge_lstm.reference import LSTMLayerWeights, ReferenceModel, ReferenceWeights
 from edge_lstm.runtime import load_step_model
 from edge_lstm.state import StateTable
+from edge_lstm.ticks import Aggregate, Align, TickPolicy
 
 CADENCE = 60.0
-T0 = 1_717_000_000.0
+T0 = 1_716_998_400.0  # on the minute grid
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "taylor"
 
 
 def make_manifest(layers: tuple[int, ...] = (5, 3), horizon: int = 3, columns: tuple[str, ...] = ("a", "b"),
-                  warmup: int = 3, max_gap: int = 4, name: str = "fake") -> Manifest:  # fmt: skip
+                  warmup: int = 3, max_gap: int = 4, name: str = "fake",
+                  ticks: tuple[Align, Aggregate, float] | None = None) -> Manifest:  # fmt: skip
     feats = [FeatureSpec(f"d_{c}", FeatureKind.DIFF, c, 0.0, 2.0) for c in columns]
     feats += [FeatureSpec(f"l_{c}", FeatureKind.LEVEL, c, 10.0, 5.0) for c in columns]
     feats += [FeatureSpec("tod_sin", FeatureKind.TOD_SIN), FeatureSpec("tod_cos", FeatureKind.TOD_COS)]
     pipeline = FeaturePipeline(columns, tuple(feats), OutputSpec(columns[0], horizon, scale=3.0))
     return Manifest(name=name, sha256=f"{abs(hash((layers, name))):064d}"[-64:], quantization=Quantization.FLOAT32,
                     pipeline=pipeline, cadence_s=CADENCE, layers=layers, target_units="u",
-                    warmup_ticks=warmup, max_gap_ticks=max_gap)  # fmt: skip
+                    warmup_ticks=warmup, max_gap_ticks=max_gap,
+                    tick_policy=None if ticks is None else TickPolicy(CADENCE, 0.0, *ticks, max_gap))  # fmt: skip
 
 
 class NumpyModel:
@@ -72,33 +75,15 @@ def rd(stream: str, tick: float, *values: float) -> Reading:
     return Reading(stream, tuple(values), T0 + tick * CADENCE, 0.5)
 
 
-def sequential(model: NumpyModel, readings: Sequence[Reading], max_gap: int) -> list[tuple[np.ndarray, bool] | None]:
-    """The oracle: one stream's readings, one at a time, straight from the time policy's definition."""
-    m = model.manifest
-    p = m.pipeline
-    state = model.ref.zero_state(1)
-    prev = np.full(len(p.columns), np.nan)
-    last: float | None = None
-    ticks = 0
-    out: list[tuple[np.ndarray, bool] | None] = []
+def sequential(
+    model: NumpyModel, readings: Sequence[Reading], capacity: int = 100
+) -> dict[str, list[tuple[np.ndarray, bool]]]:
+    """The oracle for batching: the same readings through a fresh engine, one reading per call."""
+    eng = engine_for(model, capacity)
+    out: dict[str, list[tuple[np.ndarray, bool]]] = {}
     for r in readings:
-        v = np.asarray(r.values, dtype=np.float64)
-        if last is not None and r.ts <= last:
-            out.append(None)
-            continue
-        n = 1 if last is None else ticks_between(last, r.ts, m.cadence_s)
-        if last is not None and n > max_gap:
-            state, prev, ticks, n = model.ref.zero_state(1), np.full_like(prev, np.nan), 0, 1
-        if n > 1:
-            assert last is not None
-            fts = last + (r.ts - last) * np.arange(1, n, dtype=np.float64) / n
-            for fv, ft in zip(fill_gap(prev, v, n), fts, strict=True):
-                _, state = model.ref.step(p.encode(fv[None], prev[None], [ft]), state)
-                prev, ticks = fv, ticks + 1
-        y, state = model.ref.step(p.encode(v[None], prev[None], [r.ts]), state)
-        ticks += 1
-        out.append((p.decode(y, [v[p.target_index]])[0], ticks < m.warmup_ticks))
-        prev, last = v, r.ts
+        for f in eng.process([r]).forecasts:
+            out.setdefault(f.stream, []).append((f.values, f.warming_up))
     return out
 
 
@@ -116,16 +101,31 @@ def test_one_step_for_a_batch_without_gaps_and_counts() -> None:
     assert res.batch_size == 2 and res.model_steps == 1 and res.inference_seconds >= 0
 
 
-def test_out_of_order_and_duplicates_are_dropped_and_counted() -> None:
+def test_late_and_duplicates_are_dropped_and_counted() -> None:
     model = NumpyModel(make_manifest())
     eng = engine_for(model)
     eng.process([rd("s1", 5, 1, 1), rd("s2", 5, 1, 1)])
     res = eng.process([rd("s1", 4, 2, 2), rd("s2", 5, 2, 2), rd("s3", 0, 2, 2)])
-    assert res.outcomes == {Outcome.OUT_OF_ORDER: 1, Outcome.DUPLICATE: 1, Outcome.PROCESSED: 1}
+    assert res.outcomes == {Outcome.LATE: 1, Outcome.DUPLICATE: 1, Outcome.PROCESSED: 1}
     assert [f.stream for f in res.forecasts] == ["s3"]
     assert eng.table.last_ts[eng.table.row("s1")] == T0 + 5 * CADENCE  # unchanged
     res = eng.process([rd("s1", 4, 2, 2), rd("s2", 5, 2, 2)])
-    assert res.outcomes == {Outcome.OUT_OF_ORDER: 1, Outcome.DUPLICATE: 1} and model.calls == [2, 1]
+    assert res.outcomes == {Outcome.LATE: 1, Outcome.DUPLICATE: 1} and model.calls == [2, 1]
+
+
+def test_mean_ticks_close_when_a_reading_passes_their_end() -> None:
+    """Several readings per tick: one model step per closed tick, at the first reading of a later tick."""
+    model = NumpyModel(make_manifest(ticks=(Align.START, Aggregate.MEAN, 0.0), warmup=1))
+    eng = engine_for(model)
+    res = eng.process([rd("s", 0.1, 1, 2), rd("s", 0.5, 3, 4), rd("s", 0.9, 5, 6)])
+    assert res.outcomes == {Outcome.PROCESSED: 1, Outcome.AGGREGATED: 2} and res.forecasts == []
+    assert model.calls == []
+    res = eng.process([rd("s", 1.0, 7, 8)])  # at the tick's end: closes it
+    assert res.outcomes == {Outcome.PROCESSED: 1} and model.calls == [1]
+    (f,) = res.forecasts
+    assert f.ts == T0 and f.received == 0.5
+    fresh = engine_for(NumpyModel(make_manifest(warmup=1))).process([rd("x", 0, 3, 4)]).forecasts[0]
+    np.testing.assert_array_equal(f.values, fresh.values)  # the tick's value is the mean (3, 4)
 
 
 def test_short_gap_is_filled_with_extra_steps_only_for_that_stream() -> None:
@@ -134,7 +134,7 @@ def test_short_gap_is_filled_with_extra_steps_only_for_that_stream() -> None:
     eng.process([rd("s1", 0, 1, 1), rd("s2", 0, 1, 1)])
     model.calls.clear()
     res = eng.process([rd("s1", 4, 5, 5), rd("s2", 1, 2, 2)])  # s1: 3 filled ticks, s2: none
-    assert model.calls == [1, 1, 1, 2]
+    assert model.calls == [2, 1, 1, 1]  # the j-th tick of every stream in the j-th step
     assert res.model_steps == 4 and res.batch_size == 2 and len(res.forecasts) == 2
     assert eng.table.ticks[eng.table.row("s1")] == 5 and eng.table.ticks[eng.table.row("s2")] == 2
     assert res.resets == {}
@@ -154,14 +154,16 @@ def test_long_gap_resets_state() -> None:
     np.testing.assert_allclose(res.forecasts[0].values, fresh.values)
 
 
-def test_jittered_timestamps_round_to_ticks() -> None:
+def test_jittered_timestamps_stay_on_their_tick() -> None:
+    """Legacy (centred) buckets: a reading belongs to the nearest grid point, whatever its jitter."""
     model = NumpyModel(make_manifest())
     eng = engine_for(model)
     eng.process([rd("s1", 0, 1, 1)])
     model.calls.clear()
-    eng.process([rd("s1", 1.3, 1, 1)])  # rounds to 1 tick
-    eng.process([rd("s1", 2.6, 1, 1)])  # 1.3 ticks later: 1 tick
-    eng.process([rd("s1", 4.4, 1, 1)])  # 1.8 ticks later: 2 ticks, one filled
+    assert [f.ts for f in eng.process([rd("s1", 1.3, 1, 1)]).forecasts] == [T0 + CADENCE]
+    assert eng.process([rd("s1", 1.45, 1, 1)]).outcomes == {Outcome.LATE: 1}  # tick 1 already taken
+    eng.process([rd("s1", 2.6, 1, 1)])  # tick 3: tick 2 filled
+    eng.process([rd("s1", 3.6, 1, 1)])  # tick 4
     assert model.calls == [1, 1, 1, 1]
 
 
@@ -269,11 +271,23 @@ def _scenario(draw: st.DrawFn) -> tuple[dict[str, list[Reading]], list[int]]:
     return per_stream, [*order, *sizes]
 
 
+_policies = st.sampled_from(
+    [
+        None,
+        (Align.START, Aggregate.MEAN, 0.0),
+        (Align.CENTER, Aggregate.LAST, 30.0),
+        (Align.START, Aggregate.MEAN, 45.0),
+    ]
+)
+
+
 @settings(max_examples=60, deadline=None)
-@given(_scenario(), st.booleans())
-def test_batched_equals_sequential(scenario: tuple[dict[str, list[Reading]], list[int]], distinct: bool) -> None:
+@given(_scenario(), st.booleans(), _policies)
+def test_batched_equals_sequential(
+    scenario: tuple[dict[str, list[Reading]], list[int]], distinct: bool, ticks: tuple[Align, Aggregate, float] | None
+) -> None:
     per_stream, plan = scenario
-    model = NumpyModel(make_manifest(max_gap=4, warmup=3))
+    model = NumpyModel(make_manifest(max_gap=4, warmup=3, ticks=ticks))
     n = sum(len(v) for v in per_stream.values())
     order, sizes = plan[:n], plan[n:]
     names = list(per_stream)
@@ -301,12 +315,11 @@ def test_batched_equals_sequential(scenario: tuple[dict[str, list[Reading]], lis
     for b in batches:
         res = eng.process(b)
         counted += sum(res.outcomes.values())
-        assert res.outcomes[Outcome.PROCESSED] == len(res.forecasts)
         for f in res.forecasts:
             got[f.stream].append((f.values, f.warming_up))
     assert counted == n
     for s, rs in per_stream.items():
-        want = [w for w in sequential(model, rs, 4) if w is not None]
+        want = sequential(model, rs).get(s, [])
         assert len(got[s]) == len(want)
         for (gv, gw), (wv, ww) in zip(got[s], want, strict=True):
             assert gw == ww
@@ -325,11 +338,13 @@ _steps = st.lists(
 
 
 @settings(max_examples=80, deadline=None)
-@given(_steps, st.integers(2, 6))
-def test_single_reading_path_equals_the_batch_path_exactly(steps: list[tuple[int, float, float]], cap: int) -> None:
-    """A batch of one takes the scalar path: same forecasts, counts, errors, anomaly checks and state, bit for bit."""
+@given(_steps, st.integers(2, 6), _policies)
+def test_single_tick_path_equals_the_batch_path_exactly(
+    steps: list[tuple[int, float, float]], cap: int, ticks: tuple[Align, Aggregate, float] | None
+) -> None:
+    """A model step of one tick encodes on Python floats: same forecasts, counts, errors, anomaly checks and state."""
     iv = Intervals((0.8, 0.95), [[-0.5, -1.0, -1.5], [-1.0, -2.0, -3.0]], [[0.4, 1.0, 1.5], [0.9, 2.0, 3.0]])
-    model = NumpyModel(dataclasses.replace(make_manifest(max_gap=4, warmup=3), intervals=iv))
+    model = NumpyModel(dataclasses.replace(make_manifest(max_gap=4, warmup=3, ticks=ticks), intervals=iv))
     ticks: dict[int, float] = {}
     readings = []
     for s, jump, v in steps:  # per stream: on time, jittered, late, duplicate, short and long gaps
@@ -340,7 +355,12 @@ def test_single_reading_path_equals_the_batch_path_exactly(steps: list[tuple[int
     for r in readings:
         a, b = scalar.process([r]), vector.process([r])
         assert (a.outcomes, a.resets, a.evictions, a.batch_size, a.model_steps, a.step_sizes) == (
-            b.outcomes, b.resets, b.evictions, b.batch_size, b.model_steps, b.step_sizes
+            b.outcomes,
+            b.resets,
+            b.evictions,
+            b.batch_size,
+            b.model_steps,
+            b.step_sizes,
         )
         assert a.abs_errors == b.abs_errors
         assert (a.anomaly_checks, a.anomalies) == (b.anomaly_checks, b.anomalies)

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edge_lstm.forecast import ForecastEncoder
 from edge_lstm.outcomes import Outcome
 from edge_lstm.payload import (
     MAX_STREAM_ID_LEN,
@@ -19,6 +20,7 @@ from edge_lstm.payload import (
     parse_timestamp,
     sanitise_stream_id,
 )
+from tests.test_engine import NumpyModel, engine_for, make_manifest
 
 NOW = 1_717_000_000.0  # 2024-05-29T16:26:40Z
 
@@ -237,8 +239,7 @@ def test_safe_ids_are_kept(raw: str) -> None:
 )
 def test_unsafe_ids_are_cleaned_and_marked_with_a_hash(raw: str, cleaned: str) -> None:
     out = sanitise_stream_id(raw)
-    assert re.fullmatch(re.escape(cleaned) + r"-[0-9a-f]+", out), out
-    assert sanitise_stream_id(out) == out  # a cleaned id is itself safe
+    assert re.fullmatch(re.escape(cleaned) + r"-[0-9a-f]{8}", out), out
 
 
 def test_ids_that_clean_alike_stay_distinct() -> None:
@@ -263,7 +264,7 @@ def test_sanitised_ids_are_always_safe(raw: str) -> None:
     assert _SAFE.fullmatch(s)
     assert ".." not in s
     assert 1 <= len(s) <= MAX_STREAM_ID_LEN
-    assert sanitise_stream_id(s) == s  # idempotent
+    assert (s == raw) != bool(re.search(r"-[0-9a-f]{8}$", s))  # kept as is, or marked: never both
 
 
 # -- properties -----------------------------------------------------------------------------------
@@ -338,7 +339,148 @@ def test_both_nesting_scans_agree(text: str, limit: int) -> None:
 
 def test_long_bodies_use_the_vector_scan_correctly() -> None:
     dec = single(max_payload_bytes=1 << 20, max_array_len=100_000)
-    flat = json.dumps([{"value": 1, "note": "]]]}}\\\\\"[[[[" * 3} for _ in range(200)])
+    flat = json.dumps([{"value": 1, "note": ']]]}}\\\\"[[[[' * 3} for _ in range(200)])
     assert len(decode(dec, flat).readings) == 200
     deep = json.dumps([{"value": 1, "x": [[[[1]]]]}] * 200)
     assert outcome_of(dec, deep) is Outcome.BAD_PAYLOAD
+
+
+# -- timestamps: a representable instant or bad_timestamp, never anything else ---------------------
+
+
+def test_timestamp_fields_default_to_ts_then_timestamp_then_time() -> None:
+    dec = single()
+    assert dec.timestamp_fields == ("ts", "timestamp", "time")
+    (r,) = decode(dec, '{"value": 1, "time": 1716999000}').readings
+    assert r.ts == 1716999000.0
+    (r,) = decode(dec, '{"value": 1, "time": 1716999000, "timestamp": 1716999100, "ts": 1716999200}').readings
+    assert r.ts == 1716999200.0
+    (r,) = decode(dec, '{"value": 1, "time": 1716999000, "timestamp": 1716999100}').readings
+    assert r.ts == 1716999100.0
+    (r,) = decode(dec, '{"value": 1}').readings
+    assert r.ts == NOW  # none of them: the arrival time
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        -5,
+        -0.001,
+        "1969-12-31T23:59:59Z",  # before the epoch: rejected like a negative number
+        "0001-01-01T00:00:00+01:00",  # year 0 in UTC: not representable
+        "9999-12-31T23:59:59-01:00",  # year 10000 in UTC
+        "9999-12-31T23:59:59Z",  # beyond the year 5138
+        "5138-11-16T09:46:40Z",  # exactly 1e11 s
+        1e300,
+        10**400,
+        "1e999",
+        "9" * 60,
+        "nan",
+        True,
+        None,
+        [1],
+    ],
+)
+def test_unrepresentable_timestamps_are_bad(raw: object) -> None:
+    with pytest.raises(PayloadError) as ei:
+        parse_timestamp(raw)
+    assert ei.value.outcome is Outcome.BAD_TIMESTAMP
+
+
+def test_first_and_last_representable_instants() -> None:
+    assert parse_timestamp("1970-01-01T00:00:00Z") == 0.0
+    assert parse_timestamp(0) == 0.0
+    assert parse_timestamp(99_999_999_999.0) == 99_999_999_999.0
+    assert parse_timestamp("5138-11-16T09:46:39Z") == 99_999_999_999.0
+
+
+_ts_text = st.one_of(
+    st.text(max_size=40),
+    st.datetimes(timezones=st.one_of(st.none(), st.timezones())).map(lambda d: d.isoformat()),
+    st.from_regex(r"[+-]?\d{1,25}(\.\d{0,9})?([eE][+-]?\d{1,4})?", fullmatch=True),
+)
+_ts_raw = st.one_of(
+    _ts_text,
+    st.integers(min_value=-(10**40), max_value=10**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.none(),
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(_ts_raw)
+def test_parse_timestamp_fuzz(raw: object) -> None:
+    try:
+        t = parse_timestamp(raw)
+    except PayloadError as e:
+        assert e.outcome is Outcome.BAD_TIMESTAMP
+        return
+    assert type(t) is float and 0.0 <= t < 1e11
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.fixed_dictionaries({"value": st.floats(-1e6, 1e6)}, optional={"ts": _ts_raw, "time": _ts_raw}),
+             min_size=1, max_size=8),
+    st.sampled_from([None, 86_400.0, 0.5]),
+    st.floats(min_value=0, max_value=2e11),
+)  # fmt: skip
+def test_decoder_and_engine_never_raise_on_fuzzed_timestamps(
+    items: list[dict[str, object]], skew: float | None, now: float
+) -> None:
+    """With the skew check on and off (``None``: ``max_clock_skew_s = 0``), whatever the arrival clock says."""
+    dec = single(max_clock_skew_s=skew)
+    try:
+        body = json.dumps(items).encode()
+    except ValueError:
+        return
+    try:
+        res = dec.decode(body, "s", min(now, 99_999_999_999.0), 0.0)
+    except PayloadError as e:
+        assert e.outcome is not None
+        return
+    assert res.count == len(items)
+    for r in res.readings:
+        assert 0.0 <= r.ts < 1e11
+        if skew is not None:
+            assert abs(r.ts - min(now, 99_999_999_999.0)) <= skew
+    model = NumpyModel(make_manifest(columns=("demand",), horizon=4))
+    eng = engine_for(model)
+    out = eng.process(res.readings)
+    assert sum(out.outcomes.values()) == len(res.readings)
+    enc = ForecastEncoder(model.manifest.cadence_s)
+    for f in out.forecasts:
+        json.loads(enc.encode(f))
+
+
+def test_raw_ids_that_look_like_cleaned_ones_stay_distinct() -> None:
+    a, b = sanitise_stream_id("a b"), sanitise_stream_id("a_b-c8687a08")
+    assert a == "a_b-c8687a08"  # the cleaned form of "a b" ...
+    assert b != a and b.startswith("a_b-c8687a08-")  # ... so a raw id of that form is marked too
+    assert sanitise_stream_id("node-0A1B2C3D") == "node-0A1B2C3D"  # upper-case hex is never a mark
+
+
+_id_text = st.one_of(
+    st.text(max_size=80),
+    st.text(alphabet="ab _-.", max_size=12),
+    st.text(alphabet="ab _", max_size=6).map(
+        lambda s: s + "-" + __import__("hashlib").sha256(s.encode()).hexdigest()[:8]
+    ),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_id_text, _id_text)
+def test_distinct_raw_ids_stay_distinct_streams(a: str, b: str) -> None:
+    if not a or not b or a == b:
+        return
+    assert sanitise_stream_id(a) != sanitise_stream_id(b)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="ab _", max_size=6).filter(bool))
+def test_a_raw_id_never_meets_the_cleaned_form_of_another(raw: str) -> None:
+    cleaned = sanitise_stream_id(raw)
+    if cleaned != raw:
+        assert sanitise_stream_id(cleaned) != cleaned  # the cleaned text as a raw id is another stream

@@ -197,7 +197,7 @@ def send_traffic(broker: Broker, series: tuple[np.ndarray, np.ndarray], rounds: 
                 ("sensors/north/value", json.dumps({"ts": ts[last] + 60, "other": 1.0}), "missing_field"),
                 ("sensors/north/value", json.dumps(_reading(ts[last] + 60, 1e15)), "non_finite"),
                 ("sensors/north/value", json.dumps({"ts": "not a time", "demand_mw": 1.0}), "bad_timestamp"),
-                ("sensors/north/value", json.dumps(_reading(ts[last] - 3600, values[0])), "out_of_order"),
+                ("sensors/north/value", json.dumps(_reading(ts[last] - 3600, values[0])), "late"),
                 ("sensors/north/value", json.dumps(_reading(ts[last], values[last])), "duplicate"),
                 ("sensors/north/value", json.dumps({"pad": "x" * MAX_PAYLOAD}), "too_large"),
             ]

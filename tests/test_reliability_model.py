@@ -64,7 +64,7 @@ def _garbage_manifest(d: Path) -> None:
 
 CASES: dict[str, tuple[Callable[[Path], None], dict[str, str], str]] = {
     # name: (damage, model config overrides, words the error line must contain)
-    "missing model directory": (_remove, {}, "manifest not found"),
+    "missing model directory": (_remove, {}, "model directory not found"),
     "truncated model file": (_truncate, {}, "does not match its manifest"),
     "one byte changed (wrong hash)": (_flip_byte, {}, "does not match its manifest"),
     "truncated, manifest re-hashed": (_truncate_and_rehash, {}, "cannot be loaded"),
