@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Install the OS packages a target needs, only those missing (Debian / Raspberry Pi OS).
 #   scripts/os-deps.sh demo   -> Mosquitto broker and clients, Python venv support
-#   scripts/os-deps.sh test   -> the above plus Prometheus (promtool) and systemd-analyze
+#   scripts/os-deps.sh test   -> the above plus Prometheus (promtool), systemd-analyze, and
+#                                systemd-nspawn + debootstrap for the test that boots the unit
+#                                under systemd in a Debian container (tests/test_systemd_container.py)
+#   scripts/os-deps.sh arm64  -> the above plus qemu-user-static (make check-arm64)
 set -euo pipefail
 target=${1:-demo}
 need=()
@@ -9,11 +12,16 @@ have_cmd() { command -v "$1" >/dev/null 2>&1; }
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 have_cmd mosquitto || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 have_cmd mosquitto_pub || need+=(mosquitto-clients)
-if [ "$target" = test ] || [ "$target" = bench ]; then
+if [ "$target" = test ] || [ "$target" = bench ] || [ "$target" = arm64 ]; then
     have_cmd prometheus || need+=(prometheus)
     have_cmd promtool || need+=(prometheus)
     have_cmd systemd-analyze || need+=(systemd)
     have_cmd openssl || need+=(openssl)
+    have_cmd systemd-nspawn || need+=(systemd-container)
+    have_cmd debootstrap || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
+fi
+if [ "$target" = arm64 ]; then
+    [ -x /usr/bin/qemu-aarch64-static ] || need+=(qemu-user-static)
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
 sudo=""
