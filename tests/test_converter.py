@@ -404,7 +404,8 @@ def test_a_1_second_log_trains_a_1_minute_model(tmp_path: Path, capsys: pytest.C
     out = tmp_path / "minutely"
     code = main(["train", str(path), "--time-col", "ts", "--target", "temp", "--cadence", "60", "--aggregate", "mean",
                  "--horizon", "4", "--units", "8", "--epochs", "3", "--patience", "2", "--modes", "none",
-                 "--quantize", "float32", "--no-plot", "--json", "--out", str(out)])  # fmt: skip
+                 "--quantize", "float32", "--no-plot", "--folds", "1", "--candidates", "1", "--no-baselines",
+                 "--json", "--out", str(out)])  # fmt: skip
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     man = load_model(out).manifest
