@@ -5,11 +5,16 @@ rather than paho's or the broker's.  The same objects the daemon wires together 
 directly with the load generator's payloads (``bench.mqttload.payload``):
 
 ``decode``   ``PayloadDecoder.decode`` of one JSON body (the MQTT thread's work);
-``queue``    ``Batcher.put`` of each reading and ``Batcher.take_batch`` of the batches;
+``queue``    the intake queue: append each reading, take the batches (a deque, as in the pipeline);
 ``engine``   ``Engine.process`` of each batch (time policy, features, model step, state);
 ``model``    the part of ``engine`` spent in the model step itself (``BatchResult.inference_seconds``);
 ``encode``   ``ForecastEncoder.encode`` of every forecast;
-``metrics``  ``Metrics.record_batch`` of each batch (the worker's Prometheus updates).
+``metrics``  ``Metrics.record_batch`` of each batch (the Prometheus updates).
+
+``whole`` is then measured separately: the real :class:`edge_lstm.pipeline.Pipeline` end to end
+(``accept`` of each message, ``step`` of each batch, the PUBACK of each forecast, ``commit``:
+journal write, without its sync, and the acknowledgements), with a link that only records what it
+would send.  ``whole`` minus the sum of the stages is the cost of the delivery bookkeeping.
 
 Streams tick in turn (reading ``g`` goes to stream ``g % S``, one tick per round), so with S
 streams the worker's batches hold ``min(S, engine.max_batch)`` readings, as in the daemon under
@@ -20,8 +25,10 @@ processes on the machine slow it less than they would wall-clock time).
 
 from __future__ import annotations
 
+import collections
 import logging
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,13 +37,15 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from bench.mqttload import payload
-from edge_lstm.batcher import Batcher
 from edge_lstm.config import parse_config
 from edge_lstm.daemon import load_serving_model, make_decoder
 from edge_lstm.engine import BatchResult, Engine
 from edge_lstm.forecast import ForecastEncoder
+from edge_lstm.journal import Journal
 from edge_lstm.metrics import Metrics
+from edge_lstm.mqtt import Inbound
 from edge_lstm.payload import Reading
+from edge_lstm.pipeline import Pipeline as DaemonPipeline
 from edge_lstm.state import StateTable
 
 _LOG = logging.getLogger(__name__)
@@ -74,7 +83,7 @@ class Pipeline:
         self.metrics.set_model(manifest, self.model.runtime_name, self.model.runtime_version)
         self.table = StateTable(manifest.layers, len(manifest.pipeline.columns), cfg.state.capacity)
         self.engine = Engine(self.model, self.table)
-        self.batcher = Batcher(cfg.engine.queue_size)
+        self.queue: collections.deque[Reading] = collections.deque()
         # One tick of every stream per batch, as the worker sees a steady load without a backlog.
         self.batch = min(streams, cfg.engine.max_batch)
         self.topic_streams = [f"s{i}" for i in range(streams)]
@@ -96,13 +105,12 @@ class Pipeline:
             readings.extend(decode(body, stream, 0.0, 0.0).readings)
         t_decode = clock() - t0
 
-        put = self.batcher.put
+        q = self.queue
         t0 = clock()
-        for r in readings:
-            put(r)
+        q.extend(readings)
         batches: list[list[Reading]] = []
-        while len(self.batcher):
-            batches.append(self.batcher.take_batch(self.batch, 0.0))
+        while q:
+            batches.append([q.popleft() for _ in range(min(self.batch, len(q)))])
         t_queue = clock() - t0
 
         t0 = clock()
@@ -121,7 +129,7 @@ class Pipeline:
         active = len(self.table)
         t0 = clock()
         for res in results:
-            record(res, len(res.forecasts), 0.0, active)
+            record(res, 0.0, active)
         t_metrics = clock() - t0
         return {
             "decode": t_decode,
@@ -134,6 +142,62 @@ class Pipeline:
         }
 
 
+class _RecordingLink:
+    """Stands in for the MQTT link: keeps the tokens of what would be published."""
+
+    def __init__(self) -> None:
+        self.tokens: list[object] = []
+        self.acks = 0
+        self.outstanding = 0
+        self.hold = False
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, token: object = None) -> bool:
+        self.tokens.append(token)
+        return True
+
+    def ack(self, mid: int, qos: int) -> None:
+        self.acks += 1
+
+
+class Whole:
+    """The daemon's real pipeline, end to end, with a recording link and a journal without sync."""
+
+    def __init__(self, streams: int, directory: Path) -> None:
+        base = Pipeline(streams)
+        self.base = base
+        manifest = base.model.manifest
+        self.link = _RecordingLink()
+        self.journal = Journal(directory, manifest.sha256, sync=False)
+        self.journal.reset([])
+        table = StateTable(manifest.layers, len(manifest.pipeline.columns), base.cfg.state.capacity)
+        self.pipeline = DaemonPipeline(base.cfg, Engine(base.model, table), base.decoder, base.encoder,
+                                       self.link, base.metrics, self.journal)  # type: ignore[arg-type]  # fmt: skip
+        self.mid = 0
+
+    def round(self, n: int) -> float:
+        bodies = self.base.bodies(n)
+        p, link = self.pipeline, self.link
+        msgs = []
+        for stream, body in bodies:
+            self.mid = self.mid % 65535 + 1
+            msgs.append(Inbound(f"sensors/{stream}/value", body, self.mid, 1, False, False, 0.0))
+        clock = time.thread_time
+        t0 = clock()
+        accept, step, done = p.accept, p.step, p.on_published
+        for m in msgs:
+            accept(m)
+        while p.queue:
+            step(self.base.batch)
+            for token in link.tokens:
+                done(token, True)
+            link.tokens.clear()
+            p.commit()
+        elapsed = clock() - t0
+        if self.journal.size > 64 << 20:  # as a checkpoint would
+            self.journal.reset([])
+        return elapsed
+
+
 def measure(streams: int, *, quick: bool, repeats: int | None = None) -> dict[str, Any]:
     p = Pipeline(streams)
     n = _readings_per_round(streams, quick)
@@ -142,7 +206,12 @@ def measure(streams: int, *, quick: bool, repeats: int | None = None) -> dict[st
     rounds = [p.round(n) for _ in range(reps)]
     per_reading = {s: statistics.median(r[s] for r in rounds) / n * 1e6 for s in STAGES}
     own = _own_total(per_reading)
+    with tempfile.TemporaryDirectory(prefix="edge-lstm-bench-") as tmp:
+        whole = Whole(streams, Path(tmp))
+        whole.round(max(streams, 200))
+        whole_us = statistics.median(whole.round(n) for _ in range(reps)) / n * 1e6
     return {
+        "whole_us_per_reading": whole_us,
         "streams": streams,
         "readings_per_round": n,
         "repeats": reps,
@@ -170,7 +239,8 @@ def run(*, quick: bool, progress: Callable[[str], None] = _LOG.info) -> dict[str
         res = measure(s, quick=quick)
         out["streams"][str(s)] = res
         progress(
-            f"pipeline S={s}: {res['us_per_reading_total']:.1f} us/reading "
+            f"pipeline S={s}: {res['us_per_reading_total']:.1f} us/reading in stages, "
+            f"{res['whole_us_per_reading']:.1f} whole "
             + ", ".join(f"{k} {v:.1f}" for k, v in res["us_per_reading"].items())
         )
     return out
@@ -178,7 +248,7 @@ def run(*, quick: bool, progress: Callable[[str], None] = _LOG.info) -> dict[str
 
 _STAGE_DOC = {
     "decode": "PayloadDecoder.decode of one JSON body",
-    "queue": "Batcher.put and take_batch",
+    "queue": "intake queue append and batch taking (deque)",
     "engine": "Engine.process (includes model)",
     "model": "model step inside the engine",
     "encode": "ForecastEncoder.encode",

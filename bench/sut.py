@@ -162,10 +162,10 @@ class Daemon:
         return {}
 
     def drops(self) -> int:
-        """Readings dropped (queue full, not processed at shutdown) plus forecasts not published."""
+        """Readings not processed (internal errors, stopped) plus forecasts not published."""
         m = self.metrics()
         total = m.get(("edge_lstm_publish_failures_total", ()), 0.0)
-        for outcome in ("queue_full", "shutdown"):
+        for outcome in ("internal_error", "shutdown"):
             total += m.get(("edge_lstm_readings_total", (("outcome", outcome),)), 0.0)
         return int(total)
 

@@ -45,6 +45,7 @@ _HEADER = struct.Struct(">8sI64sQ")
 _DIGEST_LEN = 32
 _TMP_PREFIX = f".{CHECKPOINT_NAME}.tmp-"
 _REJECTED_PREFIX = f"{CHECKPOINT_NAME}.rejected-"
+JOURNAL_SEQ = "journal_seq"
 
 
 class LoadStatus(str, enum.Enum):
@@ -73,6 +74,7 @@ class LoadResult:
     set_aside: Path | None = None  # where a rejected file went
     size: int = 0
     seconds: float = 0.0
+    journal_seq: int = 0  # the last journal record the restored state includes
 
     @property
     def streams(self) -> int:
@@ -146,14 +148,19 @@ def save_checkpoint(
     fingerprint: str,
     *,
     clock: Callable[[], float] = time.perf_counter,
+    journal_seq: int = 0,
 ) -> SaveResult:
     """Write the table (or a snapshot from ``StateTable.to_arrays()``) atomically.
+
+    ``journal_seq`` is the last journal record the state includes (stored as
+    the array ``journal_seq``; a restart replays the records after it).
 
     Raises ``OSError`` when the file cannot be written (the old checkpoint is
     then untouched).  Take the snapshot on the thread that owns the table.
     """
     t0 = clock()
-    arrays = table.to_arrays() if isinstance(table, StateTable) else table
+    arrays = dict(table.to_arrays() if isinstance(table, StateTable) else table)
+    arrays[JOURNAL_SEQ] = np.asarray(journal_seq, dtype=np.uint64)
     data = encode_checkpoint(arrays, fingerprint)
     d = Path(directory)
     final = d / CHECKPOINT_NAME
@@ -239,4 +246,5 @@ def load_checkpoint(
         _LOG.warning("checkpoint %s rejected (%s), set aside as %s; starting cold", path, reason, aside)
         return LoadResult(None, LoadStatus.REJECTED, reason, path, aside, len(data), clock() - t0)
     _LOG.info("restored the state of %d stream(s) from %s", len(table), path)
-    return LoadResult(table, LoadStatus.RESTORED, "restored", path, None, len(data), clock() - t0)
+    seq = int(np.asarray(arrays[JOURNAL_SEQ])) if JOURNAL_SEQ in arrays else 0
+    return LoadResult(table, LoadStatus.RESTORED, "restored", path, None, len(data), clock() - t0, seq)

@@ -56,6 +56,13 @@ class MqttProtocol(str, enum.Enum):
     V311 = "3.1.1"
 
 
+class RetainedPolicy(str, enum.Enum):
+    """What the daemon does with retained input messages (sent again on every subscribe)."""
+
+    IGNORE = "ignore"
+    PROCESS = "process"
+
+
 class LogLevel(str, enum.Enum):
     """Lowest level of log lines written to stderr."""
 
@@ -189,6 +196,14 @@ class InputConfig:
     max_abs_value: float = dataclasses.field(
         default=1e12, metadata=_doc("Values of larger magnitude are rejected (`non_finite`).")
     )
+    retained: RetainedPolicy = dataclasses.field(
+        default=RetainedPolicy.IGNORE,
+        metadata=_doc(
+            "Retained input messages (the broker sends them again on every subscribe and reconnect): "
+            '`"ignore"` counts them (`retained`) and leaves them out; `"process"` treats them as readings '
+            "(a reading with the timestamp of one already stepped is then a `duplicate`)."
+        ),
+    )
     @property
     def timestamp_field(self) -> str:
         """The first timestamp field ("" for none): what a caller that reads a single field uses."""
@@ -224,7 +239,18 @@ class StateConfig:
         default="/var/lib/edge-lstm", metadata=_doc("Directory for state checkpoints (must be writable).")
     )
     checkpoint_interval_s: float = dataclasses.field(
-        default=60.0, metadata=_doc("Seconds between checkpoints; one more is written on shutdown.")
+        default=60.0,
+        metadata=_doc(
+            "Seconds between checkpoints (each waits for a moment when nothing stepped awaits the broker); one "
+            "more on shutdown. Between checkpoints the journal holds what was acknowledged."
+        ),
+    )
+    journal_sync: bool = dataclasses.field(
+        default=True,
+        metadata=_doc(
+            "Sync the journal of acknowledged messages to disk (`fdatasync`) before acknowledging them: the "
+            "promise then holds across power loss; false keeps it across a killed process only."
+        ),
     )
     capacity: int = dataclasses.field(
         default=10000, metadata=_doc("Most streams kept; the least recently seen is evicted beyond this.")
@@ -245,25 +271,32 @@ class EngineConfig:
     max_batch: int = dataclasses.field(
         default=256,
         metadata=_doc(
-            "Most readings the worker takes at once, oldest first; each stream's first reading in it goes "
+            "Most readings the loop takes at once, oldest first; each stream's first reading in it goes "
             "into one batched model step, a stream's repeats into the next steps, in order."
         ),
     )
     max_wait_ms: float = dataclasses.field(
         default=2.0,
         metadata=_doc(
-            "How long the worker may hold the oldest queued reading back (ms) while fewer than `max_batch` are "
+            "How long the loop may hold the oldest queued reading back (ms) while fewer than `max_batch` are "
             "queued, to take more readings per wake-up: fewer, larger model steps and publish bursts for at most "
-            "this much added latency (see docs/performance.md). 0: run whatever is queued as soon as the worker "
+            "this much added latency (see docs/performance.md). 0: run whatever is queued as soon as the loop "
             "is free."
         ),
     )
     queue_size: int = dataclasses.field(
-        default=10000, metadata=_doc("Intake queue bound; when full the oldest reading is dropped (`queue_full`).")
+        default=10000,
+        metadata=_doc(
+            "Most readings queued for the model; when full, the daemon stops reading from the broker until there "
+            "is room (nothing is dropped: unacknowledged messages wait in the broker)."
+        ),
     )
     drain_timeout_s: float = dataclasses.field(
         default=10.0,
-        metadata=_doc("On shutdown, how long queued readings may still be processed; the rest count as `shutdown`."),
+        metadata=_doc(
+            "On shutdown, how long to wait for the broker to acknowledge forecasts already published; readings "
+            "not yet processed count as `shutdown` and stay unacknowledged, so the broker delivers them again."
+        ),
     )
 
 

@@ -1,22 +1,23 @@
-"""The daemon: wiring of model, state, checkpoints, metrics, MQTT and the worker.
+"""The daemon's lifecycle: start order, signals, model reload, reverse stop.
 
 Start, in order: configuration (already loaded) -> model (load and verify) ->
-state (restore the checkpoint) -> metrics server -> MQTT -> worker and
-checkpointer threads; then ``READY=1`` and the retained ``online`` status once
-connected.  Stop, in reverse, from one stop event: intake closes (later
-messages stay unacknowledged with the broker), the worker finishes what is
-queued (up to ``engine.drain_timeout_s``), the last checkpoint is written,
-``offline`` is published and the connection closed.
+state (restore the checkpoint, replay the journal after it) -> metrics server
+-> MQTT link and the serving loop; then ``READY=1`` and the retained
+``online`` status once connected.  Stop, in reverse, from one request: intake
+closes, the loop waits (up to ``engine.drain_timeout_s``) for the broker to
+acknowledge what was published and acknowledges what is settled, the last
+checkpoint is written when nothing is pending, ``offline`` is published and
+the connection closed.
 
 Threads:
 
-``mqtt-network``  paho's loop: decodes each message and enqueues its readings
-``worker``        takes batches, runs the engine, publishes forecasts, pings the watchdog
-``checkpointer``  writes a checkpoint every ``state.checkpoint_interval_s``
-main thread       waits for signals: SIGTERM/SIGINT stop, SIGHUP reloads the model
+``serve``         :class:`edge_lstm.pipeline.Loop`: all MQTT I/O, model steps,
+                  acknowledgements, journal, checkpoints and watchdog pings
+main thread       waits for signals: SIGTERM/SIGINT stop, SIGHUP loads the model
+                  file again and hands it to the loop, which swaps it in
+``metrics-http``  serves ``/metrics``
 
-The worker alone touches the engine and the state table; the checkpointer takes
-a snapshot of the table under the same lock.
+The path from socket to forecast is in ``edge_lstm/pipeline.py``.
 """
 
 from __future__ import annotations
@@ -34,25 +35,21 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from edge_lstm import checkpoint as ckpt
-from edge_lstm.batcher import Batcher
-from edge_lstm.config import Config, ConfigError, TopicFilter
-from edge_lstm.engine import BatchResult, Engine
+from edge_lstm.config import Config, ConfigError
+from edge_lstm.engine import Engine
 from edge_lstm.forecast import ForecastEncoder
 from edge_lstm.metrics import Metrics, MetricsServer
 from edge_lstm.modelspec import Manifest, ModelError, load_model
 from edge_lstm.mqtt import MqttLink
-from edge_lstm.outcomes import Outcome
-from edge_lstm.payload import PayloadDecoder, PayloadError
+from edge_lstm.payload import PayloadDecoder
+from edge_lstm.pipeline import Loop, Pipeline, open_journal
 from edge_lstm.runtime import StepModel, load_step_model
 from edge_lstm.sdnotify import Notifier
 from edge_lstm.state import StateTable
 
 _LOG = logging.getLogger(__name__)
 
-WORKER_IDLE_S = 0.5  # longest sleep of the worker without a batch (it pings the watchdog after each)
 CONNECT_LOG_EVERY_S = 10.0
-CHECKPOINT_LOCK_TIMEOUT_S = 10.0
-STATUS_EVERY_S = 10.0
 
 
 class StartError(Exception):
@@ -86,7 +83,7 @@ def make_decoder(cfg: Config, manifest: Manifest) -> PayloadDecoder:
             manifest.pipeline.columns,
             fields=i.fields,
             stream_field=i.stream_field or None,
-            timestamp_fields=(i.timestamp_field,) if i.timestamp_field else (),
+            timestamp_fields=tuple(i.timestamp_fields),
             max_payload_bytes=i.max_payload_bytes,
             max_array_len=i.max_array_len,
             max_abs_value=i.max_abs_value,
@@ -131,22 +128,14 @@ class Daemon:
         self.phase = Phase.CREATED
         self.stop_event = threading.Event()
         self._reload_event = threading.Event()
-        self._intake_open = threading.Event()
-        self._engine_lock = threading.Lock()
-        self._pending_model: StepModel | None = None
-        self._threads: list[threading.Thread] = []
         self.model: StepModel | None = None
         self.engine: Engine | None = None
-        self.batcher: Batcher | None = None
-        self.decoder: PayloadDecoder | None = None
-        self.encoder: ForecastEncoder | None = None
+        self.pipeline: Pipeline | None = None
+        self.loop: Loop | None = None
         self.link: MqttLink | None = None
         self.metrics_server: MetricsServer | None = None
-        self._worker_done = threading.Event()
-        self.failed = False  # the worker died: exit non-zero so a supervisor restarts the daemon
-        self._last_watchdog = 0.0
-        self._status_at = time.monotonic()
-        self._status_count = 0
+        self._thread: threading.Thread | None = None
+        self.failed = False  # the serving loop died: exit non-zero so a supervisor restarts the daemon
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -172,20 +161,33 @@ class Daemon:
         self.notifier.status("loading model")
         try:
             self.model = load_serving_model(cfg)
-            self.decoder = make_decoder(cfg, self.model.manifest)
+            decoder = make_decoder(cfg, self.model.manifest)
         except (ModelError, ConfigError) as e:
             raise StartError(str(e)) from None
         manifest = self.model.manifest
-        self.encoder = ForecastEncoder.for_manifest(manifest, precision=cfg.output.precision or None)
+        encoder = ForecastEncoder.for_manifest(manifest, precision=cfg.output.precision or None)
         self.metrics.set_model(manifest, self.model.runtime_name, self.model.runtime_version)
         _LOG.info("model %s (%s %s)", manifest.model_id, self.model.runtime_name, self.model.runtime_version)
 
-        table = self._restore_state(manifest)
+        table, journal_seq = self._restore_state(manifest)
         self.engine = Engine(self.model, table, max_gap_ticks=cfg.state.max_gap_ticks or None)
-        self.batcher = Batcher(cfg.engine.queue_size)
+        try:
+            journal, records = open_journal(Path(cfg.state.dir), manifest.sha256, cfg.state.journal_sync)
+        except OSError as e:
+            raise StartError(f"cannot open the journal in state.dir {cfg.state.dir}: {e.strerror or e}") from None
+        self.link = MqttLink(cfg.mqtt, cfg.status_topic)
+        self.pipeline = Pipeline(
+            cfg, self.engine, decoder, encoder, self.link, self.metrics, journal, clock=self.clock, seq=journal_seq
+        )
+        replayed = self.pipeline.replay(records, after=journal_seq)
+        if replayed:
+            _LOG.info("state: %d journaled message(s) after the checkpoint stepped again", replayed)
+        self.link.on_message = self.pipeline.accept
+        self.link.on_published = self.pipeline.on_published
+        self.link.on_connection = self._on_connection
         self.metrics.queue_capacity.set(cfg.engine.queue_size)
         self.metrics.streams_capacity.set(cfg.state.capacity)
-        self.metrics.streams_active.set(len(table))
+        self.metrics.streams_active.set(len(self.engine.table))
 
         if cfg.metrics.enabled:
             self.metrics_server = MetricsServer(self.registry, cfg.metrics.bind, cfg.metrics.port)
@@ -195,28 +197,40 @@ class Daemon:
                 self.metrics_server = None
                 raise StartError(f"cannot serve metrics on {cfg.metrics.bind}:{cfg.metrics.port}: {e}") from None
 
-        self.link = MqttLink(cfg.mqtt, cfg.status_topic, self.metrics)
         for f in cfg.subscriptions():
-            self.link.route(f.filter, self._intake_handler(f))
-        self._intake_open.set()
-        self.link.start()
-        self._spawn("worker", self._worker)
-        self._spawn("checkpointer", self._checkpointer)
+            self.link.subscribe(f.filter)
+        if self.pipeline.ha_status_topic is not None:
+            self.link.subscribe(self.pipeline.ha_status_topic)
+        self.link.begin()
+        self.loop = Loop(cfg, self.pipeline, self.link, self.metrics, self.notifier,
+                         on_model_swapped=self._model_swapped)  # fmt: skip
+        self._thread = threading.Thread(target=self._serve, name="serve", daemon=True)
+        self._thread.start()
 
         self.notifier.status(f"connecting to {cfg.mqtt.host}:{cfg.mqtt.port}")
         waited = 0.0
-        while not self.link.wait_connected(0.25):
-            if self.stop_event.is_set():
+        while not self.link.connected:
+            if self.stop_event.wait(0.25):
                 return
             waited += 0.25
             if waited % CONNECT_LOG_EVERY_S < 0.25:
                 why = f": {self.link.last_error}" if self.link.last_error else ""
                 _LOG.warning("still not connected to %s:%d%s", cfg.mqtt.host, cfg.mqtt.port, why)
-        self.link.set_ready()
+        self.loop.request_ready()
         self.phase = Phase.RUNNING
         self.notifier.ready(f"serving {manifest.model_id}")
         _LOG.info("ready: model %s, %d stream(s) restored, subscribed to %s",
                   manifest.model_id, len(table), ", ".join(f.filter for f in cfg.subscriptions()))  # fmt: skip
+
+    def _serve(self) -> None:
+        assert self.loop is not None
+        try:
+            self.loop.run()
+        except Exception:
+            _LOG.exception("the serving loop failed; stopping the daemon")
+            self.failed = True
+        finally:
+            self.stop_event.set()
 
     def request_stop(self) -> None:
         self.stop_event.set()
@@ -232,18 +246,16 @@ class Daemon:
         self.phase = Phase.STOPPING
         self.stop_event.set()
         self.notifier.stopping("stopping")
-        _LOG.info("stopping: intake closed, finishing queued readings")
-        self._intake_open.clear()
-        if self.batcher is not None:
-            self.batcher.close()
-        for t in self._threads:
-            t.join(self.cfg.engine.drain_timeout_s + 30)
-            if t.is_alive():
-                _LOG.error("thread %s did not stop", t.name)
-        if self.engine is not None:
-            self._checkpoint()
-        if self.link is not None:
-            self.link.stop()
+        _LOG.info("stopping: intake closed, waiting for the broker to acknowledge what was published")
+        if self.loop is not None and self._thread is not None:
+            self.loop.request_stop()
+            self._thread.join(self.cfg.engine.drain_timeout_s + 30)
+            if self._thread.is_alive():
+                _LOG.error("the serving loop did not stop")
+        if self.link is not None and (self._thread is None or not self._thread.is_alive()):
+            self.link.close()
+        if self.loop is not None:
+            self.loop.close()
         if self.metrics_server is not None:
             self.metrics_server.stop()
         self.notifier.close()
@@ -264,152 +276,28 @@ class Daemon:
             old[sig] = signal.signal(sig, handler)
         return old
 
-    def _spawn(self, name: str, target: Callable[[], None]) -> None:
-        t = threading.Thread(target=target, name=name, daemon=True)
-        t.start()
-        self._threads.append(t)
-
-    # -- intake (mqtt-network thread) -----------------------------------------------------------
-
-    def _intake_handler(self, tf: TopicFilter) -> Callable[[str, bytes], bool]:
-        decoder = self.decoder
-        batcher = self.batcher
-        metrics = self.metrics
-        clock = self.clock
-        intake_open = self._intake_open
-        assert decoder is not None and batcher is not None
-        received_counter = metrics.received
-        last_message = metrics.mqtt_last_message
-
-        def handle(topic: str, payload: bytes) -> bool:
-            if not intake_open.is_set():
-                return False  # stopping: leave it with the broker for the next run
-            received = time.monotonic()
-            now = clock()
-            last_message.set(now)
-            try:
-                result = decoder.decode(payload, tf.stream_of(topic), now, received)
-            except PayloadError as e:
-                received_counter.inc()
-                metrics.outcome(e.outcome)
-                if _LOG.isEnabledFor(logging.DEBUG):
-                    _LOG.debug("rejected message on %s (%s): %s", topic, e.outcome.value, e)
-                return True
-            received_counter.inc(result.count)
-            for outcome in result.rejected:
-                metrics.outcome(outcome)
-            for reading in result.readings:
-                dropped = batcher.put(reading)
-                if dropped:
-                    metrics.outcome(Outcome.QUEUE_FULL, dropped)
-            return True
-
-        return handle
-
-    # -- worker ---------------------------------------------------------------------------------
-
-    def _worker(self) -> None:
-        assert self.batcher is not None and self.engine is not None
-        batcher = self.batcher
-        max_batch = self.cfg.engine.max_batch
-        linger_s = self.cfg.engine.max_wait_ms / 1000.0
-        drain_deadline: float | None = None
-        try:
-            while True:
-                if self.stop_event.is_set():
-                    if drain_deadline is None:
-                        drain_deadline = time.monotonic() + self.cfg.engine.drain_timeout_s
-                    if len(batcher) == 0 or time.monotonic() > drain_deadline:
-                        break
-                pending = self._pending_model
-                if pending is not None:
-                    self._pending_model = None
-                    self._swap_model(pending)
-                batch = batcher.take_batch(max_batch, WORKER_IDLE_S, 0.0 if self.stop_event.is_set() else linger_s)
-                if batch:
-                    with self._engine_lock:
-                        result = self.engine.process(batch)
-                    self._publish(result)
-                self.metrics.queue_depth.set(len(batcher))
-                self._watchdog()
-                self._status(len(batch) if batch else 0)
-            left = batcher.drain()
-            if left:
-                self.metrics.outcome(Outcome.SHUTDOWN, len(left))
-                _LOG.warning("%d queued reading(s) not processed before the drain timeout", len(left))
-        except Exception:
-            _LOG.exception("worker failed; stopping the daemon")
-            self.failed = True
-            self.stop_event.set()
-        finally:
-            self._worker_done.set()
-
-    def _publish(self, result: BatchResult) -> None:
-        link = self.link
-        encoder = self.encoder
-        assert link is not None and encoder is not None
-        out = self.cfg.output
-        qos, retain = out.qos, out.retain
-        template = out.topic
-        published = 0
-        for f in result.forecasts:
-            if link.publish(template.replace("{stream}", f.stream), encoder.encode(f), qos, retain):
-                published += 1
-        assert self.engine is not None
-        self.metrics.record_batch(result, published, time.monotonic(), len(self.engine.table))
-
-    def _status(self, processed: int) -> None:
-        """A ``STATUS=`` line for ``systemctl status`` every ``STATUS_EVERY_S``."""
-        if not self.notifier.enabled:
-            return
-        self._status_count += processed
-        now = time.monotonic()
-        if now - self._status_at >= STATUS_EVERY_S:
-            rate = self._status_count / (now - self._status_at)
-            streams = len(self.engine.table) if self.engine is not None else 0
-            self.notifier.status(f"serving {self._model_id()}: {streams} streams, {rate:.1f} readings/s")
-            self._status_at, self._status_count = now, 0
-
-    def _watchdog(self) -> None:
-        interval = self.notifier.watchdog_interval_s
-        if interval is None:
-            return
-        now = time.monotonic()
-        if now - self._last_watchdog >= min(interval, 5.0):
-            self._last_watchdog = now
-            self.notifier.watchdog()
+    def _on_connection(self, connected: bool) -> None:
+        self.metrics.mqtt_connected.set(1 if connected else 0)
+        if connected and self.link is not None and self.link.connects > 1:
+            self.metrics.mqtt_reconnects.inc()
 
     # -- model reload ---------------------------------------------------------------------------
 
     def _load_replacement(self) -> None:
-        """Load the model file again (main thread); the worker swaps it in between batches."""
+        """Load the model file again (main thread); the loop swaps it in at its next quiescent point."""
         try:
             model = load_serving_model(self.cfg)
         except ModelError as e:
             self.metrics.model_reloads.labels("failed").inc()
             _LOG.error("model reload failed, keeping %s: %s", self._model_id(), e)
             return
-        self._pending_model = model
+        if self.loop is not None:
+            self.loop.offer_model(model)
 
-    def _swap_model(self, model: StepModel) -> None:
-        assert self.engine is not None
+    def _model_swapped(self, model: StepModel, kept: bool) -> None:
+        """Called by the loop after a swap (on the serve thread)."""
         old = self._model_id()
-        try:
-            decoder_ok = (
-                tuple(model.manifest.pipeline.columns) == tuple(self.decoder.columns) if self.decoder else False
-            )
-            if not decoder_ok:
-                raise ModelError(
-                    f"new model reads columns {list(model.manifest.pipeline.columns)}, not the current ones"
-                )
-            with self._engine_lock:
-                kept = self.engine.replace_model(model)
-        except (ModelError, ValueError) as e:
-            self.metrics.model_reloads.labels("failed").inc()
-            _LOG.error("model reload failed, keeping %s: %s", old, e)
-            return
         self.model = model
-        self.encoder = ForecastEncoder.for_manifest(model.manifest, precision=self.cfg.output.precision or None)
         self.metrics.set_model(model.manifest, model.runtime_name, model.runtime_version)
         self.metrics.model_reloads.labels("ok").inc()
         if kept:
@@ -422,9 +310,10 @@ class Daemon:
     def _model_id(self) -> str:
         return self.model.manifest.model_id if self.model is not None else "-"
 
-    # -- state and checkpoints ------------------------------------------------------------------
+    # -- state ----------------------------------------------------------------------------------
 
-    def _restore_state(self, manifest: Manifest) -> StateTable:
+    def _restore_state(self, manifest: Manifest) -> tuple[StateTable, int]:
+        """The checkpointed state table (or a cold one) and the last journal record it includes."""
         cfg = self.cfg
         directory = Path(cfg.state.dir)
         try:
@@ -437,39 +326,11 @@ class Daemon:
         if res.table is not None:
             self.metrics.state_restores.labels("restored").inc()
             _LOG.info("state restored: %d stream(s) from %s", len(res.table), res.path)
-            return res.table
+            return res.table, res.journal_seq
         if res.status is ckpt.LoadStatus.REJECTED:
             self.metrics.state_restores.labels("rejected").inc()
             _LOG.warning("state checkpoint rejected (%s): starting cold", res.reason)
         else:
             self.metrics.state_restores.labels("cold").inc()
             _LOG.info("no usable state checkpoint (%s): starting cold", res.reason)
-        return StateTable(manifest.layers, len(manifest.pipeline.columns), cfg.state.capacity)
-
-    def _checkpointer(self) -> None:
-        interval = self.cfg.state.checkpoint_interval_s
-        while not self.stop_event.wait(interval):
-            self._checkpoint()
-
-    def _checkpoint(self) -> None:
-        assert self.engine is not None and self.model is not None
-        start = time.monotonic()
-        if not self._engine_lock.acquire(timeout=CHECKPOINT_LOCK_TIMEOUT_S):
-            self.metrics.checkpoint_failures.inc()
-            _LOG.error("checkpoint skipped: the worker holds the state for more than %.0f s", CHECKPOINT_LOCK_TIMEOUT_S)
-            return
-        try:
-            arrays = self.engine.table.to_arrays()
-            manifest = self.model.manifest
-        finally:
-            self._engine_lock.release()
-        try:
-            saved = ckpt.save_checkpoint(arrays, Path(self.cfg.state.dir), manifest.sha256)
-        except OSError as e:
-            self.metrics.checkpoint_failures.inc()
-            _LOG.error("checkpoint failed: %s", e)
-            return
-        self.metrics.checkpoint_duration.observe(time.monotonic() - start)
-        self.metrics.checkpoint_size.set(saved.size)
-        self.metrics.checkpoint_last_success.set(self.clock())
-        _LOG.debug("checkpoint: %d stream(s), %d bytes", saved.streams, saved.size)
+        return StateTable(manifest.layers, len(manifest.pipeline.columns), cfg.state.capacity), 0

@@ -8,7 +8,8 @@ One message per forecast, compact JSON in UTF-8::
 
 A model with prediction intervals adds each level's bounds to every item
 (``"lo80"``, ``"hi80"``, ``"lo95"``, ``"hi95"``: value plus the manifest's
-offsets) and, after ``warming_up``, the check of this reading against the
+offsets, with ``BOUND_DIGITS`` significant digits unless ``precision`` is set:
+four times fewer digits to format than exact floats) and, after ``warming_up``, the check of this reading against the
 previous tick's 1-step interval: ``"anomaly":false,"anomaly_score":0.0``
 (``null`` for both when it was not checked).
 
@@ -34,6 +35,7 @@ from edge_lstm.intervals import Intervals, bound_keys
 from edge_lstm.modelspec import Manifest
 
 _EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+BOUND_DIGITS = 7  # significant digits of interval bounds (estimates; exact floats cost ~4x more to write)
 _MS_PER_DAY = 86_400_000
 
 
@@ -88,6 +90,7 @@ class ForecastEncoder:
         self.cadence_s = float(cadence_s)
         self._units = _json_str(units)
         self._value_fmt = f"%.{int(precision)}g" if precision is not None else "%r"
+        self._bound_fmt = f"%.{int(precision)}g" if precision is not None else f"%.{BOUND_DIGITS}g"
         self._items = functools.lru_cache(maxsize=256)(self._make_items)  # reading times in use
         self._intervals = intervals
         # After each value: the bounds' keys, in the order of the columns of _values().
@@ -105,7 +108,7 @@ class ForecastEncoder:
         head = f'"ts":"{iso_utc(t0)}","ts_epoch":{t0!r}'
         prefixes = self._prefixes(t0, horizon)
         fmt = self._value_fmt
-        rest = "".join(k + fmt for k in self._bound_keys)
+        rest = "".join(k + self._bound_fmt for k in self._bound_keys)
         template = "},".join(p.replace("%", "%%") + fmt + rest for p in prefixes)
         return head, prefixes, template
 
@@ -135,9 +138,9 @@ class ForecastEncoder:
         if math.isfinite(sum(values)):  # the sum of finite values is finite, unless it overflows
             items = template % tuple(values)
         else:
-            fmt = self._value_fmt
-            texts = [fmt % v if math.isfinite(v) else "null" for v in values]
             per = 1 + len(self._bound_keys)
+            fmts = [self._value_fmt] + [self._bound_fmt] * (per - 1)
+            texts = [fmts[i % per] % v if math.isfinite(v) else "null" for i, v in enumerate(values)]
             keys = self._bound_keys
             items = "},".join(
                 p + "".join(k + t for k, t in zip(["", *keys], texts[i * per : (i + 1) * per], strict=True))

@@ -78,9 +78,39 @@ class Metrics:
         for o in Outcome:  # export zeros, so rates and sums work from the first scrape
             self.readings.labels(o.value)
         self._outcome_children = {o: self.readings.labels(o.value) for o in Outcome}
-        self.forecasts_published = Counter("forecasts_published", "Forecasts published", namespace=ns, registry=r)
+        self.forecasts_published = Counter(
+            "forecasts_published",
+            "Forecasts the broker acknowledged (QoS 1) or that were written to the socket (QoS 0)",
+            namespace=ns,
+            registry=r,
+        )
         self.publish_failures = Counter(
-            "publish_failures", "Forecasts the MQTT client refused to publish", namespace=ns, registry=r
+            "publish_failures",
+            "Forecasts that could not be published or that the broker refused",
+            namespace=ns,
+            registry=r,
+        )
+        self.forecasts_redelivered = Counter(
+            "forecasts_redelivered",
+            "Forecasts made from messages the broker delivered again after a crash (a subscriber may see them twice)",
+            namespace=ns,
+            registry=r,
+        )
+        self.messages_redelivered = Counter(
+            "messages_redelivered",
+            "Messages the broker delivered again that were already in the state: acknowledged, not processed twice",
+            namespace=ns,
+            registry=r,
+        )
+        self.journal_commits = Counter(
+            "journal_commits", "Group commits of the journal (one write and one sync each)", namespace=ns, registry=r
+        )
+        self.journal_bytes = Counter("journal_bytes", "Bytes written to the journal", namespace=ns, registry=r)
+        self.journal_failures = Counter(
+            "journal_failures",
+            "Journal writes that failed (the acknowledgements wait and are retried)",
+            namespace=ns,
+            registry=r,
         )
         # The histograms the worker updates for every batch take a batch of values at once.
         self.latency = BatchHistogram(
@@ -203,16 +233,14 @@ class Metrics:
         for outcome, n in counts:
             self.outcome(outcome, n)
 
-    def record_batch(self, result: BatchResult, published: int, done: float, streams_active: int) -> None:
-        """Everything one worker batch changes: outcomes, latency, errors, batch size, state table size.
+    def record_batch(self, result: BatchResult, done: float, streams_active: int) -> None:
+        """Everything one batch changes: outcomes, latency, errors, batch size, state table size.
 
-        ``published`` is how many of its forecasts went out, ``done`` the
-        ``time.monotonic()`` after the last publish.
+        ``done`` is the ``time.monotonic()`` when its forecasts were handed to
+        the MQTT client (they count as published once the broker acknowledges them).
         """
         if result.forecasts:
             self.latency.observe_many([done - f.received for f in result.forecasts])
-        if published:
-            self.forecasts_published.inc(published)
         self.outcomes(result.outcomes.items())
         for reason, n in result.resets.items():
             self.state_resets.labels(reason).inc(n)

@@ -1,40 +1,44 @@
-"""The daemon's MQTT connection (paho-mqtt 2.x): connect, TLS, auth, status, routing.
+"""The daemon's MQTT connection (paho-mqtt 2.x), driven by its owner's loop.
 
-:class:`MqttLink` wraps one paho client:
+:class:`MqttLink` wraps one paho client and runs no thread of its own: the
+caller's loop calls :meth:`MqttLink.poll`, which waits on the socket, reads
+what arrived, writes what is queued, keeps the connection alive and
+reconnects.  Everything the link reports, it reports through callbacks made
+from inside ``poll``:
 
-* MQTT 5 or 3.1.1, a stable client id and a persistent session (MQTT 5:
-  ``clean_start=False`` plus a session expiry interval; 3.1.1:
-  ``clean_session=False``), so QoS 1 readings published while the daemon is
-  away wait in the broker;
-* QoS 1 subscriptions, made again in ``on_connect`` on every connect;
-* connect failures (bad credentials, not authorised) and refused
-  subscriptions logged with the broker's reason;
-* reconnects with exponential backoff, by paho's network thread
-  (``loop_start``);
-* a retained status topic: last will ``offline``, ``online`` once the daemon
-  is ready (again after every reconnect), ``offline`` on a clean stop;
-* ``TCP_NODELAY`` on the socket: paho leaves Nagle's algorithm on, which
-  delays small publishes made right after a read by up to ~40 ms.
+* ``on_message(Inbound)`` for each message; acknowledgement is **manual**: a
+  QoS 1 message stays unacknowledged until the owner calls :meth:`ack`
+  (in the order the messages arrived), so the broker delivers it again after a
+  reconnect or to the next run;
+* ``on_published(token, ok)`` once per :meth:`publish` with a token: for QoS 1
+  when the broker's PUBACK arrives (``ok`` False when an MQTT 5 broker refuses
+  it), for QoS 0 when it was written to the socket;
+* ``on_connection(connected)`` on each connect and disconnect.
 
-Handlers registered with :meth:`MqttLink.route` run on paho's network thread
-and must be quick (the daemon's only decodes and enqueues).  One ``on_message``
-routes every message: the first route whose filter matches the topic takes it
-(each filter compiled once to a regular expression); a message no route
-matches (a subscription left in the persistent session by an earlier
-configuration) is acknowledged and ignored.  Acknowledgements
-are manual: a QoS 1 message is acknowledged only once its handler took it in,
-so readings that arrive while the daemon is stopping stay with the broker and
-are delivered again to the next run.
+Publishing never blocks: QoS 1 messages wait in paho's queue while
+disconnected and go out after the reconnect.  The owner bounds that queue by
+not reading more input while too many forecasts are outstanding (TCP then
+pushes back on the broker).
+
+The rest is as a long-running client should be: MQTT 5 or 3.1.1, a stable
+client id and a persistent session (MQTT 5: ``clean_start=False`` plus a
+session expiry interval; 3.1.1: ``clean_session=False``); QoS 1 subscriptions
+made again on every connect; reconnects with exponential backoff; a retained
+status topic (last will ``offline``, ``online`` once ready and after every
+reconnect, ``offline`` on a clean stop); ``TCP_NODELAY`` on the socket (paho
+leaves Nagle's algorithm on, which delays small publishes by up to ~40 ms);
+connect failures logged with the broker's reason.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import re
+import select
 import socket
 import ssl
-import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,42 +50,115 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_lstm.config import MqttConfig, MqttProtocol
-from edge_lstm.metrics import Metrics
 
 _LOG = logging.getLogger(__name__)
 
 ONLINE = b"online"
 OFFLINE = b"offline"
 SUBSCRIBE_QOS = 1
-MAX_QUEUED_PUBLISHES = 10_000  # paho's own outgoing queue while disconnected: bounded
-MAX_INFLIGHT = 64
-PUBLISH_BACKPRESSURE_S = 2.0  # longest a publish waits for room in paho's queue while connected
+MAX_INFLIGHT = 1000  # outgoing QoS 1 messages paho keeps unacknowledged on the wire at once
+CONNACK_TIMEOUT_S = 10.0  # a TCP connection without a CONNACK this long is dropped and retried
 REFUSAL_LOG_EVERY_S = 60.0  # a broker refusing every forecast logs once a minute, not per forecast
+READ_BUDGET = 4096  # most packets one poll reads before it returns to its owner
 
-# Returns True when the message was taken in (it is then acknowledged), False to leave it
-# unacknowledged: the broker delivers it again after the next connect (persistent session).
-MessageHandler = Callable[[str, bytes], bool]
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Inbound:
+    """One message as the broker delivered it."""
+
+    topic: str | None  # None when the topic is not valid UTF-8
+    payload: bytes
+    mid: int
+    qos: int
+    dup: bool  # the broker sent it before (a redelivery after a reconnect)
+    retain: bool  # a retained message, sent because of a (re)subscription
+    arrived: float  # time.monotonic() when it was read
+
+
+def _ignore(*_args: Any) -> None:
+    return None
+
+
+class BufferedSocket:
+    """The broker's socket with a read buffer.
+
+    paho reads each packet in at least three ``recv`` calls (the command byte,
+    each byte of the remaining length, then the body): three system calls per
+    reading and three per PUBACK.  This wrapper fills a buffer with one
+    ``recv`` of up to 64 KiB and serves paho's small reads from it; everything
+    else goes to the socket.  :meth:`pending` tells the owner's ``select`` that
+    bytes are waiting in the buffer.
+    """
+
+    __slots__ = ("_buf", "_pos", "_sock", "error")
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+        self.error: OSError | None = None  # what ended the connection on a read (paho only says "lost")
+
+    def recv(self, n: int) -> bytes:
+        pos = self._pos
+        if pos >= len(self._buf):
+            try:
+                data = self._sock.recv(65536)  # BlockingIOError (or TLS's want-read) when nothing is there
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except OSError as e:  # e.g. the broker's TLS alert: certificate expired, unknown CA
+                self.error = e
+                raise
+            if not data:
+                return b""  # closed by the broker
+            self._buf, pos = data, 0
+        chunk = self._buf[pos : pos + n]
+        self._pos = pos + len(chunk)
+        return chunk
+
+    def pending(self) -> int:
+        inner = self._sock.pending() if isinstance(self._sock, ssl.SSLSocket) else 0
+        return len(self._buf) - self._pos + inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 class MqttLink:
-    """One MQTT connection of the daemon.
+    """One MQTT connection, driven by :meth:`poll` from its owner's loop."""
 
-    ``metrics`` is optional so the link can be used (and tested) on its own.
-    """
-
-    def __init__(self, cfg: MqttConfig, status_topic: str, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        status_topic: str,
+        *,
+        on_message: Callable[[Inbound], None] = _ignore,
+        on_published: Callable[[object, bool], None] = _ignore,
+        on_connection: Callable[[bool], None] = _ignore,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.cfg = cfg
         self.status_topic = status_topic
-        self._metrics = metrics
-        self._subscriptions: list[str] = []
-        self._routes: list[tuple[re.Pattern[str], MessageHandler]] = []
-        self._connected = threading.Event()
+        self.on_message = on_message
+        self.on_published = on_published
+        self.on_connection = on_connection
+        self._clock = clock
+        self.subscriptions: list[str] = []
+        self._tokens: dict[int, object] = {}  # mid of an outstanding publish -> its owner's token
         self._ready = False
-        self._connects = 0
-        self._lock = threading.Lock()
+        self._connected = False
+        self._closing = False
+        self._began = False
+        self.connects = 0
         self.last_error: str = ""
-        self.publish_refusals = 0  # QoS 1/2 publishes the broker acknowledged with a failure (MQTT 5)
+        self.publish_refusals = 0  # QoS 1 publishes the broker acknowledged with a failure (MQTT 5)
         self._refusal_logged_at = -REFUSAL_LOG_EVERY_S
+        self._next_attempt = 0.0
+        self._delay = float(cfg.reconnect_min_s)
+        self._tcp_since: float | None = None  # TCP up, CONNACK not yet seen
+        self._events = 0  # callbacks seen
+        self.hold = False  # set by the owner inside on_message to end the current read early
+        self._wrapped: BufferedSocket | None = None
+        self._fail_logged_at = -REFUSAL_LOG_EVERY_S
         v5 = cfg.protocol is MqttProtocol.V5
         self._v5 = v5
         self.client = paho.Client(
@@ -89,13 +166,13 @@ class MqttLink:
             client_id=cfg.client_id,
             clean_session=None if v5 else False,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-            reconnect_on_failure=True,
             manual_ack=True,
         )
         c = self.client
-        c.enable_logger(logging.getLogger("paho.mqtt"))
-        c.reconnect_delay_set(min_delay=cfg.reconnect_min_s, max_delay=cfg.reconnect_max_s)
-        c.max_queued_messages_set(MAX_QUEUED_PUBLISHES)
+        if logging.getLogger("paho.mqtt").isEnabledFor(logging.DEBUG):
+            c.enable_logger(logging.getLogger("paho.mqtt"))  # paho formats a line per packet otherwise
+        c.suppress_exceptions = True  # a callback that raises must not end the loop (ours do not raise)
+        c.max_queued_messages_set(0)  # unbounded here: the owner bounds what it has outstanding
         c.max_inflight_messages_set(MAX_INFLIGHT)
         c.will_set(status_topic, OFFLINE, qos=1, retain=True)
         if cfg.username:
@@ -110,22 +187,24 @@ class MqttLink:
             if cfg.tls_insecure:
                 c.tls_insecure_set(True)
         c.on_connect = self._on_connect
-        c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_subscribe = self._on_subscribe
         c.on_publish = self._on_publish
         c.on_socket_open = self._on_socket_open
         c.on_message = self._on_message
+        # With a write callback registered, paho queues packets instead of writing each one at once:
+        # poll() writes them together.
+        c.on_socket_register_write = _ignore
+        c.on_socket_unregister_write = _ignore
 
     # -- set-up ---------------------------------------------------------------------------------
 
-    def route(self, topic_filter: str, handler: MessageHandler) -> None:
-        """Subscribe to ``topic_filter`` (QoS 1) and pass its messages to ``handler(topic, payload)``."""
-        self._routes.append((filter_pattern(topic_filter), handler))
-        self._subscriptions.append(topic_filter)
+    def subscribe(self, topic_filter: str) -> None:
+        """Subscribe to ``topic_filter`` (QoS 1) on every connect."""
+        self.subscriptions.append(topic_filter)
 
-    def start(self) -> None:
-        """Start connecting in the background; paho's thread keeps reconnecting until :meth:`stop`."""
+    def begin(self) -> None:
+        """Make the first connection attempt at the next :meth:`poll`, and keep reconnecting after."""
         props = None
         if self._v5:
             props = Properties(PacketTypes.CONNECT)
@@ -137,74 +216,181 @@ class MqttLink:
             clean_start=False if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
             properties=props,
         )
-        self.client.loop_start()
-        if self.client._thread is not None:  # name paho's network thread in thread dumps
-            self.client._thread.name = "mqtt-network"
-
-    def wait_connected(self, timeout: float | None = None) -> bool:
-        return self._connected.wait(timeout)
+        self._began = True
+        self._next_attempt = 0.0
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        return self._connected
 
     def set_ready(self) -> None:
         """Publish ``online`` now and after every later (re)connect."""
-        with self._lock:
-            self._ready = True
-        if self.connected:
+        self._ready = True
+        if self._connected:
             self.client.publish(self.status_topic, ONLINE, qos=1, retain=True)
 
-    # -- publishing -----------------------------------------------------------------------------
+    # -- the owner's loop -----------------------------------------------------------------------
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
-        """Queue one message; False (and counted) when paho refuses it.
+    def poll(self, timeout: float, *, read: int = READ_BUDGET, wake: socket.socket | None = None) -> bool:
+        """Wait up to ``timeout`` s for the network (and ``wake``), then handle what is ready.
 
-        While disconnected, QoS > 0 messages wait in paho's bounded queue and go
-        out after the reconnect.  While connected and that queue is full, the
-        call waits (up to ``PUBLISH_BACKPRESSURE_S``) for the broker to catch up.
+        Reads at most ``read`` packets (0: none, the owner's backpressure), writes
+        whatever is queued, sends keepalives and reconnects when it is time.
+        Returns True when ``wake`` became readable (the caller drains it).
+        """
+        c = self.client
+        now = self._clock()
+        if c.socket() is None:
+            if self._began and not self._closing and now >= self._next_attempt:
+                self._attempt(now)
+            timeout = min(timeout, max(0.0, self._next_attempt - now)) if self._began else timeout
+        sock = c.socket()
+        rlist: list[Any] = [wake] if wake is not None else []
+        wlist: list[Any] = []
+        buffered = False  # bytes already read (or decrypted by TLS) that select cannot see
+        if sock is not None:
+            if read:
+                rlist.append(sock)
+                if isinstance(sock, BufferedSocket) and sock.pending():
+                    buffered = True
+                    timeout = 0.0
+            if c.want_write():
+                wlist.append(sock)
+        woken = False
+        if rlist or wlist:
+            try:
+                readable = select.select(rlist, wlist, [], max(0.0, timeout))[0]
+            except (OSError, ValueError):  # the socket closed under us: handled below
+                readable = []
+            woken = wake is not None and wake in readable
+            if read > 0 and sock is not None and (sock in readable or buffered):
+                self._read(read)
+        elif timeout > 0:
+            time.sleep(timeout)
+        self.flush()
+        if c.socket() is not None:
+            c.loop_misc()
+            if self._tcp_since is not None and self._clock() - self._tcp_since > CONNACK_TIMEOUT_S:
+                _LOG.warning("MQTT broker %s:%d sent no CONNACK; retrying", self.cfg.host, self.cfg.port)
+                self._drop()
+        return woken
+
+    def _read(self, budget: int) -> int:
+        """Read packets one at a time until the socket is drained, ``budget`` is spent or the owner holds.
+
+        paho's public ``loop_read`` reads as many packets per call as there are
+        publishes in flight (thousands under load), so an owner could not bound
+        what one call delivers; ``_packet_read`` is the step it repeats (paho 2.x).
+        """
+        c = self.client
+        self.hold = False
+        handled = 0
+        while handled < budget and not self.hold and c.socket() is not None:
+            rc = c._packet_read()
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                break  # drained, or a packet only partly arrived
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                c._loop_rc_handle(rc)  # closes the socket and reports the disconnect
+                break
+            handled += 1
+        return handled
+
+    def flush(self) -> None:
+        """Write what is queued, as far as the socket takes it now."""
+        c = self.client
+        if c.socket() is not None and c.want_write():
+            c.loop_write()
+
+    def _attempt(self, now: float) -> None:
+        try:
+            self.client.reconnect()
+        except (OSError, ValueError) as e:  # ssl.SSLError and socket errors are OSErrors
+            self.last_error = describe_connect_error(e)
+            if now - self._fail_logged_at >= CONNACK_TIMEOUT_S or (self.connects == 0 and self._delay <= 1):
+                self._fail_logged_at = now
+                _LOG.warning("MQTT broker %s:%d: %s; retrying in %.0f s", self.cfg.host, self.cfg.port,
+                             self.last_error, self._delay)  # fmt: skip
+            self._next_attempt = now + self._delay
+            self._delay = min(self._delay * 2, float(self.cfg.reconnect_max_s))
+            return
+        self._tcp_since = now
+        self._next_attempt = now + self._delay
+
+    def _drop(self) -> None:
+        sock = self.client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+            # paho notices the closed socket on its next read and reports the disconnect
+            self.client.loop_read()
+
+    # -- publishing and acknowledging -----------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, token: object = None) -> bool:
+        """Queue one message; never blocks.  False when it cannot go out at all (QoS 0 while disconnected).
+
+        With a ``token``, ``on_published(token, ok)`` follows once the broker
+        acknowledged it (QoS 1) or it was written (QoS 0).
         """
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE and self.connected:
-            # Backpressure: the broker acknowledges slower than we publish.  Wait for room (the
-            # intake queue absorbs the delay, dropping oldest when full) rather than lose forecasts.
-            deadline = time.monotonic() + PUBLISH_BACKPRESSURE_S
-            while info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE and self.connected and time.monotonic() < deadline:
-                time.sleep(0.001)
-                info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0):
-            return True
-        if self._metrics is not None:
-            self._metrics.publish_failures.inc()
-        _LOG.debug("publish to %s failed: %s", topic, paho.error_string(info.rc))
-        return False
+        ok = info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0)
+        if not ok:
+            _LOG.debug("publish to %s failed: %s", topic, paho.error_string(info.rc))
+            return False
+        if token is not None:
+            self._tokens[info.mid] = token
+        return True
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Publish ``offline`` (when connected), disconnect and stop the network thread."""
-        with self._lock:
-            self._ready = False
-        if self.connected:
-            info = self.client.publish(self.status_topic, OFFLINE, qos=1, retain=True)
-            try:
-                info.wait_for_publish(timeout)
-            except (RuntimeError, ValueError) as e:
-                _LOG.warning("could not publish offline status: %s", e)
-        deadline = time.monotonic() + timeout
-        self.client.disconnect()
-        self.client.loop_stop()
-        if time.monotonic() > deadline:
-            _LOG.warning("MQTT disconnect took longer than %.1f s", timeout)
-        self._connected.clear()
-        if self._metrics is not None:
-            self._metrics.mqtt_connected.set(0)
+    @property
+    def backlogged(self) -> bool:
+        """Bytes wait for the socket: the broker reads slower than we write (the owner stops reading)."""
+        return self.client.socket() is not None and self.client.want_write()
 
-    # -- paho callbacks (network thread) --------------------------------------------------------
+    @property
+    def outstanding(self) -> int:
+        """Publishes with a token not yet acknowledged (or written, for QoS 0)."""
+        return len(self._tokens)
 
-    def _on_socket_open(self, _client: paho.Client, _userdata: Any, sock: Any) -> None:
+    def ack(self, mid: int, qos: int) -> None:
+        """Acknowledge a received QoS 1 message (written at the next flush)."""
+        if qos > 0:
+            self.client.ack(mid, qos)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Publish ``offline`` (when connected), flush, disconnect."""
+        self._ready = False
+        self._closing = True
+        c = self.client
+        if self._connected:
+            info = c.publish(self.status_topic, OFFLINE, qos=1, retain=True)
+            deadline = self._clock() + timeout
+            while not info.is_published() and self._connected and self._clock() < deadline:
+                self.poll(0.05)
+            if not info.is_published():
+                _LOG.warning("could not publish the offline status within %.1f s", timeout)
+        c.disconnect()
+        self.flush()
+        sock = c.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+        self._set_connected(False)
+
+    # -- paho callbacks (inside poll) -----------------------------------------------------------
+
+    def _set_connected(self, connected: bool) -> None:
+        if connected != self._connected:
+            self._connected = connected
+            self.on_connection(connected)
+
+    def _on_socket_open(self, client: paho.Client, _userdata: Any, sock: Any) -> None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, AttributeError) as e:
             _LOG.debug("cannot set TCP_NODELAY: %s", e)
+        # paho keeps the socket in ``_sock`` (2.x) and uses only recv, send, close and fileno on it.
+        self._wrapped = BufferedSocket(sock)
+        client._sock = self._wrapped
 
     def _on_connect(
         self,
@@ -214,39 +400,23 @@ class MqttLink:
         reason_code: ReasonCode,
         _properties: Properties | None,
     ) -> None:
+        self._events += 1
+        self._tcp_since = None
         if reason_code.is_failure:
             self.last_error = describe_connack(reason_code)
             _LOG.error("MQTT broker %s:%d refused the connection: %s", self.cfg.host, self.cfg.port, self.last_error)
-            self._connected.clear()
-            if self._metrics is not None:
-                self._metrics.mqtt_connected.set(0)
+            self._set_connected(False)
             return
         self.last_error = ""
-        self._connects += 1
-        if self._metrics is not None:
-            self._metrics.mqtt_connected.set(1)
-            if self._connects > 1:
-                self._metrics.mqtt_reconnects.inc()
-        _LOG.info(
-            "MQTT connected to %s:%d as %s (session present: %s)",
-            self.cfg.host,
-            self.cfg.port,
-            self.cfg.client_id,
-            flags.session_present,
-        )
-        if self._subscriptions:
-            client.subscribe([(f, SUBSCRIBE_QOS) for f in self._subscriptions])
-        with self._lock:
-            ready = self._ready
-        if ready:
+        self.connects += 1
+        self._delay = float(self.cfg.reconnect_min_s)
+        _LOG.info("MQTT connected to %s:%d as %s (session present: %s)",
+                  self.cfg.host, self.cfg.port, self.cfg.client_id, flags.session_present)  # fmt: skip
+        if self.subscriptions:
+            client.subscribe([(f, SUBSCRIBE_QOS) for f in self.subscriptions])
+        if self._ready:
             client.publish(self.status_topic, ONLINE, qos=1, retain=True)
-        self._connected.set()
-
-    def _on_connect_fail(self, _client: paho.Client, _userdata: Any) -> None:
-        # paho calls this inside its ``except OSError`` block: the exception says why.
-        err = sys.exc_info()[1]
-        self.last_error = describe_connect_error(err) if err is not None else "not reachable"
-        _LOG.warning("MQTT broker %s:%d: %s; retrying", self.cfg.host, self.cfg.port, self.last_error)
+        self._set_connected(True)
 
     def _on_disconnect(
         self,
@@ -256,11 +426,19 @@ class MqttLink:
         reason_code: ReasonCode,
         _properties: Properties | None,
     ) -> None:
-        was = self._connected.is_set()
-        self._connected.clear()
-        if self._metrics is not None:
-            self._metrics.mqtt_connected.set(0)
-        if was:
+        self._events += 1
+        was = self._connected
+        self._tcp_since = None
+        self._next_attempt = self._clock() + self._delay
+        self._set_connected(False)
+        err = self._wrapped.error if self._wrapped is not None else None
+        if err is not None:
+            self._wrapped.error = None  # type: ignore[union-attr]
+            self.last_error = describe_connect_error(err)
+            _LOG.warning("MQTT connection to %s:%d ended: %s [%s]; retrying",
+                         self.cfg.host, self.cfg.port, self.last_error, err)  # fmt: skip
+            return
+        if was and not self._closing:
             if reason_code.is_failure:
                 _LOG.warning("MQTT connection lost (%s); reconnecting", reason_code)
             else:
@@ -274,23 +452,27 @@ class MqttLink:
         reason_codes: list[ReasonCode],
         _properties: Properties | None,
     ) -> None:
-        for topic, rc in zip(self._subscriptions, reason_codes, strict=False):
+        self._events += 1
+        for topic, rc in zip(self.subscriptions, reason_codes, strict=False):
             if rc.is_failure:
                 _LOG.error("MQTT subscription to %r refused by the broker: %s", topic, rc)
             else:
                 _LOG.info("subscribed to %r (QoS %d)", topic, rc.value)
 
     def _on_publish(
-        self, _client: paho.Client, _userdata: Any, _mid: int, reason_code: ReasonCode, _properties: Properties | None
+        self, _client: paho.Client, _userdata: Any, mid: int, reason_code: ReasonCode, _properties: Properties | None
     ) -> None:
+        self._events += 1
+        token = self._tokens.pop(mid, None)
         # MQTT 5 brokers say in the PUBACK when they refuse a publish (e.g. 0x87 Not authorized by an ACL);
         # MQTT 3.1.1 brokers drop it silently.
-        if not reason_code.is_failure:
+        ok = not reason_code.is_failure
+        if token is not None:
+            self.on_published(token, ok)
+        if ok:
             return
         self.publish_refusals += 1
-        if self._metrics is not None:
-            self._metrics.publish_failures.inc()
-        now = time.monotonic()
+        now = self._clock()
         if now - self._refusal_logged_at >= REFUSAL_LOG_EVERY_S:
             self._refusal_logged_at = now
             _LOG.error(
@@ -301,20 +483,14 @@ class MqttLink:
                 self.cfg.username or "anonymous",
             )
 
-    def _on_message(self, client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+    def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        self._events += 1
         try:
-            topic = msg.topic
+            topic: str | None = msg.topic
         except UnicodeDecodeError:  # not valid UTF-8: no filter can match it
             topic = None
-        if topic is not None:
-            for pattern, handler in self._routes:
-                if pattern.fullmatch(topic):
-                    if handler(topic, bytes(msg.payload)) and msg.qos > 0:
-                        client.ack(msg.mid, msg.qos)
-                    return
-        _LOG.debug("message on unexpected topic %r ignored", topic)
-        if msg.qos > 0:
-            client.ack(msg.mid, msg.qos)
+        self.on_message(Inbound(topic, bytes(msg.payload), msg.mid, msg.qos, bool(msg.dup), bool(msg.retain),
+                                self._clock()))  # fmt: skip
 
 
 def filter_pattern(topic_filter: str) -> re.Pattern[str]:

@@ -25,5 +25,6 @@ class Outcome(str, Enum):
     # Not produced since ticks are explicit (a reading older than its closed tick is LATE); kept so
     # that dashboards and alerts naming the label keep a (zero) series.
     OUT_OF_ORDER = "out_of_order"
-    QUEUE_FULL = "queue_full"  # dropped (oldest first) because the intake queue was full
-    SHUTDOWN = "shutdown"  # still queued when the daemon stopped (only with a drain timeout)
+    RETAINED = "retained"  # a retained message, left out (input.retained = "ignore")
+    INTERNAL_ERROR = "internal_error"  # handling it raised an unexpected exception (logged; intake goes on)
+    SHUTDOWN = "shutdown"  # still queued at stop: left unacknowledged, the broker delivers it to the next run

@@ -78,6 +78,7 @@ class StateTable:
         self.n_values = int(n_values)
         self.capacity = int(capacity)
         self.evictions = 0  # cumulative
+        self.evicted_ids: list[str] | None = None  # set to a list to collect the ids evicted (its owner drains it)
         self._clock = 0
         self._rows: dict[str, int] = {}
         self._ids: list[str | None] = []
@@ -213,6 +214,8 @@ class StateTable:
             old = self._ids[r]
             if old is not None:
                 del self._rows[old]
+                if self.evicted_ids is not None:
+                    self.evicted_ids.append(old)
         self.evictions += n
         _LOG.debug("evicted %d least recently seen stream(s)", n)
         return victims

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from edge_lstm.engine import Engine, Forecast
-from edge_lstm.forecast import ForecastEncoder
+from edge_lstm.forecast import BOUND_DIGITS, ForecastEncoder
 from edge_lstm.intervals import Intervals
 from edge_lstm.metrics import Metrics
 from edge_lstm.modelspec import load_model
@@ -36,8 +36,8 @@ def test_payload_with_bounds_and_anomaly_fields_exactly() -> None:
     assert body == (
         b'{"stream":"kitchen","model":"m@0123456789ab","ts":"2024-05-29T16:00:00Z","ts_epoch":1716998400.0,'
         b'"units":"MW","warming_up":false,"anomaly":true,"anomaly_score":1.25,"forecasts":['
-        b'{"ts":"2024-05-29T16:30:00Z","value":100.0,"lo80":99.0,"hi80":101.5,"lo95":97.5,"hi95":103.0},'
-        b'{"ts":"2024-05-29T17:00:00Z","value":110.5,"lo80":108.5,"hi80":112.5,"lo95":106.5,"hi95":115.0}]}'
+        b'{"ts":"2024-05-29T16:30:00Z","value":100.0,"lo80":99,"hi80":101.5,"lo95":97.5,"hi95":103},'
+        b'{"ts":"2024-05-29T17:00:00Z","value":110.5,"lo80":108.5,"hi80":112.5,"lo95":106.5,"hi95":115}]}'
     )
     doc = json.loads(enc.encode(_forecast([100.0, 110.5], 0.0)))
     assert doc["anomaly"] is False and doc["anomaly_score"] == 0.0
@@ -112,9 +112,11 @@ def test_online_bounds_and_scores_equal_the_offline_run() -> None:
     got_hi80 = np.array([[item["hi80"] for item in d["forecasts"]] for d in docs])
     got_values = np.array([[item["value"] for item in d["forecasts"]] for d in docs])
     np.testing.assert_allclose(got_values, want, rtol=1e-5)  # the model step itself: same as test_daemon
-    # Bounds are the forecast plus the manifest's offsets: the same arithmetic online and offline.
-    np.testing.assert_array_equal(got_lo95, got_values + man.intervals.lower[1])
-    np.testing.assert_array_equal(got_hi80, got_values + man.intervals.upper[0])
+    # Bounds are the forecast plus the manifest's offsets: the same arithmetic online and offline (written
+    # with BOUND_DIGITS significant digits).
+    digits = 10.0 ** -(BOUND_DIGITS - 1)
+    np.testing.assert_allclose(got_lo95, got_values + man.intervals.lower[1], rtol=digits)
+    np.testing.assert_allclose(got_hi80, got_values + man.intervals.upper[0], rtol=digits)
     np.testing.assert_allclose(got_lo95, lower[:, 1], rtol=1e-5)
     np.testing.assert_allclose(got_hi80, upper[:, 0], rtol=1e-5)
     got_scores = np.array([np.nan if d["anomaly_score"] is None else d["anomaly_score"] for d in docs])
@@ -136,7 +138,7 @@ def test_metrics_count_checks_and_anomalies_by_direction() -> None:
     vs[120] += 5000.0
     vs[140] -= 5000.0
     for t, v in zip(ts[:160], vs[:160], strict=True):
-        m.record_batch(engine.process([Reading("s", (float(v),), float(t), 0.0)]), 1, 0.0, 1)
+        m.record_batch(engine.process([Reading("s", (float(v),), float(t), 0.0)]), 0.0, 1)
     warm = model.manifest.warmup_ticks
     assert reg.get_sample_value("edge_lstm_anomaly_checks_total") == 160 - warm
     assert reg.get_sample_value("edge_lstm_anomalies_total", {"direction": "high"}) >= 1

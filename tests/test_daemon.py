@@ -113,7 +113,7 @@ def test_mosquitto_pub_and_paho_readings_each_give_one_forecast(
         assert len(doc["forecasts"]) == K and doc["warming_up"] is True
     assert docs["forecasts/attic"]["ts_epoch"] == 959_000_400  # its tick on the model's 30-minute grid
     assert d.outcomes()["processed"] == 2
-    assert d.metric("edge_lstm_forecasts_published_total") == 2
+    assert d.wait_metric("edge_lstm_forecasts_published_total", 2) == 2  # counted at the PUBACK
     # exactly one forecast each: nothing else arrives
     assert d.metric("edge_lstm_readings_received_total") == 2
 

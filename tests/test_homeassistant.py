@@ -5,16 +5,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_lstm import __version__
 from edge_lstm.config import ConfigError, parse_config
 from edge_lstm.homeassistant import Discovery, safe_id
 from edge_lstm.intervals import Intervals
 from edge_lstm.modelspec import Manifest, load_manifest
+from tests.support.broker import Broker
+from tests.support.collector import Collector
+from tests.support.daemon import DaemonProcess
 
 REPO = Path(__file__).resolve().parent.parent
 # Home Assistant's discovery topic pattern (homeassistant/components/mqtt/discovery.py, TOPIC_MATCHER).
@@ -141,3 +148,58 @@ def test_config_section_is_opt_in_and_checked() -> None:
             parse_config({"homeassistant": {"discovery_prefix": bad}})
     with pytest.raises(ConfigError, match="unknown key 'prefix' in section \\[homeassistant\\]"):
         parse_config({"homeassistant": {"prefix": "ha"}})
+
+
+def test_daemon_announces_streams_removes_evicted_ones_and_answers_home_assistant_on_a_real_broker(
+    broker: Broker, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    d = daemon_factory(broker, overrides={"homeassistant": {"enabled": True}, "state": {"capacity": 1}})
+    node = safe_id(d.client_id)
+    pub = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+    pub.connect(broker.host, broker.port)
+    pub.loop_start()
+    try:
+        with Collector(broker.host, broker.port, ["homeassistant/#", "forecasts/#"]) as col:
+            d.start()
+
+            def send(stream: str, ts: float) -> None:
+                body = json.dumps({"ts": ts, "demand_mw": 25000.0})
+                pub.publish(f"sensors/{stream}/value", body, qos=1).wait_for_publish(10)
+
+            def configs(stream: str) -> dict[str, bytes]:
+                return {m.topic: m.payload for m in col.select() if f"/{node}/{stream}_" in m.topic}
+
+            send("kitchen", 1e9)
+            col.wait_for(1, "forecasts/#", timeout=20, retained=False)
+            first = configs("kitchen")
+            assert sorted(first) == sorted(
+                f"homeassistant/{c}/{node}/kitchen_{k}/config"
+                for c, k in [("sensor", "forecast"), ("sensor", "lower"), ("sensor", "upper"),
+                             ("binary_sensor", "anomaly"), ("sensor", "anomaly_score")]
+            )  # fmt: skip
+            forecast_cfg = json.loads(first[f"homeassistant/sensor/{node}/kitchen_forecast/config"])
+            assert forecast_cfg["state_topic"] == "forecasts/kitchen"
+            assert forecast_cfg["availability"] == [{"topic": d.status_topic}]
+            # A second stream evicts the first (capacity 1): its entities are removed (empty retained configs).
+            send("garage", 1e9)
+            col.wait_for(2, "forecasts/#", timeout=20, retained=False)
+            deadline = time.monotonic() + 10
+            while any(configs("kitchen").values()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert configs("kitchen") and not any(configs("kitchen").values())
+            assert len(configs("garage")) == 5
+            # Home Assistant restarts and announces itself: the daemon sends its configs again.
+            col.clear()
+            pub.publish("homeassistant/status", "online", qos=1).wait_for_publish(10)
+            deadline = time.monotonic() + 10
+            while len(configs("garage")) < 5 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(configs("garage")) == 5 and not configs("kitchen")
+            assert d.terminate() == 0
+        # The retained configs stay on the broker for Home Assistant, the evicted stream's are gone.
+        with Collector(broker.host, broker.port, ["homeassistant/#"]) as col:
+            kept = {m.topic for m in col.wait_for(5, timeout=10)}
+            assert all(f"/{node}/garage_" in t for t in kept), kept
+    finally:
+        pub.disconnect()
+        pub.loop_stop()

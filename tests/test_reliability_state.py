@@ -17,7 +17,6 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_lstm import checkpoint as ckpt
-from edge_lstm.engine import Engine
 from edge_lstm.modelspec import load_manifest
 from edge_lstm.payload import Reading
 from tests.support.broker import Broker
@@ -32,7 +31,7 @@ from tests.support.faults import (  # noqa: F401
     remount,
     tmpfs,
 )
-from tests.support.offline import open_model
+from tests.support.offline import open_model, restore_as_daemon
 
 pytestmark = pytest.mark.usefixtures("reliability_report")
 
@@ -150,12 +149,13 @@ def test_daemon_killed_at_random_points_resumes_from_its_last_checkpoint(
         time.sleep(rng.uniform(0.3, 1.0))
         d.kill()
         feeder.stop()
-        # What the killed daemon left: loaded from a copy, so the daemon finds the file untouched.
+        # What the killed daemon left (checkpoint + journal): loaded from a copy, so the daemon finds it untouched.
         copy = tmp_path / f"copy{cycle}"
         shutil.copytree(Path(d.config["state"]["dir"]), copy)
         res = ckpt.load_checkpoint(copy, MANIFEST.sha256, MANIFEST.layers, 1, 10000)
         assert res.status is ckpt.LoadStatus.RESTORED, res.reason
-        assert res.table is not None and len(res.table) == len(STREAMS)
+        engine, _ = restore_as_daemon(copy, d.config, model)
+        assert len(engine.table) == len(STREAMS)
         # After the restart the broker redelivers what the killed daemon had not acknowledged, then a new
         # tick follows.  Every forecast of the restarted daemon must equal an engine restored from the
         # file the killed one left, fed the same readings in the same order.
@@ -169,7 +169,6 @@ def test_daemon_killed_at_random_points_resumes_from_its_last_checkpoint(
                 d.log()
             )
             msgs = col.select("forecasts/#", retained=False)
-        engine = Engine(model, res.table)
         for m in msgs:
             doc = m.json()
             want = engine.process([Reading(doc["stream"], (value_at[doc["ts_epoch"]],), doc["ts_epoch"], 0.0)])
@@ -182,11 +181,11 @@ def test_daemon_killed_at_random_points_resumes_from_its_last_checkpoint(
     assert d.runs == 2 * DAEMON_KILL_CYCLES
     record("2", "daemon SIGKILLs under traffic (random 0.3-1.0 s after start, checkpoints every 0.1 s)",
            DAEMON_KILL_CYCLES, f"= {DAEMON_KILL_CYCLES}")  # fmt: skip
-    record("2", "restarts that restored the file the killed daemon left", 2 * DAEMON_KILL_CYCLES - 1,
+    record("2", "restarts that restored the checkpoint and journal the killed daemon left", 2 * DAEMON_KILL_CYCLES - 1,
            "all: restores{result=\"restored\"} = 1, rejected = 0")  # fmt: skip
     record("2", "streams restored per restart", sorted(set(restored_streams)), f"= {len(STREAMS)}")
     record("2", "readings redelivered by the broker after the kills (unacknowledged), forecast", redelivered, "-")
-    record("2", "forecasts after restart equal to an engine restored from that file", compared,
+    record("2", "forecasts after restart equal to an engine restored from that checkpoint + journal", compared,
            "all equal (rtol 1e-5)")  # fmt: skip
 
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Collector:
         topics: Iterable[str],
         *,
         client_id: str | None = None,
+        session_expiry_s: int = 0,
         timeout: float = 10.0,
         **tls_kwargs: Any,
     ) -> None:
@@ -68,7 +71,13 @@ class Collector:
         self.client.on_message = self._on_message
         if tls_kwargs:
             self.client.tls_set(**tls_kwargs)
-        self.client.connect(host, port, keepalive=30)
+        if session_expiry_s:
+            # A persistent session: what is published while the collector is away (a broker restart) waits for it.
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = session_expiry_s
+            self.client.connect(host, port, keepalive=30, clean_start=False, properties=props)
+        else:
+            self.client.connect(host, port, keepalive=30)
         self.client.loop_start()
         if not self._subscribed.wait(timeout):
             self.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_lstm.engine import Engine
 from edge_lstm.modelspec import load_model
 from edge_lstm.runtime import StepModel, load_step_model
 
@@ -52,6 +53,28 @@ def stream_forecasts(
         out[i] = pipe.decode(y, v[i : i + 1, pipe.target_index])[0]
         prev = v[i : i + 1].copy()
     return out, StreamState(state, prev, float(ts[-1]), s.ticks + len(ts))
+
+
+def restore_as_daemon(state_dir: Path, config: dict, model: StepModel) -> tuple[Engine, int]:
+    """The engine a daemon with ``config`` restores from ``state_dir``: its checkpoint, then its journal.
+
+    Returns the engine and how many journaled messages were stepped after the checkpoint.
+    """
+    from edge_lstm import checkpoint as ckpt
+    from edge_lstm.config import parse_config
+    from edge_lstm.daemon import make_decoder
+    from edge_lstm.journal import read_journal
+    from edge_lstm.pipeline import replay_journal, routes_of
+    from edge_lstm.state import StateTable
+
+    cfg = parse_config(config)
+    m = model.manifest
+    res = ckpt.load_checkpoint(state_dir, m.sha256, m.layers, len(m.pipeline.columns), cfg.state.capacity)
+    table = res.table if res.table is not None else StateTable(m.layers, len(m.pipeline.columns), cfg.state.capacity)
+    engine = Engine(model, table)
+    found = read_journal(state_dir, m.sha256)
+    stepped = replay_journal(found.records, res.journal_seq, engine, make_decoder(cfg, m), routes_of(cfg))
+    return engine, stepped
 
 
 def offline_intervals(model: StepModel, forecasts: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -1,0 +1,278 @@
+"""The write-ahead journal of accepted messages: what makes an acknowledgement a promise.
+
+The daemon acknowledges a QoS 1 reading to the broker only once its effect
+cannot be lost (docs/architecture.md, "Delivery"): its forecast was
+acknowledged by the broker, and the message is in this journal, on disk
+(``fsync``).  The state a restart restores is the last checkpoint plus the
+journal's messages after it, stepped through the same decoder and engine: the
+state an uninterrupted run would hold.  Messages that were not journaled were
+not acknowledged either, so the broker delivers them again.
+
+One file, ``journal.wal`` in the state directory::
+
+    header  8 bytes magic b"ELSTMWAL", 4 bytes format version, 64 bytes model fingerprint (hex ASCII)
+    record  4 bytes body length N, 4 bytes CRC-32 of the body, N bytes body
+
+    body of a message record  b"M", seq u64, mid u16, qos u8, arrival f64 (epoch s), topic length u16,
+                              topic (UTF-8), payload (the rest)
+    body of a digest record   b"D", seq u64, mid u16, digest u32: a message that an older checkpoint
+                              already holds, kept only so that its redelivery is recognised
+
+All integers big-endian.  Records are appended in groups, one ``fsync`` per
+group (group commit).  A torn or corrupt tail (a crash during a write) ends the
+journal: it is cut off when the file is opened again.  After each checkpoint
+the journal starts afresh (a new file renamed over the old one), carrying the
+digests of the most recent messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Iterable
+from pathlib import Path
+
+_LOG = logging.getLogger(__name__)
+
+JOURNAL_NAME = "journal.wal"
+MAGIC = b"ELSTMWAL"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct(">8sI64s")
+_FRAME = struct.Struct(">II")
+_MESSAGE = struct.Struct(">cQHBdH")
+_DIGEST = struct.Struct(">cQHI")
+MAX_RECORD = 16 * 1024 * 1024  # larger length fields are corruption, not records
+
+
+def message_digest(topic: str, payload: bytes) -> int:
+    """A 32-bit digest of a message's topic and body (CRC-32), to recognise a redelivery."""
+    return zlib.crc32(payload, zlib.crc32(topic.encode("utf-8", "surrogateescape")))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Record:
+    """One journaled message (``payload`` is None for a digest-only record)."""
+
+    seq: int
+    mid: int
+    qos: int
+    arrival: float
+    topic: str
+    payload: bytes | None
+    digest: int
+
+    @classmethod
+    def message(cls, seq: int, mid: int, qos: int, arrival: float, topic: str, payload: bytes) -> Record:
+        return cls(seq, mid, qos, arrival, topic, payload, message_digest(topic, payload))
+
+    def encode(self) -> bytes:
+        if self.payload is None:
+            body = _DIGEST.pack(b"D", self.seq, self.mid, self.digest)
+        else:
+            t = self.topic.encode("utf-8", "surrogateescape")
+            body = _MESSAGE.pack(b"M", self.seq, self.mid, self.qos, self.arrival, len(t)) + t + self.payload
+        return _FRAME.pack(len(body), zlib.crc32(body)) + body
+
+
+def _decode_body(body: bytes) -> Record | None:
+    kind = body[:1]
+    if kind == b"M" and len(body) >= _MESSAGE.size:
+        _, seq, mid, qos, arrival, tlen = _MESSAGE.unpack_from(body)
+        end = _MESSAGE.size + tlen
+        if len(body) < end:
+            return None
+        topic = body[_MESSAGE.size : end].decode("utf-8", "surrogateescape")
+        payload = body[end:]
+        return Record(seq, mid, qos, arrival, topic, payload, message_digest(topic, payload))
+    if kind == b"D" and len(body) == _DIGEST.size:
+        _, seq, mid, digest = _DIGEST.unpack(body)
+        return Record(seq, mid, 1, 0.0, "", None, digest)
+    return None
+
+
+@dataclasses.dataclass
+class ReadResult:
+    """What :func:`read_journal` found."""
+
+    records: list[Record]
+    valid_bytes: int  # length of the file up to the end of the last good record
+    status: str  # "ok", "missing", "torn" (a bad tail was found), "foreign" (other model or format)
+
+
+def read_journal(directory: Path | str, fingerprint: str) -> ReadResult:
+    """All good records of the journal, in order; never raises for bad content."""
+    path = Path(directory) / JOURNAL_NAME
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return ReadResult([], 0, "missing")
+    except OSError as e:
+        _LOG.error("cannot read the journal %s: %s", path, e)
+        return ReadResult([], 0, "foreign")
+    if len(data) < _HEADER.size:
+        return ReadResult([], 0, "torn")
+    magic, version, fp = _HEADER.unpack_from(data)
+    if magic != MAGIC or version != FORMAT_VERSION or fp.rstrip(b"\0").decode("ascii", "replace") != fingerprint:
+        return ReadResult([], 0, "foreign")
+    records: list[Record] = []
+    pos = _HEADER.size
+    status = "ok"
+    while pos < len(data):
+        if pos + _FRAME.size > len(data):
+            status = "torn"
+            break
+        n, crc = _FRAME.unpack_from(data, pos)
+        start, end = pos + _FRAME.size, pos + _FRAME.size + n
+        if n > MAX_RECORD or end > len(data):
+            status = "torn"
+            break
+        body = data[start:end]
+        rec = _decode_body(body) if zlib.crc32(body) == crc else None
+        if rec is None:
+            status = "torn"
+            break
+        records.append(rec)
+        pos = end
+    return ReadResult(records, pos, status)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory
+    finally:
+        os.close(fd)
+
+
+class Journal:
+    """The journal: :meth:`append` buffers records, :meth:`commit` writes and syncs them in one go.
+
+    The file is opened for each commit and closed after it (a few microseconds
+    beside the sync), so the daemon holds no file open in the state directory:
+    a directory removed or replaced at run time is noticed at the next commit,
+    and an operator can remount the disk.  ``sync`` False skips the
+    ``fdatasync`` (survives a killed process, not a power loss).
+    """
+
+    def __init__(self, directory: Path | str, fingerprint: str, *, sync: bool = True) -> None:
+        self.directory = Path(directory)
+        self.fingerprint = fingerprint
+        self.sync = sync
+        self._buf: list[bytes] = []
+        self.size = 0  # bytes on disk
+        self.records = 0  # records on disk since the last reset
+        self.commits = 0  # cumulative group commits (each one write and one sync)
+        self.reopened = 0  # times the file was found missing and started anew
+
+    @property
+    def path(self) -> Path:
+        return self.directory / JOURNAL_NAME
+
+    def _header(self) -> bytes:
+        return _HEADER.pack(MAGIC, FORMAT_VERSION, self.fingerprint.encode("ascii").ljust(64, b"\0"))
+
+    def open(self, found: ReadResult) -> None:
+        """Prepare for appending after :func:`read_journal`: cut a torn tail, start afresh on a foreign file."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if found.status in ("missing", "foreign") or found.valid_bytes < _HEADER.size:
+            self.reset([])
+            return
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            if os.fstat(fd).st_size != found.valid_bytes:
+                _LOG.warning("journal %s: cutting a torn tail at byte %d", self.path, found.valid_bytes)
+                os.ftruncate(fd, found.valid_bytes)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.size = found.valid_bytes
+        self.records = len(found.records)
+
+    def append(self, record: Record) -> None:
+        self._buf.append(record.encode())
+
+    @property
+    def pending(self) -> int:
+        """Records appended but not yet committed."""
+        return len(self._buf)
+
+    def commit(self) -> int:
+        """Write the appended records and sync them; returns the bytes written.
+
+        Raises ``OSError`` (the records stay buffered, so a later commit retries them).
+        """
+        if not self._buf:
+            return 0
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:
+            # Removed under us (the state directory deleted at run time): the records since the last
+            # checkpoint went with it.  Start a new file; the owner checkpoints as soon as it can.
+            _LOG.error("journal %s is gone: starting a new one", self.path)
+            self.reopened += 1
+            self.reset([], keep_pending=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        data = b"".join(self._buf)
+        try:
+            _write_all(fd, data)
+            if self.sync:
+                os.fdatasync(fd)
+        except OSError:
+            # A partial write leaves a torn record that would end the journal: cut it off again.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self.size)
+            raise
+        finally:
+            os.close(fd)
+        self.records += len(self._buf)
+        self._buf.clear()
+        self.size += len(data)
+        self.commits += 1
+        return len(data)
+
+    def reset(self, carry: Iterable[Record], fingerprint: str | None = None, *, keep_pending: bool = False) -> None:
+        """Start a new journal holding only ``carry`` (as digest records), atomically replacing the old one.
+
+        Called right after a checkpoint that holds every journaled message
+        (records appended but not committed are dropped unless ``keep_pending``).
+        """
+        if fingerprint is not None:
+            self.fingerprint = fingerprint
+        self.directory.mkdir(parents=True, exist_ok=True)
+        kept = [Record(r.seq, r.mid, r.qos, 0.0, "", None, r.digest).encode() for r in carry if r.qos > 0]
+        data = self._header() + b"".join(kept)
+        tmp = self.directory / f".{JOURNAL_NAME}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _write_all(fd, data)
+                if self.sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        if self.sync:
+            _fsync_dir(self.directory)
+        self.size = len(data)
+        self.records = len(kept)
+        if not keep_pending:
+            self._buf.clear()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -1,0 +1,682 @@
+"""From socket to forecast: the path every message takes, and the one loop that drives it.
+
+::
+
+    Loop.run, one thread, one iteration:
+      MqttLink.poll            read what arrived -> on_message -> Pipeline.accept
+      Pipeline.accept          route -> recognise a redelivery -> decode -> intake queue
+      Pipeline.step            a batch from the queue -> Engine.process -> ForecastEncoder -> MqttLink.publish
+      MqttLink.poll            the broker's PUBACKs -> on_published -> Pipeline.on_published
+      Pipeline.commit          settled messages, in arrival order -> Journal (one fsync) -> MqttLink.ack
+      Loop                     checkpoints at quiescent points, model swaps, watchdog, status
+
+**Delivery.** A QoS 1 message is acknowledged to the broker only when its
+effect cannot be lost: every forecast made from its readings has been
+acknowledged by the broker (QoS 1 output; written to the socket for QoS 0),
+and the message is in the journal on disk.  Acknowledgements go out in the
+order the messages arrived.  A restart restores the last checkpoint and steps
+the journaled messages after it through the same decoder and engine; the
+broker delivers every unacknowledged message again, so the restarted state
+and every later forecast equal an uninterrupted run's.  A message the broker
+delivers again that is already in the state (its acknowledgement was lost) is
+recognised by its packet id and content and acknowledged without being
+processed twice.  Checkpoints are taken only at a quiescent point (nothing
+processed that is not yet journaled), so a checkpoint never holds a reading
+the broker could deliver again.
+
+**Backpressure.** Intake stops reading the socket while the intake queue is
+full or the broker reads our writes slower than we make them; unacknowledged
+input is further bounded by the broker's own in-flight window.  Nothing
+sleeps: every wait is the ``select`` in :meth:`MqttLink.poll`.
+
+**Faults.** An exception while handling one message or one batch is counted
+(``internal_error``), logged with its traceback (rate-limited) and the loop
+goes on (a batch that fails is stepped again one reading at a time, so only
+the reading that fails is lost); the watchdog is pinged only from this loop, after real work or an
+idle wait, so a loop that stops turning is restarted by systemd.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import contextlib
+import dataclasses
+import logging
+import socket
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from edge_lstm import checkpoint as ckpt
+from edge_lstm.config import Config, TopicFilter
+from edge_lstm.engine import BatchResult, Engine, Forecast
+from edge_lstm.forecast import ForecastEncoder
+from edge_lstm.homeassistant import Discovery
+from edge_lstm.journal import Journal, Record, message_digest
+from edge_lstm.metrics import Metrics
+from edge_lstm.mqtt import READ_BUDGET, Inbound, MqttLink, filter_pattern
+from edge_lstm.outcomes import Outcome
+from edge_lstm.payload import PayloadDecoder, PayloadError, Reading
+from edge_lstm.runtime import StepModel
+from edge_lstm.sdnotify import Notifier
+
+_LOG = logging.getLogger(__name__)
+
+CARRY_DIGESTS = 4096  # digests of the latest messages a new journal carries (to recognise their redelivery)
+ERROR_LOG_EVERY_S = 10.0
+IDLE_WAIT_S = 0.5  # longest poll without work (the watchdog and timers run after each)
+BARRIER_TIMEOUT_S = 5.0  # how long a checkpoint may hold intake back waiting for a quiescent point
+STATUS_EVERY_S = 10.0
+MID_SPACE = 65536
+OUTSTANDING_PER_BATCH = 4  # forecasts awaiting the broker's PUBACK: at most this many batches' worth
+
+
+@dataclasses.dataclass(slots=True)
+class _Message:
+    """An accepted message not yet acknowledged: its readings are ``[start, end)`` in intake order."""
+
+    mid: int
+    qos: int
+    start: int
+    end: int
+    topic: str
+    payload: bytes | None  # None: nothing to journal (rejected, ignored, or already in the state)
+    arrival: float  # epoch seconds (the decoder's "now")
+    digest: int
+
+
+@dataclasses.dataclass(slots=True)
+class _Batch:
+    """Readings ``[.., end)`` stepped together and how many of their forecasts await the broker."""
+
+    end: int
+    outstanding: int = 0
+
+
+class Pipeline:
+    """Decode -> queue -> engine -> encode -> publish -> settle -> journal -> acknowledge, without threads.
+
+    The owner's loop calls :meth:`accept` (from the link's ``on_message``),
+    :meth:`step`, :meth:`on_published` (from the link) and :meth:`commit`.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        engine: Engine,
+        decoder: PayloadDecoder,
+        encoder: ForecastEncoder,
+        link: MqttLink,
+        metrics: Metrics,
+        journal: Journal,
+        *,
+        clock: Callable[[], float] = time.time,
+        seq: int = 0,
+    ) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.decoder = decoder
+        self.encoder = encoder
+        self.link = link
+        self.metrics = metrics
+        self.journal = journal
+        self.clock = clock
+        self.seq = seq  # last journal sequence number used
+        self._route = routes_of(cfg)
+        self.process_retained = cfg.input.retained == "process"
+        self.queue_limit = cfg.engine.queue_size
+        self.max_outstanding = OUTSTANDING_PER_BATCH * cfg.engine.max_batch
+        self.queue: collections.deque[Reading] = collections.deque()
+        self.messages: collections.deque[_Message] = collections.deque()
+        self.batches: collections.deque[_Batch] = collections.deque()
+        self.enqueued = 0  # readings ever put in the queue
+        self.taken = 0  # readings ever taken from it into a batch
+        self.settled = 0  # readings whose batches are settled, in order
+        self._to_ack: list[_Message] = []  # journaled, waiting for the journal's commit
+        self._window: dict[int, _Message] = {}  # unacknowledged QoS 1 messages by packet id
+        self._digest = array.array("q", [-1]) * MID_SPACE  # CRC of the last message seen with each packet id
+        self._recent: collections.deque[Record] = collections.deque(maxlen=CARRY_DIGESTS)
+        self._error_logged_at = -ERROR_LOG_EVERY_S
+        self.errors = 0
+        out = cfg.output
+        self._out_qos, self._out_retain, self._out_template = out.qos, out.retain, out.topic
+        self.discovery: Discovery | None = None
+        if cfg.homeassistant.enabled:
+            self.discovery = Discovery.from_config(cfg, engine.model.manifest)
+            engine.table.evicted_ids = []
+
+    @property
+    def ha_status_topic(self) -> str | None:
+        """Home Assistant's birth topic, when discovery is on (the daemon subscribes to it)."""
+        return self.discovery.ha_status_topic if self.discovery is not None else None
+
+    # -- restart --------------------------------------------------------------------------------
+
+    def replay(self, records: Sequence[Record], after: int) -> int:
+        """Rebuild the state from the journal (see :func:`replay_journal`) and learn its packet ids.
+
+        Every record (also those a checkpoint already holds) teaches the
+        pipeline its message's packet id, so the broker's redelivery of a
+        message whose acknowledgement was lost is recognised.
+        """
+        for r in records:
+            self.seq = max(self.seq, r.seq)
+            if r.qos > 0:
+                self._remember(r.mid, r.digest)
+            self._recent.append(r)
+        return replay_journal(records, after, self.engine, self.decoder, self._route)
+
+    def _remember(self, mid: int, digest: int) -> None:
+        self._digest[mid] = digest
+
+    # -- intake (inside MqttLink.poll) ----------------------------------------------------------
+
+    def accept(self, m: Inbound) -> None:
+        """Take one message in; it ends in the queue or in exactly one counted outcome."""
+        metrics = self.metrics
+        topic = m.topic if m.topic is not None else ""
+        digest = message_digest(topic, m.payload) if m.qos > 0 else 0
+        if m.dup and m.qos > 0 and self._digest[m.mid] == digest:
+            # Delivered again: after a reconnect, the broker resends what it has no PUBACK for.
+            metrics.messages_redelivered.inc()
+            if m.mid not in self._window:  # already in the state: acknowledge it again, in order
+                self._hold(m.mid, m.qos, self.enqueued, topic, None, 0.0, digest)
+            return  # else the first copy is still on its way; its acknowledgement covers both
+        if self.discovery is not None and m.topic == self.discovery.ha_status_topic:
+            if m.payload == b"online":  # Home Assistant (re)started: announce every stream again
+                self._announce(self.discovery.on_ha_online())
+            self._hold(m.mid, m.qos, self.enqueued, topic, None, 0.0, digest)
+            return
+        now = self.clock()
+        metrics.mqtt_last_message.set(now)
+        start = self.enqueued
+        payload: bytes | None = None
+        try:
+            route = self._route(m.topic)
+            if route is None:
+                _LOG.debug("message on unexpected topic %r ignored", m.topic)
+            elif m.retain and not self.process_retained:
+                metrics.received.inc()
+                metrics.outcome(Outcome.RETAINED)
+            else:
+                result = self.decoder.decode(m.payload, route.stream_of(topic), now, m.arrived)
+                metrics.received.inc(result.count)
+                for outcome in result.rejected:
+                    metrics.outcome(outcome)
+                if result.readings:
+                    self.queue.extend(result.readings)
+                    self.enqueued += len(result.readings)
+                    if len(self.queue) >= self.queue_limit and not self.starved:
+                        self.link.hold = True  # full: read no more until steps make room
+                    payload = m.payload
+                    if m.dup:
+                        metrics.forecasts_redelivered.inc(len(result.readings))
+        except PayloadError as e:
+            metrics.received.inc()
+            metrics.outcome(e.outcome)
+            if _LOG.isEnabledFor(logging.DEBUG):
+                _LOG.debug("rejected message on %s (%s): %s", topic, e.outcome.value, e)
+        except Exception:
+            metrics.received.inc()
+            metrics.outcome(Outcome.INTERNAL_ERROR)
+            self._log_error(f"handling a message on {topic!r}")
+        self._hold(m.mid, m.qos, start, topic, payload, now, digest)
+
+    def _hold(
+        self, mid: int, qos: int, start: int, topic: str, payload: bytes | None, arrival: float, digest: int
+    ) -> None:
+        msg = _Message(mid, qos, start, self.enqueued, topic, payload, arrival, digest)
+        self.messages.append(msg)
+        if qos > 0:
+            self._window[mid] = msg
+            self._remember(mid, digest)
+
+    # -- model steps ----------------------------------------------------------------------------
+
+    def step(self, max_batch: int) -> int:
+        """Step one batch of queued readings and publish its forecasts; returns the readings taken."""
+        q = self.queue
+        if not q:
+            return 0
+        n = min(len(q), max_batch)
+        readings = [q.popleft() for _ in range(n)]
+        self.taken += n
+        batch = _Batch(self.taken)
+        self.batches.append(batch)
+        try:
+            result = self.engine.process(readings)
+        except Exception:
+            self._log_error(f"stepping a batch of {n} reading(s); stepping them one by one")
+            for r in readings:  # only the reading that fails is lost, not its batch
+                try:
+                    self._publish(self.engine.process([r]), batch)
+                except Exception:
+                    self.metrics.outcome(Outcome.INTERNAL_ERROR)
+                    self._log_error(f"stepping a reading of {r.stream!r}")
+            return n
+        self._publish(result, batch)
+        return n
+
+    def _publish(self, result: BatchResult, batch: _Batch) -> None:
+        link, encode, template = self.link, self.encoder.encode, self._out_template
+        qos, retain = self._out_qos, self._out_retain
+        failed = 0
+        if self.discovery is not None:
+            self._discover(result.forecasts)
+        for f in result.forecasts:
+            try:
+                payload = encode(f)
+            except Exception:
+                failed += 1
+                self._log_error(f"encoding a forecast of {f.stream!r}")
+                continue
+            if link.publish(template.replace("{stream}", f.stream), payload, qos, retain, batch):
+                batch.outstanding += 1
+            else:
+                failed += 1
+        if failed:
+            self.metrics.publish_failures.inc(failed)
+        self.metrics.record_batch(result, time.monotonic(), len(self.engine.table))
+
+    def _discover(self, forecasts: Sequence[Forecast]) -> None:
+        """Home Assistant discovery: configs of streams seen for the first time, removal of evicted ones."""
+        d = self.discovery
+        assert d is not None
+        evicted = self.engine.table.evicted_ids
+        if evicted:
+            self._announce([m for s in evicted for m in d.on_evicted(s)])
+            evicted.clear()
+        fresh = [f.stream for f in forecasts if f.stream not in d.announced]
+        if fresh:
+            self._announce(d.on_new_streams(fresh))
+
+    def _announce(self, messages: Sequence[tuple[str, bytes, bool]]) -> None:
+        for topic, payload, retain in messages:
+            if not self.link.publish(topic, payload, 1, retain):
+                self.metrics.publish_failures.inc()
+
+    def on_published(self, token: object, ok: bool) -> None:
+        """The broker acknowledged (or refused) one forecast of a batch."""
+        assert isinstance(token, _Batch)
+        token.outstanding -= 1
+        if ok:
+            self.metrics.forecasts_published.inc()
+        else:
+            self.metrics.publish_failures.inc()
+
+    # -- settle, journal, acknowledge -----------------------------------------------------------
+
+    def commit(self) -> int:
+        """Journal the settled messages (one group commit) and acknowledge them in order; returns how many."""
+        batches = self.batches
+        while batches and batches[0].outstanding <= 0:
+            self.settled = batches.popleft().end
+        messages, to_ack, journal = self.messages, self._to_ack, self.journal
+        while messages and messages[0].end <= self.settled:
+            m = messages.popleft()
+            if m.payload is not None:
+                self.seq += 1
+                rec = Record(self.seq, m.mid, m.qos, m.arrival, m.topic, m.payload, m.digest)
+                journal.append(rec)
+                self._recent.append(rec)
+            to_ack.append(m)
+        if not to_ack:
+            return 0
+        try:
+            written = journal.commit()
+        except OSError as e:
+            self.metrics.journal_failures.inc()
+            self._log_error(f"writing the journal ({e.strerror or e}); acknowledgements wait", exc=False)
+            return 0
+        if written:
+            self.metrics.journal_commits.inc()
+            self.metrics.journal_bytes.inc(written)
+        link, window = self.link, self._window
+        for m in to_ack:
+            if m.qos > 0:
+                link.ack(m.mid, m.qos)
+                if window.get(m.mid) is m:
+                    del window[m.mid]
+        n = len(to_ack)
+        to_ack.clear()
+        return n
+
+    @property
+    def starved(self) -> bool:
+        """Too many forecasts await the broker: no steps until its PUBACKs are read."""
+        return self.link.outstanding >= self.max_outstanding
+
+    @property
+    def quiescent(self) -> bool:
+        """Nothing stepped that is not yet journaled: the state equals checkpoint + journal."""
+        if self.batches or self._to_ack or self.journal.pending:
+            return False
+        return not self.messages or self.messages[0].start >= self.taken
+
+    def partial(self) -> int:
+        """Readings still queued of the message that has readings both stepped and queued (0: none)."""
+        for m in reversed(self.messages):
+            if m.start < self.taken:
+                return max(0, m.end - self.taken)
+        return 0
+
+    @property
+    def unacknowledged(self) -> int:
+        return len(self.messages) + len(self._to_ack)
+
+    def carry(self) -> list[Record]:
+        """Digests of the latest messages, for a new journal after a checkpoint."""
+        return list(self._recent)
+
+    def leave_queued(self) -> int:
+        """Stop: the readings still queued stay with the broker (their messages are not acknowledged)."""
+        n = len(self.queue)
+        if n:
+            self.metrics.outcome(Outcome.SHUTDOWN, n)
+            self.queue.clear()
+        return n
+
+    def _log_error(self, what: str, *, exc: bool = True) -> None:
+        self.errors += 1
+        now = time.monotonic()
+        if now - self._error_logged_at >= ERROR_LOG_EVERY_S:
+            self._error_logged_at = now
+            _LOG.error("error while %s (%d so far); the daemon goes on", what, self.errors, exc_info=exc)
+
+
+class Loop:
+    """The one loop: network I/O, model steps, acknowledgements, checkpoints and the watchdog.
+
+    Runs on one thread (:meth:`run`); other threads only :meth:`request_stop`,
+    :meth:`request_checkpoint` and :meth:`offer_model`, which wake it.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        pipeline: Pipeline,
+        link: MqttLink,
+        metrics: Metrics,
+        notifier: Notifier,
+        *,
+        on_model_swapped: Callable[[StepModel, bool], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.pipeline = pipeline
+        self.link = link
+        self.metrics = metrics
+        self.notifier = notifier
+        self.on_model_swapped = on_model_swapped
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._stop = False
+        self._ready_requested = False
+        self._pending_model: StepModel | None = None
+        self._checkpoint_due = time.monotonic() + cfg.state.checkpoint_interval_s
+        self._barrier_since: float | None = None
+        self._force_checkpoint = False
+        self._journal_reopened = 0
+        self._last_watchdog = 0.0
+        self._status_at = time.monotonic()
+        self._status_count = 0
+        self.fingerprint = pipeline.engine.model.manifest.sha256
+
+    # -- requests from other threads ------------------------------------------------------------
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):  # a full buffer means it is awake already; or it is closing
+            self._wake_w.send(b"\0")
+
+    def request_stop(self) -> None:
+        self._stop = True
+        self.wake()
+
+    def request_ready(self) -> None:
+        """Publish ``online`` now and after every reconnect (the daemon is ready)."""
+        self._ready_requested = True
+        self.wake()
+
+    def request_checkpoint(self) -> None:
+        self._force_checkpoint = True
+        self.wake()
+
+    def offer_model(self, model: StepModel) -> None:
+        """Swap to ``model`` at the next quiescent point."""
+        self._pending_model = model
+        self.wake()
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until :meth:`request_stop`; then stop cleanly (see :meth:`_finish`)."""
+        p, link, cfg = self.pipeline, self.link, self.cfg
+        max_batch = cfg.engine.max_batch
+        queue_size = cfg.engine.queue_size
+        linger = cfg.engine.max_wait_ms / 1000.0
+        while not self._stop:
+            barrier = self._barrier_wanted()
+            starved = p.starved
+            # Read while there is room; while too many forecasts await their PUBACKs, read anyway: only
+            # those PUBACKs make room (QoS 1 input is bounded by the broker's in-flight window meanwhile).
+            read = READ_BUDGET if starved or (len(p.queue) < queue_size and not link.backlogged) else 0
+            timeout = IDLE_WAIT_S
+            if p.queue and not barrier and not starved:
+                timeout = 0.0
+                if linger > 0 and len(p.queue) < max_batch:
+                    timeout = max(0.0, p.queue[0].received + linger - time.monotonic())
+            if link.poll(timeout, read=read, wake=self._wake_r):
+                self._drain_wake()
+                if self._ready_requested:
+                    self._ready_requested = False
+                    link.set_ready()
+            if p.queue and not p.starved:
+                # At a barrier only the rest of a message split across batches is stepped.
+                limit = min(max_batch, p.partial()) if barrier else max_batch
+                ready = linger <= 0 or len(p.queue) >= max_batch or time.monotonic() - p.queue[0].received >= linger
+                if limit > 0 and (ready or barrier):
+                    self._status_count += p.step(limit)
+                    link.flush()
+            if p.commit():
+                link.flush()
+                if p.journal.reopened != self._journal_reopened:
+                    self._journal_reopened = p.journal.reopened
+                    self._force_checkpoint = True  # the records since the last checkpoint went with the old file
+            self.metrics.queue_depth.set(len(p.queue))
+            if barrier:
+                self._at_barrier()
+            self._watchdog()
+            self._status()
+        self._finish()
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _barrier_wanted(self) -> bool:
+        now = time.monotonic()
+        wanted = self._force_checkpoint or self._pending_model is not None or now >= self._checkpoint_due
+        if wanted and self._barrier_since is None:
+            self._barrier_since = now
+        return wanted
+
+    def _at_barrier(self) -> None:
+        """Intake is held: once nothing stepped is unjournaled, checkpoint (and swap a pending model)."""
+        p = self.pipeline
+        assert self._barrier_since is not None
+        if not p.quiescent:
+            if time.monotonic() - self._barrier_since > BARRIER_TIMEOUT_S:
+                _LOG.warning("checkpoint deferred: %d message(s) still wait for the broker", p.unacknowledged)
+                self._end_barrier(retry_s=min(self.cfg.state.checkpoint_interval_s, 30.0))
+            return
+        model = self._pending_model
+        if model is not None:
+            self._pending_model = None
+            self._swap(model)
+        self.checkpoint()
+        self._end_barrier(retry_s=self.cfg.state.checkpoint_interval_s)
+
+    def _end_barrier(self, retry_s: float) -> None:
+        self._barrier_since = None
+        self._force_checkpoint = False
+        self._checkpoint_due = time.monotonic() + retry_s
+
+    def _swap(self, model: StepModel) -> None:
+        p = self.pipeline
+        try:
+            if tuple(model.manifest.pipeline.columns) != tuple(p.decoder.columns):
+                raise ValueError(
+                    f"new model reads columns {list(model.manifest.pipeline.columns)}, not the current ones"
+                )
+            kept = p.engine.replace_model(model)
+        except ValueError as e:
+            self.metrics.model_reloads.labels("failed").inc()
+            _LOG.error("model reload failed, keeping %s: %s", p.engine.model.manifest.model_id, e)
+            return
+        p.encoder = ForecastEncoder.for_manifest(model.manifest, precision=self.cfg.output.precision or None)
+        if p.discovery is not None:  # the entities follow the new model (its id, its intervals)
+            announced = p.discovery.announced
+            p.discovery = Discovery.from_config(self.cfg, model.manifest)
+            p.engine.table.evicted_ids = []
+            p._announce(p.discovery.on_new_streams(sorted(announced)))
+        self.fingerprint = model.manifest.sha256
+        if self.on_model_swapped is not None:
+            self.on_model_swapped(model, kept)
+
+    def checkpoint(self) -> bool:
+        """Write the state (at a quiescent point) and start a new journal; False when it failed."""
+        p = self.pipeline
+        start = time.monotonic()
+        directory = Path(self.cfg.state.dir)
+        try:
+            if not directory.exists():
+                _LOG.warning("state.dir %s is gone: creating it again", directory)
+                directory.mkdir(parents=True)
+            saved = ckpt.save_checkpoint(p.engine.table, directory, self.fingerprint, journal_seq=p.seq)
+            p.journal.reset(p.carry(), fingerprint=self.fingerprint)
+        except OSError as e:
+            self.metrics.checkpoint_failures.inc()
+            _LOG.error("checkpoint failed: %s", e)
+            return False
+        self.metrics.checkpoint_duration.observe(time.monotonic() - start)
+        self.metrics.checkpoint_size.set(saved.size)
+        self.metrics.checkpoint_last_success.set(p.clock())
+        _LOG.debug("checkpoint: %d stream(s), %d bytes, journal at %d", saved.streams, saved.size, p.seq)
+        return True
+
+    def _finish(self) -> None:
+        """Stop: no more intake; wait (up to ``engine.drain_timeout_s``) for the broker to acknowledge what
+        was published, acknowledge what is settled, checkpoint when quiescent."""
+        p, link = self.pipeline, self.link
+        left = p.leave_queued()
+        deadline = time.monotonic() + self.cfg.engine.drain_timeout_s
+        while p.batches and time.monotonic() < deadline:
+            link.poll(0.05, read=READ_BUDGET if link.connected else 0, wake=self._wake_r)
+            if p.commit():
+                link.flush()
+            self._watchdog()
+        p.commit()
+        link.flush()
+        unsettled = sum(b.outstanding for b in p.batches)
+        if unsettled or left:
+            _LOG.warning(
+                "stopping with %d forecast(s) the broker has not acknowledged and %d reading(s) not processed: "
+                "their %d message(s) stay unacknowledged, the broker delivers them again to the next run",
+                unsettled, left, p.unacknowledged,
+            )  # fmt: skip
+        if p.quiescent:
+            self.checkpoint()
+        else:
+            _LOG.info("state not checkpointed at stop: the journal holds what was acknowledged")
+
+    # -- liveness and status --------------------------------------------------------------------
+
+    def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval_s
+        if interval is None:
+            return
+        now = time.monotonic()
+        if now - self._last_watchdog >= min(interval, 5.0):
+            self._last_watchdog = now
+            self.notifier.watchdog()
+
+    def _status(self) -> None:
+        """A ``STATUS=`` line for ``systemctl status`` every ``STATUS_EVERY_S``."""
+        if not self.notifier.enabled:
+            return
+        now = time.monotonic()
+        if now - self._status_at >= STATUS_EVERY_S:
+            rate = self._status_count / (now - self._status_at)
+            p = self.pipeline
+            self.notifier.status(
+                f"serving {p.engine.model.manifest.model_id}: {len(p.engine.table)} streams, {rate:.1f} readings/s"
+            )
+            self._status_at, self._status_count = now, 0
+
+    def close(self) -> None:
+        for s in (self._wake_r, self._wake_w):
+            s.close()
+
+
+def replay_journal(
+    records: Sequence[Record],
+    after: int,
+    engine: Engine,
+    decoder: PayloadDecoder,
+    route: Callable[[str | None], TopicFilter | None],
+) -> int:
+    """Step the journaled messages after sequence ``after`` through decoder and engine, publishing nothing.
+
+    The same calls, in the same order, as when the messages first arrived
+    (the decoder gets each message's recorded arrival time), so the engine
+    ends in the state it held then.  Returns how many messages were stepped.
+    """
+    stepped = 0
+    for r in records:
+        if r.seq <= after or r.payload is None:
+            continue
+        tf = route(r.topic)
+        if tf is None:
+            continue
+        try:
+            result = decoder.decode(r.payload, tf.stream_of(r.topic), r.arrival, time.monotonic())
+        except Exception:  # rejected (or failed) the same way when it first arrived
+            continue
+        if result.readings:
+            try:
+                engine.process(result.readings)
+            except Exception:
+                _LOG.exception("replaying journal record %d", r.seq)
+        stepped += 1
+    return stepped
+
+
+def routes_of(cfg: Config) -> Callable[[str | None], TopicFilter | None]:
+    """The router of a configuration: the first input filter that matches a topic."""
+    routes = [(filter_pattern(f.filter), f) for f in cfg.subscriptions()]
+
+    def route(topic: str | None) -> TopicFilter | None:
+        if topic is None:
+            return None
+        for pattern, tf in routes:
+            if pattern.fullmatch(topic):
+                return tf
+        return None
+
+    return route
+
+
+def open_journal(directory: Path, fingerprint: str, sync: bool) -> tuple[Journal, list[Record]]:
+    """Open the state directory's journal for a model; returns it with the records it holds."""
+    from edge_lstm.journal import read_journal
+
+    found = read_journal(directory, fingerprint)
+    if found.status == "foreign":
+        _LOG.warning("journal in %s belongs to another model or format: starting a new one", directory)
+    journal = Journal(directory, fingerprint, sync=sync)
+    journal.open(found)
+    return journal, found.records if found.status != "foreign" else []

@@ -1,0 +1,233 @@
+"""The pipeline: acknowledgement order, redelivery, journal replay, and faults that must not stop intake.
+
+The in-process tests run the real daemon (``Daemon`` on its own loop thread) against a real Mosquitto; the
+unit tests drive :class:`~edge_lstm.pipeline.Pipeline` with a stand-in link that records what would be
+published and acknowledged (which acknowledgements go out, and when, is what they check).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client import CollectorRegistry
+
+from edge_lstm.config import Config, parse_config
+from edge_lstm.daemon import Daemon, load_serving_model, make_decoder
+from edge_lstm.engine import Engine
+from edge_lstm.forecast import ForecastEncoder
+from edge_lstm.journal import Journal, read_journal
+from edge_lstm.metrics import Metrics
+from edge_lstm.mqtt import Inbound
+from edge_lstm.payload import PayloadDecoder
+from edge_lstm.pipeline import Pipeline, replay_journal, routes_of
+from edge_lstm.state import StateTable
+from tests.support.broker import Broker
+from tests.support.collector import Collector
+from tests.support.daemon import TAYLOR_MODEL
+from tests.support.ports import free_port
+
+
+def _config(tmp_path: Path, broker: Broker | None = None, **sections: dict[str, Any]) -> Config:
+    data: dict[str, dict[str, Any]] = {
+        "model": {"path": str(TAYLOR_MODEL)},
+        "mqtt": {
+            "host": "127.0.0.1",
+            "port": broker.port if broker else 1,
+            "client_id": f"pipe-{tmp_path.name}"[:60],
+            "reconnect_min_s": 1,
+            "reconnect_max_s": 1,
+        },
+        "input": {"topics": ["sensors/{stream}/value"], "max_clock_skew_s": 0},
+        "output": {"topic": "forecasts/{stream}"},
+        "state": {"dir": str(tmp_path / "state"), "checkpoint_interval_s": 3600},
+        "metrics": {"enabled": False, "port": free_port()},
+    }
+    for k, v in sections.items():
+        data.setdefault(k, {}).update(v)
+    return parse_config(data)
+
+
+def _reading(ts: float, v: float) -> bytes:
+    return json.dumps({"ts": ts, "demand_mw": v}).encode()
+
+
+def test_an_exception_in_a_handler_or_a_batch_is_counted_and_intake_goes_on(
+    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, taylor_series: tuple[np.ndarray, np.ndarray]
+) -> None:
+    decode, process = PayloadDecoder.decode, Engine.process
+
+    def bad_decode(self: PayloadDecoder, payload: bytes, *a: Any, **k: Any) -> Any:
+        if payload == b'"boom"':
+            raise RuntimeError("injected fault in the decoder")
+        return decode(self, payload, *a, **k)
+
+    def bad_process(self: Engine, readings: Any) -> Any:
+        if any(r.stream == "explode" for r in readings):
+            raise ZeroDivisionError("injected fault in the engine")
+        return process(self, readings)
+
+    monkeypatch.setattr(PayloadDecoder, "decode", bad_decode)
+    monkeypatch.setattr(Engine, "process", bad_process)
+    ts, values = taylor_series
+    cfg = _config(tmp_path, broker)
+    daemon = Daemon(cfg, registry=CollectorRegistry(), handle_signals=False)
+    pub = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+    pub.connect(broker.host, broker.port)
+    pub.loop_start()
+    try:
+        with Collector(broker.host, broker.port, ["forecasts/#"]) as col:
+            daemon.start()
+            sent = [
+                ("sensors/a/value", _reading(float(ts[0]), float(values[0]))),
+                ("sensors/a/value", b'"boom"'),
+                ("sensors/explode/value", _reading(float(ts[0]), float(values[0]))),
+                ("sensors/a/value", _reading(float(ts[1]), float(values[1]))),
+                ("sensors/a/value", b'"boom"'),
+                ("sensors/a/value", _reading(float(ts[2]), float(values[2]))),
+            ]
+            for topic, payload in sent:
+                pub.publish(topic, payload, qos=1).wait_for_publish(10)
+            got = col.wait_for(3, "forecasts/#", timeout=20, retained=False)
+            assert [m.json()["ts_epoch"] for m in got] == [float(ts[0]), float(ts[1]), float(ts[2])]
+            reg = daemon.registry
+
+            def sample(name: str, **labels: str) -> float:
+                return reg.get_sample_value(name, labels) or 0.0
+
+            deadline = time.monotonic() + 10
+            while sample("edge_lstm_readings_total", outcome="internal_error") < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            # 2 decodes + the one reading the engine fails on (its batch is stepped again one by one)
+            assert sample("edge_lstm_readings_total", outcome="internal_error") == 3
+            assert sample("edge_lstm_readings_total", outcome="processed") == 3
+            assert sample("edge_lstm_readings_received_total") == 6
+            assert daemon.pipeline is not None and daemon.pipeline.errors >= 3
+            assert daemon._thread is not None and daemon._thread.is_alive()
+        daemon.stop()
+        # Every message was settled and acknowledged, faulty ones included: nothing comes back.
+        again = Daemon(cfg, registry=CollectorRegistry(), handle_signals=False)
+        again.start()
+        time.sleep(1.0)
+        assert (again.registry.get_sample_value("edge_lstm_readings_received_total") or 0) == 0
+        again.stop()
+    finally:
+        daemon.stop()
+        pub.disconnect()
+        pub.loop_stop()
+
+
+class FakeLink:
+    """Records publishes and acknowledgements; the test plays the broker's PUBACKs."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes, object]] = []
+        self.acks: list[int] = []
+        self.outstanding = 0
+        self.hold = False
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, token: object = None) -> bool:
+        self.published.append((topic, payload, token))
+        return True
+
+    def ack(self, mid: int, qos: int) -> None:
+        self.acks.append(mid)
+
+
+def _pipeline(tmp_path: Path, **sections: dict[str, Any]) -> tuple[Pipeline, FakeLink]:
+    cfg = _config(tmp_path, **sections)
+    model = load_serving_model(cfg)
+    m = model.manifest
+    engine = Engine(model, StateTable(m.layers, len(m.pipeline.columns), 100))
+    link = FakeLink()
+    journal = Journal(tmp_path / "state", m.sha256, sync=False)
+    journal.reset([])
+    p = Pipeline(cfg, engine, make_decoder(cfg, m), ForecastEncoder.for_manifest(m), link,  # type: ignore[arg-type]
+                 Metrics(CollectorRegistry(), process_collectors=False), journal)  # fmt: skip
+    return p, link
+
+
+def _msg(mid: int, payload: bytes, *, stream: str = "a", dup: bool = False, retain: bool = False) -> Inbound:
+    return Inbound(f"sensors/{stream}/value", payload, mid, 1, dup, retain, time.monotonic())
+
+
+def test_acknowledgements_wait_for_the_forecasts_puback_and_go_out_in_arrival_order(tmp_path: Path) -> None:
+    p, link = _pipeline(tmp_path)
+    p.accept(_msg(1, _reading(1e9, 25000)))
+    p.accept(_msg(2, b"not json"))  # rejected: no forecast due, but it waits behind message 1
+    p.accept(_msg(3, _reading(1e9, 25000), stream="b"))
+    p.step(1)  # only message 1's reading
+    assert p.commit() == 0 and link.acks == []  # its forecast is not acknowledged yet
+    (_, _, batch1), = link.published
+    p.step(10)
+    (_, _, batch3) = link.published[1]
+    p.on_published(batch3, True)
+    assert p.commit() == 0 and link.acks == []  # 3 is settled, but 1 is not: order holds
+    p.on_published(batch1, True)
+    assert p.commit() == 3 and link.acks == [1, 2, 3]
+    assert p.quiescent
+    # Messages 1 and 3 are journaled (they changed the state); the rejected one is not.
+    found = read_journal(tmp_path / "state", p.engine.model.manifest.sha256)
+    assert [(r.mid, r.payload) for r in found.records] == [(1, _reading(1e9, 25000)), (3, _reading(1e9, 25000))]
+
+
+def test_a_redelivered_message_is_recognised_and_not_processed_twice(tmp_path: Path) -> None:
+    p, link = _pipeline(tmp_path)
+    p.accept(_msg(7, _reading(1e9, 25000)))
+    p.step(10)
+    p.accept(_msg(7, _reading(1e9, 25000), dup=True))  # a reconnect while the first copy is in flight
+    assert len(p.queue) == 0 and len(link.published) == 1
+    p.on_published(link.published[0][2], True)
+    assert p.commit() == 1 and link.acks == [7]
+    p.accept(_msg(7, _reading(1e9, 25000), dup=True))  # our acknowledgement was lost: acknowledge again only
+    assert len(p.queue) == 0
+    assert p.commit() == 1 and link.acks == [7, 7]
+    assert p.metrics.messages_redelivered._value.get() == 2  # type: ignore[attr-defined]
+    p.accept(_msg(7, _reading(1e9 + 1800, 25100), dup=True))  # same id, other content: a new message
+    assert len(p.queue) == 1
+
+
+def test_journal_replay_rebuilds_the_state_the_messages_built(
+    tmp_path: Path, taylor_series: tuple[np.ndarray, np.ndarray]
+) -> None:
+    ts, values = taylor_series
+    p, link = _pipeline(tmp_path)
+    for i in range(60):
+        p.accept(_msg(i + 1, _reading(float(ts[i]), float(values[i])), stream=f"s{i % 3}"))
+        p.step(7)
+        for _, _, batch in link.published[-7:]:
+            if batch.outstanding:  # type: ignore[attr-defined]
+                p.on_published(batch, True)
+        p.commit()
+    while p.queue:
+        p.step(7)
+    for _, _, batch in link.published:
+        while batch.outstanding > 0:  # type: ignore[attr-defined]
+            p.on_published(batch, True)
+    p.commit()
+    assert len(link.acks) == 60
+    m = p.engine.model.manifest
+    fresh = Engine(p.engine.model, StateTable(m.layers, 1, 100))
+    found = read_journal(tmp_path / "state", m.sha256)
+    assert replay_journal(found.records, 0, fresh, p.decoder, routes_of(p.cfg)) == 60
+    for s in ("s0", "s1", "s2"):
+        a, b = p.engine.table.row(s), fresh.table.row(s)
+        assert a is not None and b is not None
+        for x, y in zip(p.engine.table.gather(np.array([a])), fresh.table.gather(np.array([b])), strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_retained_messages_are_left_out_and_counted_unless_asked_for(tmp_path: Path) -> None:
+    p, _ = _pipeline(tmp_path)
+    p.accept(_msg(1, _reading(1e9, 25000), retain=True))
+    assert len(p.queue) == 0
+    assert p.metrics.readings.labels("retained")._value.get() == 1  # type: ignore[attr-defined]
+    q, _ = _pipeline(tmp_path / "b", input={"retained": "process"})
+    q.accept(_msg(1, _reading(1e9, 25000), retain=True))
+    assert len(q.queue) == 1
