@@ -29,7 +29,7 @@ def _run_bench(tmp_path: Path, *args: str) -> tuple[dict[str, dict], str]:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=300,  # a hang guard: a quick suite takes ~1-2 min, more on a busy machine
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}, doc.read_text()
