@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                 _LOG.info("latency needs the sustained maximum: running the daemon search first")
                 daemon_doc = {"results": _daemon_only(s, streams, args.quick, args.repeat)}
                 sustained = _sustained(daemon_doc)
-            naive_doc = naive_doc or (results.read(out, "naive") if Bench.NAIVE in names else None)
+            naive_doc = naive_doc or results.read(out, "naive")  # measured when this run or an earlier one has it
             naive_max = {k: v for k, v in _sustained(naive_doc).items() if k in streams}
             res = _latency(s, {k: v for k, v in sustained.items() if k in streams}, args.quick, naive_max)
             results.write(out, "latency", run, res)
