@@ -3,12 +3,13 @@
 #   make test   - the test suite (installs the converter extra: TensorFlow)
 #   make bench  - the benchmark suite, writes bench/results/ and docs/performance.md
 #   make lint   - ruff and mypy
+#   make check-arm64 - the no-TensorFlow tests and the demo on an emulated arm64 Debian (slow: not in CI)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 
-.PHONY: demo test bench lint os-demo os-test clean
+.PHONY: demo test bench lint os-demo os-test os-arm64 check-arm64 clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,9 @@ os-demo:
 os-test:
 	scripts/os-deps.sh test
 
+os-arm64:
+	scripts/os-deps.sh arm64
+
 demo: os-demo $(VENV)/.runtime
 	$(BIN)/edge-lstm demo
 
@@ -37,6 +41,9 @@ test: os-test $(VENV)/.dev
 lint: $(VENV)/.dev
 	$(BIN)/ruff check edge_lstm converter tests bench
 	$(BIN)/mypy
+
+check-arm64: os-arm64 $(VENV)/.dev
+	scripts/check-arm64.sh $(BIN)/python
 
 bench: os-test $(VENV)/.dev
 	$(BIN)/python -m bench --repeat 3

@@ -14,11 +14,15 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from converter.errors import ConvertError
 from converter.prepare import CalendarMode, LevelMode, Split
 from edge_lstm.features import time_zone
 from edge_lstm.modelspec import Quantization
+
+if TYPE_CHECKING:
+    from converter.convert import TrainConfig
 from edge_lstm.ticks import Aggregate, Align
 
 _LOG = logging.getLogger(__name__)
@@ -165,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--levels", type=_levels, default=(0.8, 0.95), metavar="LIST",
                    help="prediction interval levels, calibrated on the validation part (default 0.8,0.95; "
                    "none: no intervals)")  # fmt: skip
+    t.add_argument("--folds", type=int, default=3,
+                   help="rolling-origin validation folds before the hold-out (default 3)")  # fmt: skip
+    t.add_argument("--candidates", type=int, default=2,
+                   help="seeds trained on every fold; the best on validation ships (default 2)")  # fmt: skip
+    t.add_argument("--no-seasonal-blend", action="store_true",
+                   help="shrink towards persistence only, never towards seasonal naive")  # fmt: skip
+    t.add_argument("--no-baselines", action="store_true", help="skip the SARIMA and ETS baselines")
     t.add_argument("--no-plot", action="store_true", help="skip forecast.png")
     t.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
 
@@ -206,8 +217,9 @@ def _split(text: str) -> Split:
     return Split(a, b)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from converter.convert import TrainConfig, train
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The ``TrainConfig`` of parsed ``train`` flags."""
+    from converter.convert import TrainConfig
 
     if args.timezone is not None and args.utc_offset is not None:
         raise ConvertError("give --timezone or --utc-offset, not both")
@@ -248,7 +260,18 @@ def _train(args: argparse.Namespace) -> int:
         modes=args.modes,
         levels=args.levels,
         plot=not args.no_plot,
+        folds=args.folds,
+        candidates=args.candidates,
+        seasonal_blend=not args.no_seasonal_blend,
+        baselines=not args.no_baselines,
     )
+    return cfg
+
+
+def _train(args: argparse.Namespace) -> int:
+    from converter.convert import train
+
+    cfg = train_config(args)
     result = train(cfg)
     if args.json:
         print(json.dumps(result.report, indent=2, default=str))

@@ -42,7 +42,8 @@ from converter.prepare import (
     season_ticks,
     training_windows,
 )
-from edge_lstm.features import FeaturePipeline
+from converter.validation import Blend, OutOfSample, fit_blend, out_of_sample, rolling_folds
+from edge_lstm.features import FeaturePipeline, seasonal_naive
 from edge_lstm.intervals import DEFAULT_LEVELS, Intervals
 from edge_lstm.modelspec import MODEL_NAME, Manifest, ModelError, Quantization, load_manifest
 from edge_lstm.reference import WEIGHTS_NAME, ReferenceWeights
@@ -92,6 +93,10 @@ class TrainConfig:
     modes: tuple[Quantization, ...] = ALL_MODES
     levels: tuple[float, ...] = DEFAULT_LEVELS  # prediction interval levels; () for none
     plot: bool = True
+    folds: int = 3  # rolling-origin folds (converter.validation)
+    candidates: int = 2  # seeds seed, seed + 1, ... compete on the last fold's validation; the best ships
+    seasonal_blend: bool = True  # let horizons lean on seasonal naive
+    baselines: bool = True  # SARIMA and ETS in the report (needs statsmodels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,11 +105,31 @@ class TrainResult:
     manifest: Manifest
     report: dict[str, Any]
     table: str
+    validation: OutOfSample  # pooled out-of-sample validation forecasts of the shipped candidate
+    blend: Blend  # its per-horizon gains and seasonal weights (validation.residuals(blend): residuals)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FoldData:
+    split: Split
+    encoded: list[EncodedSegment]
+    train: tuple[F32, F32]
+    val: tuple[F32, F32]
+    runs: list[EvalRun]
+    pairs: report_mod.Pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class _Candidate:
+    seed: int
+    fit: Any  # FitResult on the last fold
+    oos: OutOfSample  # its validation forecasts
+    score: float  # validation MAE / persistence MAE, mean over horizons, after its own blend
 
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for dist in ("edge-lstm", "tensorflow", "tensorflow-cpu", "keras", "numpy", "ai-edge-litert"):
+    for dist in ("edge-lstm", "tensorflow", "tensorflow-cpu", "keras", "numpy", "ai-edge-litert", "statsmodels"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -211,8 +236,8 @@ def _evaluate_modes(
 
 def train(cfg: TrainConfig) -> TrainResult:
     """CSV -> trained, exported, verified model directory at ``cfg.out``."""
-    if cfg.horizon < 1 or cfg.units < 1 or cfg.layers < 1 or cfg.epochs < 1:
-        raise ConvertError("--horizon, --units, --layers and --epochs must be positive")
+    if min(cfg.horizon, cfg.units, cfg.layers, cfg.epochs, cfg.folds, cfg.candidates) < 1:
+        raise ConvertError("--horizon, --units, --layers, --epochs, --folds and --candidates must be positive")
     columns = tuple(dict.fromkeys((cfg.target, *cfg.features)))
     if cfg.time_col in columns:
         raise ConvertError(f"the time column {cfg.time_col!r} cannot also be a value column")
@@ -226,8 +251,17 @@ def train(cfg: TrainConfig) -> TrainResult:
     return dataclasses.replace(result, out=cfg.out)
 
 
-def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> TrainResult:
-    t_start = time.monotonic()
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    grid: data_mod.GridSeries
+    season: int
+    warmup: int
+    pipeline: FeaturePipeline
+    encoded: list[EncodedSegment]
+
+
+def _prepare(cfg: TrainConfig, columns: tuple[str, ...]) -> _Prepared:
+    """The series on its tick grid, its split and network inputs, as ``train`` sees them."""
     grid = data_mod.load(
         cfg.data, cfg.time_col, columns, cfg.cadence_s, cfg.max_gap_ticks,
         aggregate=cfg.aggregate, align=cfg.align, origin_s=cfg.tick_origin_s, lateness_s=cfg.lateness_s,
@@ -241,18 +275,37 @@ def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> Train
     )  # fmt: skip
     encoded = encode(grid, pipeline, cfg.split)
     _check_length(encoded, cfg.horizon, warmup)
+    return _Prepared(grid, season, warmup, pipeline, encoded)
+
+
+def holdout_baselines(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
+    """SARIMA and ETS on the hold-out pairs ``train`` scores (MAE per horizon, spec), without any training."""
+    from converter.classical import classical_forecasts
+
+    p = _prepare(cfg, tuple(dict.fromkeys((cfg.target, *cfg.features))))
+    runs = eval_runs(p.encoded, Part.HOLDOUT, p.warmup)
+    pairs = report_mod.scored_pairs(p.encoded, runs, cfg.horizon, p.season)
+    found = classical_forecasts(p.encoded, runs, pairs.run_index, pairs.offset, p.grid.cadence_s, p.season, cfg.horizon)
+    return {
+        n: {"mae": report_mod.mae(c["forecasts"], pairs.actual), **{k: v for k, v in c.items() if k != "forecasts"}}
+        for n, c in found.items()
+    }
+
+
+def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> TrainResult:
+    t_start = time.monotonic()
+    prep = _prepare(cfg, columns)
+    grid, season, warmup, pipeline, encoded = prep.grid, prep.season, prep.warmup, prep.pipeline, prep.encoded
     n_train = sum(int((e.part == Part.TRAIN).sum()) for e in encoded)
     window = cfg.window or int(min(max(4 * warmup, 2 * cfg.horizon + warmup, 64), max(n_train, 8)))
-    stride = max(1, window // 8)
-    x_tr, y_tr = training_windows(encoded, Part.TRAIN, window, stride, warmup)
-    x_va, y_va = training_windows(encoded, Part.VAL, window, max(1, window - warmup), warmup)
+    folds = _fold_data(grid, pipeline, cfg, encoded, window, warmup, season)
     _LOG.info(
-        "features %s; %d training windows of %d ticks, %d validation windows; warm-up %d, season %d",
-        [f.name for f in pipeline.features], x_tr.shape[0], window, x_va.shape[0], warmup, season,
+        "features %s; windows of %d ticks; %d fold(s), training windows %s; warm-up %d, season %d",
+        [f.name for f in pipeline.features], window, len(folds), [f.train[0].shape[0] for f in folds], warmup, season,
     )  # fmt: skip
     # TensorFlow loads only once the data has passed every check.
     from converter.export import representative_from_inputs
-    from converter.train import FitConfig, apply_gains, extract_weights, fit, fit_gains, model_from_weights
+    from converter.train import FitConfig, apply_gains, extract_weights, model_from_weights
 
     fit_cfg = FitConfig(
         units=(cfg.units,) * cfg.layers,
@@ -262,28 +315,45 @@ def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> Train
         patience=cfg.patience,
         seed=cfg.seed,
     )
-    fitted = fit((x_tr, y_tr), (x_va, y_va), pipeline.n_features, cfg.horizon, fit_cfg)
-    weights = extract_weights(fitted.model)
-
-    # Shrink each horizon towards persistence as far as the validation part asks.
-    val_runs = eval_runs(encoded, Part.VAL, warmup)
-    val_pred = _run_keras(fitted.model, encoded, val_runs)
-    vp, vt = [], []
-    for r, p in zip(val_runs, val_pred, strict=True):
-        e = encoded[r.seg_index]
-        sl = slice(r.score_from, r.stop)
-        vp.append(p[r.score_from - r.start :])
-        vt.append(np.where((e.part[sl] == Part.VAL)[:, None], e.y[sl], np.nan))
-    gains = fit_gains(np.concatenate(vp), np.concatenate(vt))
-    weights = apply_gains(weights, gains)
-    _LOG.info("per-horizon gains towards persistence: %s", np.round(gains, 2).tolist())
+    # Seeds compete on the last fold (the split the shipped model trains on); the winner is then trained
+    # on the earlier folds too, and the blend is fitted on the out-of-sample forecasts of every fold.
+    last = folds[-1]
+    seeds = [cfg.seed + i for i in range(cfg.candidates)]
+    cands = [_candidate(last, pipeline, cfg, dataclasses.replace(fit_cfg, seed=s)) for s in seeds]
+    best = min(cands, key=lambda c: (c.score if math.isfinite(c.score) else math.inf, c.seed))
+    fitted = best.fit
+    earlier = [_fold_forecasts(f, pipeline, cfg, dataclasses.replace(fit_cfg, seed=best.seed)) for f in folds[:-1]]
+    oos = OutOfSample.concat([*(o for o, _ in earlier), best.oos])
+    blend = fit_blend(oos, seasonal=cfg.seasonal_blend)
+    fold_epochs = [e for _, e in earlier] + [fitted.epochs_run]
+    _LOG.info("candidates (seed: last-fold validation MAE / persistence) %s; seed %d ships",
+              [(c.seed, round(c.score, 4)) for c in cands], best.seed)  # fmt: skip
+    _LOG.info("per-horizon gains %s, seasonal weights %s",
+              np.round(blend.gains, 2).tolist(), np.round(blend.weights, 2).tolist())  # fmt: skip
+    weights = apply_gains(extract_weights(fitted.model), blend.gains)
+    if float(np.max(np.abs(blend.weights), initial=0.0)) > 0.0:
+        output = dataclasses.replace(
+            pipeline.output, season_ticks=season, seasonal_weights=tuple(float(w) for w in blend.weights)
+        )
+        pipeline = dataclasses.replace(pipeline, output=output)
     model = model_from_weights(weights)
+    x_tr = folds[-1].train[0]
 
     runs = eval_runs(encoded, Part.HOLDOUT, warmup)
     keras_preds = _run_keras(model, encoded, runs)
     pairs = report_mod.scored_pairs(encoded, runs, cfg.horizon, season)
     forecasts = report_mod.model_forecasts(pairs, keras_preds, pipeline)
-    holdout = report_mod.holdout_metrics(pairs, forecasts)
+    classical: dict[str, dict[str, Any]] = {}
+    if cfg.baselines:
+        from converter.classical import available, classical_forecasts
+
+        if available():
+            classical = classical_forecasts(
+                encoded, runs, pairs.run_index, pairs.offset, grid.cadence_s, season, cfg.horizon
+            )
+        else:
+            _LOG.info("statsmodels is not installed: no SARIMA/ETS baselines in the report")
+    holdout = report_mod.holdout_metrics(pairs, forecasts, {n: c["forecasts"] for n, c in classical.items()})
 
     train_seqs = [e.x[e.part == Part.TRAIN] for e in encoded if (e.part == Part.TRAIN).any()]
     representative = representative_from_inputs(weights, train_seqs, seed=cfg.seed)
@@ -325,7 +395,22 @@ def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> Train
             "cadence_seconds": grid.cadence_s,
             "split": {p.name.lower(): sum(int((e.part == p).sum()) for e in encoded) for p in Part},
         },
-        "holdout": {**holdout, "pairs": pairs.counts, "season_ticks": season},
+        "holdout": {
+            **holdout,
+            "pairs": pairs.counts,
+            "season_ticks": season,
+            "ratio_best_naive": report_mod.best_naive_ratio(holdout),
+            "baselines": {n: {"spec": c["spec"], "seconds": c["seconds"], "fit_ticks": c["fit_ticks"]}
+                          for n, c in classical.items()},
+        },
+        "validation": {
+            "folds": [{"train": f.split.train_frac, "val": f.split.val_frac} for f in folds],
+            "pairs": oos.counts,
+            "mae": {"model": oos.mae(blend), "model_unblended": oos.mae(), **oos.baseline_mae()},
+            "candidates": [{"seed": c.seed, "score": c.score, "epochs": c.fit.epochs_run} for c in cands],
+            "fold_epochs": fold_epochs,
+            "seed": best.seed,
+        },
         "parity": {m: r["parity"] for m, r in mode_results.items()},
         "modes": mode_results,
         "quantization": cfg.quantize.value,
@@ -339,8 +424,9 @@ def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> Train
             "best_val_loss": fitted.best_val_loss,
             "windows": int(x_tr.shape[0]),
             "window_ticks": window,
-            "gains": gains.tolist(),
-            "seed": cfg.seed,
+            "gains": blend.gains.tolist(),
+            "seasonal_weights": blend.weights.tolist(),
+            "seed": best.seed,
         },
         "versions": _versions(),
         "target_units": cfg.units_label,
@@ -369,13 +455,16 @@ def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> Train
                 "holdout_mae_1_float32": mae1,
                 "holdout_mae_1_persistence": holdout["mae"]["persistence"][0],
                 "holdout_mae_1_seasonal_naive": holdout["mae"]["seasonal_naive"][0],
+                **{f"holdout_mae_1_{n}": holdout["mae"][n][0] for n in classical},
                 "parity": chosen["parity"],
             },
             "training": {
                 "split": {"train": cfg.split.train_frac, "val": cfg.split.val_frac},
                 "season_ticks": season,
                 "epochs_run": fitted.epochs_run,
-                "seed": cfg.seed,
+                "seed": best.seed,
+                "folds": len(folds),
+                "candidates": cfg.candidates,
                 "seconds": round(train_seconds, 1),
                 "data_file": Path(cfg.data).name,
             },
@@ -386,10 +475,64 @@ def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> Train
     report_mod.write_report(work, report)
     if cfg.plot:
         _plot(
-            work / report_mod.PLOT_NAME, encoded, runs, keras_preds, pipeline, holdout, name, cfg.units_label, intervals
-        )
+            work / report_mod.PLOT_NAME, encoded, runs, keras_preds, pipeline, holdout, name, cfg.units_label, season,
+            intervals,
+        )  # fmt: skip
     table = report_mod.summary_table(report, cfg.units_label)
-    return TrainResult(out=cfg.out, manifest=manifest, report=report, table=table)
+    return TrainResult(
+        out=cfg.out, manifest=manifest, report=report, table=table, validation=oos, blend=blend
+    )
+
+
+def _fold_data(
+    grid: data_mod.GridSeries,
+    pipeline: FeaturePipeline,
+    cfg: TrainConfig,
+    encoded: list[EncodedSegment],
+    window: int,
+    warmup: int,
+    season: int,
+) -> list[_FoldData]:
+    """Windows and validation pairs of every rolling-origin fold; a fold too short to train is left out."""
+    out: list[_FoldData] = []
+    splits = rolling_folds(cfg.split, cfg.folds)
+    for split in splits:
+        last = split is splits[-1]
+        enc = encoded if last else encode(grid, pipeline, split)
+        if not last:
+            try:
+                _check_length(enc, cfg.horizon, warmup)
+            except ConvertError:
+                _LOG.info("fold training on %.0f %% of the series is too short: left out", 100 * split.train_frac)
+                continue
+        tr = training_windows(enc, Part.TRAIN, window, max(1, window // 8), warmup)
+        va = training_windows(enc, Part.VAL, window, max(1, window - warmup), warmup)
+        runs = eval_runs(enc, Part.VAL, warmup)
+        pairs = report_mod.scored_pairs(enc, runs, cfg.horizon, season, Part.VAL)
+        out.append(_FoldData(split, enc, tr, va, runs, pairs))
+    return out
+
+
+def _fold_forecasts(
+    fold: _FoldData, pipeline: FeaturePipeline, cfg: TrainConfig, fit_cfg: Any
+) -> tuple[OutOfSample, int]:
+    """Train on one fold; its out-of-sample validation forecasts and the epochs run."""
+    from converter.train import fit
+
+    fitted = fit(fold.train, fold.val, pipeline.n_features, cfg.horizon, fit_cfg)
+    preds = _run_keras(fitted.model, fold.encoded, fold.runs)
+    return out_of_sample(fold.pairs, preds, pipeline), fitted.epochs_run
+
+
+def _candidate(fold: _FoldData, pipeline: FeaturePipeline, cfg: TrainConfig, fit_cfg: Any) -> _Candidate:
+    """One seed trained on the last fold, scored on its validation block."""
+    from converter.train import fit
+
+    fitted = fit(fold.train, fold.val, pipeline.n_features, cfg.horizon, fit_cfg)
+    oos = out_of_sample(fold.pairs, _run_keras(fitted.model, fold.encoded, fold.runs), pipeline)
+    return _Candidate(
+        seed=fit_cfg.seed, fit=fitted, oos=oos, score=oos.score(fit_blend(oos, seasonal=cfg.seasonal_blend))
+    )
 
 
 def _plot(
@@ -401,6 +544,7 @@ def _plot(
     holdout: dict[str, dict[str, list[float]]],
     name: str,
     units: str,
+    season: int,
     intervals: Intervals | None = None,
     max_ticks: int = 336,
 ) -> None:
@@ -410,9 +554,10 @@ def _plot(
     k = pipeline.output.horizon
     lo = max(run.score_from + k, run.stop - max_ticks)
     j = np.arange(lo, run.stop)
-    scale = pipeline.output.scale
-    f1 = e.target[j - 1] + pred[j - 1 - run.start, 0] * scale
-    fk = e.target[j - k] + pred[j - k - run.start, k - 1] * scale
+    sea = seasonal_naive(e.target, season, k)
+    fc = pipeline.decode(pred, e.target[run.start : run.stop], sea[run.start : run.stop])
+    f1 = fc[j - 1 - run.start, 0]
+    fk = fc[j - k - run.start, k - 1]
     bands = None
     if intervals is not None:
         bands = [(lv, f1 + intervals.lower[i, 0], f1 + intervals.upper[i, 0]) for i, lv in enumerate(intervals.levels)]
@@ -556,5 +701,5 @@ def calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
         report_mod.write_report(directory, report)
         if (directory / report_mod.PLOT_NAME).exists():
             _plot(directory / report_mod.PLOT_NAME, encoded, hold.runs, hold.preds, man.pipeline,
-                  report["holdout"], man.name, man.target_units, intervals)  # fmt: skip
+                  report["holdout"], man.name, man.target_units, season, intervals)  # fmt: skip
     return {"model": man.model_id, "intervals": rep}

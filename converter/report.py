@@ -1,10 +1,11 @@
-"""Hold-out scores against persistence and seasonal naive, ``report.json``, the plot and the summary table.
+"""Hold-out scores against the baselines, ``report.json``, the plot and the summary table.
 
 Scores are in the target's units, per horizon ``1..K``, over hold-out origins
 that are real readings whose forecast tick is a real reading in the hold-out
-too.  The model, persistence (the last reading) and seasonal naive (the
-reading one season before the forecast tick) are scored on exactly the same
-(origin, horizon) pairs.
+too.  The model, persistence (the last reading), seasonal naive (the reading
+one season before the forecast tick) and, with statsmodels, a seasonal ARIMA
+and exponential smoothing (:mod:`converter.classical`) are scored on exactly
+the same (origin, horizon) pairs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from converter.classical import CLASSICAL
 from converter.prepare import EncodedSegment, EvalRun, Part
 from edge_lstm.features import FeaturePipeline
 
@@ -54,7 +56,7 @@ class Pairs:
 def scored_pairs(
     encoded: Sequence[EncodedSegment], runs: Sequence[EvalRun], horizon: int, season: int, part: Part = Part.HOLDOUT
 ) -> Pairs:
-    """The (origin, horizon) pairs of ``part`` (the hold-out, or the validation part for calibration)."""
+    """The (origin, horizon) pairs of ``part`` that count: both ticks real readings with a season of history."""
     ri: list[list[npt.NDArray[np.intp]]] = [[] for _ in range(horizon)]
     off: list[list[npt.NDArray[np.intp]]] = [[] for _ in range(horizon)]
     last: list[list[F64]] = [[] for _ in range(horizon)]
@@ -89,16 +91,23 @@ def scored_pairs(
     )
 
 
+def network_outputs(pairs: Pairs, preds: Sequence[F32]) -> list[F64]:
+    """Per horizon, the network's output ``k`` on the scored pairs; ``preds`` per run ``[T, K]``."""
+    return [
+        np.array([preds[r][o, k] for r, o in zip(pairs.run_index[k], pairs.offset[k], strict=True)], dtype=np.float64)
+        for k in range(pairs.horizon)
+    ]
+
+
 def model_forecasts(pairs: Pairs, preds: Sequence[F32], pipeline: FeaturePipeline) -> list[F64]:
-    """Per horizon, the model's forecasts (target units) on the scored pairs; ``preds`` per run ``[T, K]``."""
+    """Per horizon, the model's forecasts (target units) on the scored pairs, seasonal blend included."""
     out: list[F64] = []
-    for k in range(pairs.horizon):
-        y = np.array(
-            [preds[r][o, k] for r, o in zip(pairs.run_index[k], pairs.offset[k], strict=True)], dtype=np.float64
-        )
+    for k, y in enumerate(network_outputs(pairs, preds)):
         y_full = np.zeros((y.shape[0], pairs.horizon))
         y_full[:, k] = y
-        out.append(pipeline.decode(y_full, pairs.last[k])[:, k] if y.size else np.zeros(0))
+        s_full = np.full((y.shape[0], pairs.horizon), np.nan)
+        s_full[:, k] = pairs.seasonal[k]
+        out.append(pipeline.decode(y_full, pairs.last[k], s_full)[:, k] if y.size else np.zeros(0))
     return out
 
 
@@ -112,20 +121,24 @@ def rmse(forecast: Sequence[F64], actual: Sequence[F64]) -> list[float]:
     ]
 
 
-def holdout_metrics(pairs: Pairs, forecasts: Sequence[F64]) -> dict[str, dict[str, list[float]]]:
-    persistence = pairs.last
+def holdout_metrics(
+    pairs: Pairs, forecasts: Sequence[F64], others: Mapping[str, Sequence[F64]] | None = None
+) -> dict[str, dict[str, list[float]]]:
+    """MAE and RMSE per horizon of the model, persistence, seasonal naive and ``others`` (e.g. sarima, ets)."""
+    named = {"model": forecasts, "persistence": pairs.last, "seasonal_naive": pairs.seasonal, **(others or {})}
     return {
-        "mae": {
-            "model": mae(forecasts, pairs.actual),
-            "persistence": mae(persistence, pairs.actual),
-            "seasonal_naive": mae(pairs.seasonal, pairs.actual),
-        },
-        "rmse": {
-            "model": rmse(forecasts, pairs.actual),
-            "persistence": rmse(persistence, pairs.actual),
-            "seasonal_naive": rmse(pairs.seasonal, pairs.actual),
-        },
+        "mae": {n: mae(f, pairs.actual) for n, f in named.items()},
+        "rmse": {n: rmse(f, pairs.actual) for n, f in named.items()},
     }
+
+
+def best_naive_ratio(metrics: Mapping[str, Mapping[str, Sequence[float]]]) -> list[float]:
+    """Per horizon: model MAE / the better of persistence and seasonal naive (<= 1: no worse than both)."""
+    m = metrics["mae"]
+    return [
+        a / min(p, s) if min(p, s) > 0 else float("nan")
+        for a, p, s in zip(m["model"], m["persistence"], m["seasonal_naive"], strict=True)
+    ]
 
 
 def _clean(obj: Any) -> Any:
@@ -149,13 +162,19 @@ def write_report(directory: Path, report: Mapping[str, Any]) -> Path:
 
 
 def summary_table(report: Mapping[str, Any], units: str = "") -> str:
-    """A plain-text table: MAE per horizon for model and baselines, then one line per quantization mode."""
+    """A plain-text table: MAE per horizon for model and baselines, then one line per quantization mode.
+
+    ``ratio`` is the model's MAE over the better naive forecast (persistence or seasonal naive).
+    """
     h = report["holdout"]["mae"]
     u = f" [{units}]" if units else ""
-    lines = [f"hold-out MAE{u}", f"{'horizon':>8} {'model':>12} {'persistence':>12} {'seasonal':>12} {'ratio':>7}"]
-    for k, (m, p, s) in enumerate(zip(h["model"], h["persistence"], h["seasonal_naive"], strict=True), start=1):
-        ratio = m / p if p else float("nan")
-        lines.append(f"{k:>8} {m:>12.4g} {p:>12.4g} {s:>12.4g} {ratio:>7.3f}")
+    cols = [c for c in ("model", "persistence", "seasonal_naive", *CLASSICAL) if c in h]
+    label = {"seasonal_naive": "seasonal"}
+    lines = [f"hold-out MAE{u}", f"{'horizon':>8} " + " ".join(f"{label.get(c, c):>12}" for c in cols) + " ratio"]
+    ratios = best_naive_ratio(report["holdout"])
+    for k in range(len(h["model"])):
+        cells = " ".join(f"{_num(h[c][k]):>12}" for c in cols)
+        lines.append(f"{k + 1:>8} {cells} {ratios[k]:>5.3f}")
     if report.get("intervals"):
         lines += ["", *coverage_table(report["intervals"])]
     lines.append("")
@@ -169,6 +188,10 @@ def summary_table(report: Mapping[str, Any], units: str = "") -> str:
             f"{rel:>+9.2f}%"
         )
     return "\n".join(lines)
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None or not math.isfinite(v) else f"{v:.4g}"
 
 
 def coverage_table(intervals: Mapping[str, Any]) -> list[str]:
@@ -227,6 +250,9 @@ def plot(
     ax2.plot(ks, mae_m["model"], marker="o", label="model")
     ax2.plot(ks, mae_m["persistence"], marker="s", label="persistence")
     ax2.plot(ks, mae_m["seasonal_naive"], marker="^", label="seasonal naive")
+    for name, marker in zip(CLASSICAL, ("v", "D"), strict=True):
+        if name in mae_m:
+            ax2.plot(ks, mae_m[name], marker=marker, ls="--", label=name.upper())
     ax2.set_xlabel("horizon (ticks)")
     ax2.set_ylabel(f"hold-out MAE{f' ({units})' if units else ''}")
     ax2.legend(fontsize=8)

@@ -5,10 +5,10 @@ with the first ``warmup`` ticks carrying no loss), with early stopping on the
 validation part.  Targets may be missing (NaN): the loss skips them.
 
 After training, every horizon's output gets a gain in ``[0, 1]`` fitted on the
-validation part (least absolute error): a head that does not beat persistence
-at some horizon is shrunk towards it (gain 0 is exactly persistence, since the
-outputs are deltas).  The gains are folded into the dense layer, so the
-exported model is unchanged in shape.
+out-of-sample validation forecasts (:mod:`converter.validation`): a head that
+does not beat persistence at some horizon is shrunk towards it (gain 0 is
+exactly persistence, since the outputs are deltas).  The gains are folded into
+the dense layer (:func:`apply_gains`), so the exported model is unchanged in shape.
 """
 
 from __future__ import annotations
@@ -175,20 +175,6 @@ def model_from_weights(weights: ReferenceWeights) -> keras.Model:
 def predict_sequence(model: keras.Model, x: F32) -> F32:
     """Run the sequence model over one whole sequence ``[T, D]`` from zero state; ``[T, K]``."""
     return np.asarray(model(x[None].astype(np.float32), training=False))[0].astype(np.float32)
-
-
-def fit_gains(pred: F32, true: F32, grid: int = 101) -> F32:
-    """Per-horizon gain in [0, 1] minimising the absolute error of ``gain * pred`` (NaN targets skipped)."""
-    gains = np.ones(pred.shape[1], dtype=np.float32)
-    candidates = np.linspace(0.0, 1.0, grid)
-    for k in range(pred.shape[1]):
-        ok = np.isfinite(true[:, k])
-        if ok.sum() < 2:
-            continue
-        p, t = pred[ok, k].astype(np.float64), true[ok, k].astype(np.float64)
-        errs = [float(np.mean(np.abs(a * p - t))) for a in candidates]
-        gains[k] = float(candidates[int(np.argmin(errs))])
-    return gains
 
 
 def apply_gains(weights: ReferenceWeights, gains: F32) -> ReferenceWeights:

@@ -123,7 +123,8 @@ def decode_checkpoint(data: bytes, fingerprint: str) -> dict[str, npt.NDArray[np
         raise _Rejected(f"unreadable payload: {e}") from None
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Sync a directory's entries (a rename in it), where the file system can."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -183,7 +184,7 @@ def save_checkpoint(
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(d)
+    fsync_dir(d)
     n = int(np.asarray(arrays["streams"]).shape[0])
     return SaveResult(final, len(data), clock() - t0, n)
 
@@ -200,7 +201,7 @@ def _set_aside(path: Path, wall: Callable[[], float], keep: int) -> Path | None:
     except OSError as e:
         _LOG.error("cannot set the rejected checkpoint %s aside: %s", path, e)
         return None
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     old = sorted(path.parent.glob(f"{_REJECTED_PREFIX}*"))  # names sort by time
     for p in old[: max(0, len(old) - keep)]:
         with contextlib.suppress(OSError):

@@ -170,6 +170,7 @@ class Daemon:
         _LOG.info("model %s (%s %s)", manifest.model_id, self.model.runtime_name, self.model.runtime_version)
 
         table, journal_seq = self._restore_state(manifest)
+        restored = len(table)
         self.engine = Engine(self.model, table, max_gap_ticks=cfg.state.max_gap_ticks or None)
         try:
             journal, records = open_journal(Path(cfg.state.dir), manifest.sha256, cfg.state.journal_sync)
@@ -220,7 +221,7 @@ class Daemon:
         self.phase = Phase.RUNNING
         self.notifier.ready(f"serving {manifest.model_id}")
         _LOG.info("ready: model %s, %d stream(s) restored, subscribed to %s",
-                  manifest.model_id, len(table), ", ".join(f.filter for f in cfg.subscriptions()))  # fmt: skip
+                  manifest.model_id, restored, ", ".join(f.filter for f in cfg.subscriptions()))  # fmt: skip
 
     def _serve(self) -> None:
         assert self.loop is not None

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from edge_lstm.features import record_history, seasonal_from_history
 from edge_lstm.intervals import anomaly_scores
 from edge_lstm.modelspec import Manifest
 from edge_lstm.outcomes import Outcome
@@ -121,6 +122,9 @@ class Engine:
         self._warmup = m.warmup_ticks
         self._model_id = m.model_id
         self._check = m.intervals.check_offsets if m.intervals is not None else None
+        # A model that blends in seasonal naive needs each stream's last season of targets.
+        self._history = m.pipeline.output.history_ticks
+        self.table.ensure_history(self._history)
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -239,6 +243,8 @@ class Engine:
             x = self._pipeline.encode(values, previous, ts)
             y = self._step(rows, x, result)
         t.ticks[rows] += 1
+        if self._history:  # every tick, filled ones too, as the converter's series holds them
+            record_history(t.history, rows, t.ticks[rows] - 1, [tk.values[self._target] for tk, _ in ticks])
         observed = [i for i, (tick, _) in enumerate(ticks) if tick.observed]
         if len(observed) < n:
             t.pending_value[rows[[i for i in range(n) if not ticks[i][0].observed]]] = np.nan
@@ -247,7 +253,10 @@ class Engine:
         target = self._target
         obs_rows = rows[observed]
         actual = np.array([ticks[i][0].values[target] for i in observed], dtype=np.float64)
-        fc = self._pipeline.decode(y[observed], actual)
+        seasonal = None
+        if self._history:
+            seasonal = seasonal_from_history(t.history, obs_rows, t.ticks[obs_rows] - 1, self.manifest.horizon)
+        fc = self._pipeline.decode(y[observed], actual, seasonal)
         # 1-step errors: the pending forecast of a stream whose previous tick was observed and one tick ago
         # (pending_value is NaN after a filled tick, a reset, for a new stream and while warming up).
         pending = t.pending_value[obs_rows]

@@ -28,6 +28,12 @@ Output (``OutputSpec.kind``):
     the last reading plus a scaled change (persistence is the network's zero).
 ``level``
     The network predicts ``(y_{t+k} - center) / scale``.
+
+Seasonal blend (``OutputSpec.season_ticks``, ``OutputSpec.seasonal_weights``): forecast ``k`` may
+lean on seasonal naive, ``forecast_k += w_k * (s_k - y_t)``, where ``s_k`` is the reading one
+season before the forecast tick (:func:`seasonal_lags`).  Where a stream has less history
+than that (after a start or a reset), ``s_k`` is missing and the term is 0.  A model without
+weights needs no history at all.
 """
 
 from __future__ import annotations
@@ -161,15 +167,34 @@ class OutputSpec:
     kind: OutputKind = OutputKind.DELTA
     center: float = 0.0
     scale: float = 1.0
+    season_ticks: int = 0  # period of the seasonal-naive blend; 0: none
+    seasonal_weights: tuple[float, ...] = ()  # per horizon, weight of (seasonal naive - last reading)
+
+    def __post_init__(self) -> None:
+        if self.seasonal_weights and (self.season_ticks < 1 or len(self.seasonal_weights) != self.horizon):
+            raise ValueError("seasonal_weights need season_ticks >= 1 and one weight per horizon")
+
+    @property
+    def seasonal(self) -> bool:
+        """Whether forecasts lean on seasonal naive (and so need each stream's last season of targets)."""
+        return bool(self.seasonal_weights) and any(w != 0.0 for w in self.seasonal_weights)
+
+    @property
+    def history_ticks(self) -> int:
+        """Target values a stream must keep for the seasonal blend: one season, or 0."""
+        return self.season_ticks if self.seasonal else 0
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        d: dict[str, object] = {
             "target": self.target,
             "horizon": self.horizon,
             "kind": self.kind.value,
             "center": self.center,
             "scale": self.scale,
         }
+        if self.seasonal:
+            d.update(season_ticks=self.season_ticks, seasonal_weights=list(self.seasonal_weights))
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> OutputSpec:
@@ -179,12 +204,19 @@ class OutputSpec:
         scale = float(d.get("scale", 1.0))  # type: ignore[arg-type]
         if not np.isfinite(scale) or scale <= 0:
             raise ValueError("output scale must be a positive number")
+        weights = d.get("seasonal_weights") or []
+        if not isinstance(weights, list) or not all(isinstance(w, (int, float)) for w in weights):
+            raise ValueError("seasonal_weights must be a list of numbers")
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError("seasonal_weights must be finite")
         return cls(
             target=str(d["target"]),
             horizon=horizon,
             kind=OutputKind(str(d.get("kind", "delta"))),
             center=float(d.get("center", 0.0)),  # type: ignore[arg-type]
             scale=scale,
+            season_ticks=int(d.get("season_ticks", 0)) if weights else 0,  # type: ignore[call-overload]
+            seasonal_weights=tuple(float(w) for w in weights),
         )
 
 
@@ -366,12 +398,25 @@ class FeaturePipeline:
             level_rows=tuple((j, col(f), float(f.center), float(f.scale)) for j, f in level),
         )
 
-    def decode(self, y: npt.ArrayLike, last_target: npt.ArrayLike) -> FloatArray:
-        """Forecasts ``[B, K]`` in the target's units from network outputs ``[B, K]``."""
+    def decode(
+        self, y: npt.ArrayLike, last_target: npt.ArrayLike, seasonal: npt.ArrayLike | None = None
+    ) -> FloatArray:
+        """Forecasts ``[B, K]`` in the target's units from network outputs ``[B, K]``.
+
+        ``seasonal`` ``[B, K]`` are the seasonal-naive forecasts (NaN where a stream has
+        too little history); they count only when the output has seasonal weights.
+        """
+        last = np.asarray(last_target, dtype=np.float64)
         out = np.asarray(y, dtype=np.float64) * self.output.scale
-        if self.output.kind is OutputKind.DELTA:
-            return out + np.asarray(last_target, dtype=np.float64)[:, None]
-        return out + self.output.center
+        out = out + last[:, None] if self.output.kind is OutputKind.DELTA else out + self.output.center
+        if seasonal is not None and self.output.seasonal:
+            lean = np.asarray(seasonal, dtype=np.float64) - last[:, None]
+            out = out + self._seasonal_weights * np.where(np.isnan(lean), 0.0, lean)
+        return out
+
+    @functools.cached_property
+    def _seasonal_weights(self) -> FloatArray:
+        return np.asarray(self.output.seasonal_weights, dtype=np.float64)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -395,3 +440,52 @@ class FeaturePipeline:
             utc_offset_s=float(d.get("utc_offset_seconds", 0.0)),  # type: ignore[arg-type]
             timezone=None if d.get("timezone") is None else str(d["timezone"]),
         )
+
+
+def seasonal_lags(season: int, horizon: int) -> npt.NDArray[np.intp]:
+    """For ``k = 1..K``: how many ticks before the origin seasonal naive's reading lies.
+
+    Seasonal naive forecasts tick ``t + k`` with the reading at ``t + k - m * ceil(k / m)``
+    (``m`` = ``season``), which is ``lag_k = m * ceil(k / m) - k`` ticks before the origin
+    ``t``, always in ``0 .. m - 1``: one season of history covers every horizon.
+    """
+    k = np.arange(1, horizon + 1)
+    return (season * -(-k // season) - k).astype(np.intp)
+
+
+def seasonal_naive(target: npt.ArrayLike, season: int, horizon: int) -> FloatArray:
+    """Seasonal-naive forecasts ``[T, K]`` from every tick of a stretch that starts a stream.
+
+    ``target`` ``[T]`` holds the target at consecutive ticks from a stream's start (or
+    reset); entries without enough history are NaN.  The daemon keeps the last season in
+    a ring buffer and gets the same numbers (``StateTable.history``).
+    """
+    tgt = np.asarray(target, dtype=np.float64)
+    lags = seasonal_lags(season, horizon)
+    idx = np.arange(tgt.shape[0])[:, None] - lags[None, :]
+    return np.where(idx >= 0, tgt[np.maximum(idx, 0)], np.nan)
+
+
+def record_history(history: FloatArray, rows: npt.ArrayLike, tick_index: npt.ArrayLike, target: npt.ArrayLike) -> None:
+    """Store the target of tick ``tick_index`` (0 = a stream's first tick) in its row's ring of one season.
+
+    ``history`` is ``[rows, m]``; column ``i % m`` holds tick ``i``, so the ring always holds
+    the last ``m`` ticks, all that :func:`seasonal_from_history` needs.
+    """
+    m = history.shape[1]
+    history[np.asarray(rows, np.intp), np.asarray(tick_index, np.int64) % m] = target
+
+
+def seasonal_from_history(
+    history: FloatArray, rows: npt.ArrayLike, tick_index: npt.ArrayLike, horizon: int
+) -> FloatArray:
+    """Seasonal-naive forecasts ``[B, K]`` at origin ticks ``tick_index`` from the rings of ``rows``.
+
+    The same numbers as :func:`seasonal_naive` on the stream's whole history: NaN where the
+    reading one season before the forecast tick precedes the stream's first tick.
+    """
+    m = history.shape[1]
+    idx = np.asarray(tick_index, np.int64)[:, None] - seasonal_lags(m, horizon)[None, :]
+    vals = history[np.asarray(rows, np.intp)[:, None], idx % m]
+    return np.where(idx >= 0, vals, np.nan)
+

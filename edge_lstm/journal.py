@@ -36,6 +36,8 @@ import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
+from edge_lstm.checkpoint import fsync_dir
+
 _LOG = logging.getLogger(__name__)
 
 JOURNAL_NAME = "journal.wal"
@@ -138,19 +140,6 @@ def read_journal(directory: Path | str, fingerprint: str) -> ReadResult:
         records.append(rec)
         pos = end
     return ReadResult(records, pos, status)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory
-    finally:
-        os.close(fd)
 
 
 class Journal:
@@ -265,7 +254,7 @@ class Journal:
                 tmp.unlink()
             raise
         if self.sync:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         self.size = len(data)
         self.records = len(kept)
         if not keep_pending:

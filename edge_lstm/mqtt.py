@@ -79,6 +79,50 @@ def _ignore(*_args: Any) -> None:
     return None
 
 
+class BufferedSocket:
+    """The broker's socket with a read buffer.
+
+    paho reads each packet in at least three ``recv`` calls (the command byte,
+    each byte of the remaining length, then the body): three system calls per
+    reading and three per PUBACK.  This wrapper fills a buffer with one
+    ``recv`` of up to 64 KiB and serves paho's small reads from it; everything
+    else goes to the socket.  :meth:`pending` tells the owner's ``select`` that
+    bytes are waiting in the buffer.
+    """
+
+    __slots__ = ("_buf", "_pos", "_sock", "error")
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+        self.error: OSError | None = None  # what ended the connection on a read (paho only says "lost")
+
+    def recv(self, n: int) -> bytes:
+        pos = self._pos
+        if pos >= len(self._buf):
+            try:
+                data = self._sock.recv(65536)  # BlockingIOError (or TLS's want-read) when nothing is there
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except OSError as e:  # e.g. the broker's TLS alert: certificate expired, unknown CA
+                self.error = e
+                raise
+            if not data:
+                return b""  # closed by the broker
+            self._buf, pos = data, 0
+        chunk = self._buf[pos : pos + n]
+        self._pos = pos + len(chunk)
+        return chunk
+
+    def pending(self) -> int:
+        inner = self._sock.pending() if isinstance(self._sock, ssl.SSLSocket) else 0
+        return len(self._buf) - self._pos + inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
 class MqttLink:
     """One MQTT connection, driven by :meth:`poll` from its owner's loop."""
 
@@ -113,6 +157,7 @@ class MqttLink:
         self._tcp_since: float | None = None  # TCP up, CONNACK not yet seen
         self._events = 0  # callbacks seen
         self.hold = False  # set by the owner inside on_message to end the current read early
+        self._wrapped: BufferedSocket | None = None
         self._fail_logged_at = -REFUSAL_LOG_EVERY_S
         v5 = cfg.protocol is MqttProtocol.V5
         self._v5 = v5
@@ -124,7 +169,8 @@ class MqttLink:
             manual_ack=True,
         )
         c = self.client
-        c.enable_logger(logging.getLogger("paho.mqtt"))
+        if logging.getLogger("paho.mqtt").isEnabledFor(logging.DEBUG):
+            c.enable_logger(logging.getLogger("paho.mqtt"))  # paho formats a line per packet otherwise
         c.suppress_exceptions = True  # a callback that raises must not end the loop (ours do not raise)
         c.max_queued_messages_set(0)  # unbounded here: the owner bounds what it has outstanding
         c.max_inflight_messages_set(MAX_INFLIGHT)
@@ -201,23 +247,23 @@ class MqttLink:
         sock = c.socket()
         rlist: list[Any] = [wake] if wake is not None else []
         wlist: list[Any] = []
+        buffered = False  # bytes already read (or decrypted by TLS) that select cannot see
         if sock is not None:
             if read:
                 rlist.append(sock)
-                if isinstance(sock, ssl.SSLSocket) and sock.pending():
-                    tls_pending = True  # TLS holds decrypted bytes select cannot see
+                if isinstance(sock, BufferedSocket) and sock.pending():
+                    buffered = True
                     timeout = 0.0
             if c.want_write():
                 wlist.append(sock)
         woken = False
-        tls_pending = False
         if rlist or wlist:
             try:
                 readable = select.select(rlist, wlist, [], max(0.0, timeout))[0]
             except (OSError, ValueError):  # the socket closed under us: handled below
                 readable = []
             woken = wake is not None and wake in readable
-            if read > 0 and sock is not None and (sock in readable or tls_pending):
+            if read > 0 and sock is not None and (sock in readable or buffered):
                 self._read(read)
         elif timeout > 0:
             time.sleep(timeout)
@@ -337,11 +383,14 @@ class MqttLink:
             self._connected = connected
             self.on_connection(connected)
 
-    def _on_socket_open(self, _client: paho.Client, _userdata: Any, sock: Any) -> None:
+    def _on_socket_open(self, client: paho.Client, _userdata: Any, sock: Any) -> None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, AttributeError) as e:
             _LOG.debug("cannot set TCP_NODELAY: %s", e)
+        # paho keeps the socket in ``_sock`` (2.x) and uses only recv, send, close and fileno on it.
+        self._wrapped = BufferedSocket(sock)
+        client._sock = self._wrapped
 
     def _on_connect(
         self,
@@ -382,6 +431,13 @@ class MqttLink:
         self._tcp_since = None
         self._next_attempt = self._clock() + self._delay
         self._set_connected(False)
+        err = self._wrapped.error if self._wrapped is not None else None
+        if err is not None:
+            self._wrapped.error = None  # type: ignore[union-attr]
+            self.last_error = describe_connect_error(err)
+            _LOG.warning("MQTT connection to %s:%d ended: %s [%s]; retrying",
+                         self.cfg.host, self.cfg.port, self.last_error, err)  # fmt: skip
+            return
         if was and not self._closing:
             if reason_code.is_failure:
                 _LOG.warning("MQTT connection lost (%s); reconnecting", reason_code)

@@ -38,6 +38,7 @@ idle wait, so a loop that stops turning is restarted by systemd.
 
 from __future__ import annotations
 
+import array
 import collections
 import contextlib
 import dataclasses
@@ -46,8 +47,6 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-import numpy as np
 
 from edge_lstm import checkpoint as ckpt
 from edge_lstm.config import Config, TopicFilter
@@ -136,8 +135,7 @@ class Pipeline:
         self.settled = 0  # readings whose batches are settled, in order
         self._to_ack: list[_Message] = []  # journaled, waiting for the journal's commit
         self._window: dict[int, _Message] = {}  # unacknowledged QoS 1 messages by packet id
-        self._digest = np.zeros(MID_SPACE, dtype=np.uint32)  # the last message seen with each packet id
-        self._known = np.zeros(MID_SPACE, dtype=bool)
+        self._digest = array.array("q", [-1]) * MID_SPACE  # CRC of the last message seen with each packet id
         self._recent: collections.deque[Record] = collections.deque(maxlen=CARRY_DIGESTS)
         self._error_logged_at = -ERROR_LOG_EVERY_S
         self.errors = 0
@@ -171,7 +169,6 @@ class Pipeline:
 
     def _remember(self, mid: int, digest: int) -> None:
         self._digest[mid] = digest
-        self._known[mid] = True
 
     # -- intake (inside MqttLink.poll) ----------------------------------------------------------
 
@@ -180,7 +177,7 @@ class Pipeline:
         metrics = self.metrics
         topic = m.topic if m.topic is not None else ""
         digest = message_digest(topic, m.payload) if m.qos > 0 else 0
-        if m.dup and m.qos > 0 and self._known[m.mid] and int(self._digest[m.mid]) == digest:
+        if m.dup and m.qos > 0 and self._digest[m.mid] == digest:
             # Delivered again: after a reconnect, the broker resends what it has no PUBACK for.
             metrics.messages_redelivered.inc()
             if m.mid not in self._window:  # already in the state: acknowledge it again, in order

@@ -134,7 +134,8 @@ def native_log_to_debug() -> Iterator[None]:
     lines) is written back to descriptor 2 unchanged, only later.
     """
     try:
-        sys.stderr.flush()
+        if sys.stderr is not None:  # None when the process started with descriptor 2 closed
+            sys.stderr.flush()
         saved = os.dup(2)
     except (OSError, ValueError):  # no descriptor 2 at all: nothing to keep clean
         yield

@@ -65,9 +65,15 @@ class StateTable:
     ``slot_last_ts``   ``[rows, S]`` float64 its timestamp
 
     ``prev`` and ``last_ts`` are then the values and the timestamp of the last closed tick.
+
+    A model that blends in seasonal naive (``OutputSpec.history_ticks`` = ``m`` > 0) also needs
+
+    ``history``        ``[rows, m]`` float64 the target of the last ``m`` ticks, tick ``i`` (counted
+                       from the stream's start or reset) in column ``i % m``
+                       (:func:`edge_lstm.features.record_history`); ``m * 8`` bytes per stream.
     """
 
-    def __init__(self, layers: Sequence[int], n_values: int, capacity: int) -> None:
+    def __init__(self, layers: Sequence[int], n_values: int, capacity: int, history_ticks: int = 0) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         if not layers or min(layers) < 1:
@@ -96,6 +102,9 @@ class StateTable:
         self.slot_sum: F64 = np.empty((0, OPEN_SLOTS, self.n_values))
         self.slot_last: F64 = np.empty((0, OPEN_SLOTS, self.n_values))
         self.slot_last_ts: F64 = np.empty((0, OPEN_SLOTS))
+        if history_ticks < 0:
+            raise ValueError("history_ticks must not be negative")
+        self.history: F64 = np.empty((0, int(history_ticks)))
         self._grow(min(self.capacity, _INITIAL_ROWS))
 
     def _shape(self, shape: tuple[str | int, ...]) -> tuple[int, ...]:
@@ -123,7 +132,7 @@ class StateTable:
         return self._ids[row]
 
     def nbytes(self) -> int:
-        names = [*_PER_ROW_FIELDS, *(f for f, _, _ in _TICK_FIELDS)]
+        names = [*_PER_ROW_FIELDS, *(f for f, _, _ in _TICK_FIELDS), "history"]
         arrays: list[npt.NDArray[np.generic]] = [*self.state, *(getattr(self, f) for f in names)]
         return sum(a.nbytes for a in arrays)
 
@@ -149,6 +158,7 @@ class StateTable:
         self.pending_ts = extend(self.pending_ts, np.nan)  # type: ignore[assignment]
         for name, _shape, fill in _TICK_FIELDS:
             setattr(self, name, extend(getattr(self, name), fill))
+        self.history = extend(self.history, np.nan)  # type: ignore[assignment]
         self._ids.extend([None] * (rows - old))
         # pop() takes from the end: keep low rows first so the table stays compact
         self._free.extend(range(rows - 1, old - 1, -1))
@@ -242,6 +252,20 @@ class StateTable:
         self.pending_ts[rows] = np.nan
         for name, _shape, fill in _TICK_FIELDS:
             getattr(self, name)[rows] = fill
+        self.history[rows] = np.nan
+
+    @property
+    def history_ticks(self) -> int:
+        return int(self.history.shape[1])
+
+    def ensure_history(self, ticks: int) -> None:
+        """Keep ``ticks`` targets per stream from now on (a new model may need more, fewer or none).
+
+        A changed length starts every ring empty: until a stream has seen a season again,
+        its seasonal-naive values are missing and forecasts do without them.
+        """
+        if ticks != self.history_ticks:
+            self.history = np.full((self.allocated, int(ticks)), np.nan)
 
     def reset_all(self) -> int:
         """Reset every stream in use (rows are kept); returns how many."""
@@ -298,6 +322,8 @@ class StateTable:
             out[name] = a[rows]
         for name in (*_PER_ROW_FIELDS, *(f for f, _, _ in _TICK_FIELDS)):
             out[name] = getattr(self, name)[rows]
+        if self.history_ticks:
+            out["history"] = self.history[rows]
         return out
 
     @classmethod
@@ -308,9 +334,11 @@ class StateTable:
 
         With more streams than ``capacity``, the most recently seen ones are kept.
         """
-        table = cls(layers, n_values, capacity)
         ids = [str(s) for s in np.asarray(arrays["streams"]).tolist()]
         n = len(ids)
+        hist = arrays.get("history")
+        m = int(hist.shape[1]) if hist is not None and hist.ndim == 2 else 0
+        table = cls(layers, n_values, capacity, history_ticks=m)
         if len(set(ids)) != n:
             raise ValueError("duplicate stream ids")
         expected: dict[str, tuple[tuple[int, ...], type]] = {}
@@ -326,6 +354,8 @@ class StateTable:
         )
         for name, shape_spec, _fill in _TICK_FIELDS:
             expected[name] = ((n, *table._shape(shape_spec)), np.float64)
+        if hist is not None:
+            expected["history"] = ((n, table.history_ticks), np.float64)
         arrays = dict(arrays)
         if "newest" not in arrays and "last_ts" in arrays:  # written before ticks were explicit
             arrays["newest"] = np.asarray(arrays["last_ts"])
@@ -341,7 +371,7 @@ class StateTable:
         keep = [ids[i] for i in order.tolist()]
         rows, _ = table.rows_for(keep)
         table.scatter(rows, [np.asarray(arrays[name])[order] for name in state_names(table.layers)])
-        for name in (*_PER_ROW_FIELDS, *(f for f, _, _ in _TICK_FIELDS)):
+        for name in (*_PER_ROW_FIELDS, *(f for f, _, _ in _TICK_FIELDS), *(("history",) if hist is not None else ())):
             getattr(table, name)[rows] = np.asarray(arrays[name])[order]
         table._clock = int(table.last_seen[rows].max()) if len(rows) else 0
         return table

@@ -12,13 +12,14 @@ arch=${1:?usage: debian-rootfs.sh ARCH DEST}
 dest=${2:?usage: debian-rootfs.sh ARCH DEST}
 suite=bookworm
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-# python3-venv: the documented install path; Mosquitto: the broker of the demo and the tests.
-packages=python3,python3-venv,mosquitto,mosquitto-clients
+# python3-venv: the documented install path; Mosquitto: the broker of the demo and the tests;
+# procps: ps and kill, which every Raspberry Pi OS has and the tests use.
+packages=procps,python3,python3-venv,mosquitto,mosquitto-clients
 if [ "$arch" = "$(dpkg --print-architecture)" ]; then
     # The systemd test boots the tree: systemd-sysv gives /sbin/init, dbus the bus systemctl
-    # and systemd-analyze use, libnss-systemd the names of DynamicUser= users, procps the
-    # kill of ExecReload=, sudo and openssl the documented install commands as written.
-    packages=systemd,systemd-sysv,dbus,libnss-systemd,procps,sudo,openssl,$packages
+    # and systemd-analyze use, libnss-systemd the names of DynamicUser= users, sudo and
+    # openssl the documented install commands as written.
+    packages=systemd,systemd-sysv,dbus,libnss-systemd,sudo,openssl,$packages
 fi
 stamp="suite=$suite arch=$arch packages=$packages"
 

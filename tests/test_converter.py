@@ -17,7 +17,7 @@ import pytest
 from converter.cli import main
 from converter.convert import TrainConfig, train
 from converter.data import load
-from converter.prepare import Part, Split, encode
+from converter.prepare import CalendarMode, Part, Split, encode
 from converter.report import REPORT_NAME
 from converter.verify import TFLiteStepper
 from edge_lstm.features import FeatureKind
@@ -69,6 +69,8 @@ def trained(holey_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         quantize=Quantization.FLOAT32,
         units_label="MW",
         seed=3,
+        folds=2,
+        candidates=2,
     )
     train(cfg)
     return out
@@ -138,6 +140,22 @@ def test_report_has_the_fixed_keys_and_consistent_numbers(trained: Path, holey_c
     # Even a few epochs of training must beat persistence one tick ahead on this series.
     assert r["holdout"]["mae"]["model"][0] < r["holdout"]["mae"]["persistence"][0]
     assert r["modes"]["float32"]["mae"] == pytest.approx(r["holdout"]["mae"]["model"], rel=1e-4)
+    # Two rolling-origin folds pool their validation pairs; two seeds competed on the last fold.
+    v = r["validation"]
+    assert len(v["folds"]) == 2 and [c["seed"] for c in v["candidates"]] == [3, 4] and v["seed"] in (3, 4)
+    best = min(v["candidates"], key=lambda c: c["score"])
+    assert v["seed"] == best["seed"] and r["training"]["seed"] == v["seed"]
+    assert all(n > 0 for n in v["pairs"]) and len(r["training"]["seasonal_weights"]) == 4
+    # The blend is never worse than either naive forecast on the validation pairs it was fitted on.
+    for k in range(4):
+        assert v["mae"]["model"][k] <= min(v["mae"]["persistence"][k], v["mae"]["seasonal_naive"][k]) + 1e-9
+    # SARIMA and ETS are scored on the hold-out pairs next to the model.
+    for who in ("sarima", "ets"):
+        assert len(r["holdout"]["mae"][who]) == 4 and all(x > 0 for x in r["holdout"]["mae"][who])
+    assert r["holdout"]["baselines"]["sarima"]["spec"].startswith("SARIMA(1,1,1)(0,1,1)_48")
+    h = r["holdout"]["mae"]
+    ratio = [m / min(p, q) for m, p, q in zip(h["model"], h["persistence"], h["seasonal_naive"], strict=True)]
+    assert r["holdout"]["ratio_best_naive"] == pytest.approx(ratio)
 
 
 @pytest.mark.parametrize("mode", list(Quantization), ids=lambda q: q.value)
@@ -186,8 +204,11 @@ def test_training_is_reproducible_with_a_seed(tmp_path: Path, holey_csv: Path, t
         quantize=Quantization.FLOAT32,
         units_label="MW",
         seed=3,
+        folds=2,
+        candidates=2,
         modes=(),
         plot=False,
+        baselines=False,
     )
     again = train(cfg)
     assert again.manifest.sha256 == load_model(trained).manifest.sha256
@@ -271,7 +292,8 @@ def test_classic_shape_10_features_32_outputs(tmp_path: Path) -> None:
         [
             "-q", "train", str(path), "--time-col", "ts", "--target", "s0", "--features", ",".join(cols[1:]),
             "--level", "target", "--horizon", "32", "--units", "64", "--epochs", "1", "--modes", "none",
-            "--quantize", "float32", "--no-plot", "--warmup", "8", "--out", str(out),
+            "--quantize", "float32", "--no-plot", "--warmup", "8", "--folds", "1", "--candidates", "1",
+            "--no-baselines", "--out", str(out),
         ]
     )  # fmt: skip
     assert code == 0
@@ -309,7 +331,7 @@ def test_trending_series_with_gaps_beats_persistence(tmp_path: Path) -> None:
     res = train(
         TrainConfig(
             data=path, out=out, time_col="ts", target="v", horizon=3, units=16, epochs=12, patience=4,
-            modes=(Quantization.DYNAMIC,), plot=False,
+            modes=(Quantization.DYNAMIC,), plot=False, candidates=1, baselines=False,
         )
     )  # fmt: skip
     kinds = {f.kind for f in res.manifest.pipeline.features}
@@ -325,7 +347,7 @@ def test_real_series_with_trend_and_holes_beats_persistence(tmp_path: Path) -> N
     res = train(
         TrainConfig(
             data=data, out=tmp_path / "co2", time_col="date", target="co2_ppm", horizon=4, units=16,
-            epochs=25, patience=5, modes=(Quantization.DYNAMIC,), plot=False,
+            epochs=25, patience=5, modes=(Quantization.DYNAMIC,), plot=False, candidates=1, baselines=False,
         )
     )  # fmt: skip
     h = res.report["holdout"]["mae"]
@@ -333,6 +355,38 @@ def test_real_series_with_trend_and_holes_beats_persistence(tmp_path: Path) -> N
     for k in range(4):
         assert h["model"][k] < 0.9 * h["persistence"][k]
         assert h["model"][k] < h["seasonal_naive"][k]
+
+
+def test_a_horizon_leans_on_seasonal_naive_where_that_wins(tmp_path: Path) -> None:
+    """A daily pattern the network has too few epochs to learn: the blend takes seasonal naive instead."""
+    rng = np.random.default_rng(4)
+    n = 24 * 60
+    t = np.arange(n)
+    shape = rng.normal(0, 10, 24)  # an irregular daily profile, the same every day
+    y = 50 + shape[t % 24] + rng.normal(0, 0.5, n)
+    path = tmp_path / "daily.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["ts", "v"])
+        for i in range(n):
+            w.writerow([1_600_000_000 + 3600 * i, f"{y[i]:.3f}"])
+    res = train(
+        TrainConfig(
+            data=path, out=tmp_path / "daily", time_col="ts", target="v", horizon=3, units=8, epochs=1,
+            modes=(), plot=False, candidates=1, baselines=False, calendar=CalendarMode.NONE,
+        )
+    )  # fmt: skip
+    out = load_model(tmp_path / "daily").manifest.pipeline.output
+    assert out.season_ticks == 24 and out.history_ticks == 24
+    assert min(out.seasonal_weights) >= 0.5, out.seasonal_weights
+    h = res.report["holdout"]["mae"]
+    for k in range(3):
+        assert h["model"][k] <= 1.02 * min(h["persistence"][k], h["seasonal_naive"][k])
+        assert h["model"][k] < 0.5 * h["persistence"][k]
+    # The validation residuals the blend was fitted on are there for interval calibration.
+    res_k = res.validation.residuals(res.blend)
+    assert len(res_k) == 3 and all(r.size > 100 for r in res_k)
+    assert float(np.mean(np.abs(res_k[0]))) == pytest.approx(res.report["validation"]["mae"]["model"][0])
 
 
 def test_a_1_second_log_trains_a_1_minute_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -350,7 +404,8 @@ def test_a_1_second_log_trains_a_1_minute_model(tmp_path: Path, capsys: pytest.C
     out = tmp_path / "minutely"
     code = main(["train", str(path), "--time-col", "ts", "--target", "temp", "--cadence", "60", "--aggregate", "mean",
                  "--horizon", "4", "--units", "8", "--epochs", "3", "--patience", "2", "--modes", "none",
-                 "--quantize", "float32", "--no-plot", "--json", "--out", str(out)])  # fmt: skip
+                 "--quantize", "float32", "--no-plot", "--folds", "1", "--candidates", "1", "--no-baselines",
+                 "--json", "--out", str(out)])  # fmt: skip
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     man = load_model(out).manifest

@@ -38,6 +38,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("reliability_report")]
 
 STREAMS = tuple(f"s{i}" for i in range(6))
 KILLS_PER_BROKER = int(os.environ.get("EDGE_LSTM_KILLS", "16"))
+GRID = 1_000_000_800.0  # a tick of the bundled model's 30-minute grid
 
 
 class Load:
@@ -242,13 +243,13 @@ def test_retained_readings_are_left_out_by_default_and_counted(
     pub.connect(broker.host, broker.port)
     pub.loop_start()
     try:
-        old = json.dumps({"ts": 1e9, "demand_mw": 25000})
+        old = json.dumps({"ts": GRID, "demand_mw": 25000})
         pub.publish("sensors/r/value", old, qos=1, retain=True).wait_for_publish(10)
         d = daemon_factory(broker)
         with Collector(broker.host, broker.port, ["forecasts/#"]) as col:
             d.start()
             assert d.wait_metric("edge_lstm_readings_total", 1, outcome="retained") == 1
-            new = json.dumps({"ts": 1e9 + 1800, "demand_mw": 25100})
+            new = json.dumps({"ts": GRID + 1800, "demand_mw": 25100})
             pub.publish("sensors/r/value", new, qos=1).wait_for_publish(10)
             assert len(col.wait_for(1, "forecasts/#", timeout=20, retained=False)) == 1
             assert d.terminate() == 0
@@ -256,7 +257,7 @@ def test_retained_readings_are_left_out_by_default_and_counted(
             assert d.wait_metric("edge_lstm_readings_total", 1, outcome="retained") == 1
             assert d.metric("edge_lstm_readings_total", outcome="processed") == 0
             assert d.terminate() == 0
-        assert [m.json()["ts_epoch"] for m in col.select("forecasts/#", retained=False)] == [1e9 + 1800]
+        assert [m.json()["ts_epoch"] for m in col.select("forecasts/#", retained=False)] == [GRID + 1800]
     finally:
         pub.publish("sensors/r/value", b"", qos=1, retain=True).wait_for_publish(10)
         pub.disconnect()

@@ -402,3 +402,68 @@ def test_batched_equals_sequential_with_the_bundled_model() -> None:
         one = fresh()
         want = [one.process([reading(s, k)]).forecasts[0].values for k in range(60) if k % 10 != 3]
         np.testing.assert_allclose(np.array(got[s]), np.array(want), rtol=1e-4, atol=0.5)  # MW
+
+
+def _blended(m: Manifest, season: int, weights: tuple[float, ...]) -> Manifest:
+    out = dataclasses.replace(m.pipeline.output, season_ticks=season, seasonal_weights=weights)
+    return dataclasses.replace(m, pipeline=dataclasses.replace(m.pipeline, output=out))
+
+
+def test_seasonal_blend_online_equals_the_offline_blend_through_gaps_resets_and_a_checkpoint() -> None:
+    """Per stream, the online forecast is the plain forecast plus w_k * (seasonal naive_k - last reading),
+    seasonal naive taken offline (features.seasonal_naive) from the stream's ticks since its last reset,
+    filled ticks included; streams in one batch, a restored table and a fresh one agree."""
+    from edge_lstm.features import seasonal_naive
+
+    season, weights = 5, (0.5, 1.0, 0.25)
+    plain_m = make_manifest(max_gap=4)
+    model = NumpyModel(_blended(plain_m, season, weights))
+    plain = NumpyModel(plain_m)  # same seed: same network, no blend
+    assert model.manifest.pipeline.output.history_ticks == season
+    rng = np.random.default_rng(5)
+    # Stream a: a short gap (ticks 9, 10 filled) and a long one (reset at 30); b: no gap; c: starts late.
+    ticks = {"a": [*range(0, 9), *range(11, 22), *range(30, 45)], "b": list(range(0, 45)), "c": list(range(20, 45))}
+    values = {s: {k: (float(rng.normal(10, 3)), float(rng.normal(0, 1))) for k in ks} for s, ks in ticks.items()}
+    eng, ref = engine_for(model), engine_for(plain)
+    got: dict[str, list[np.ndarray]] = {s: [] for s in ticks}
+    base: dict[str, list[np.ndarray]] = {s: [] for s in ticks}
+    for k in range(45):
+        batch = [rd(s, k, *values[s][k]) for s in ticks if k in values[s]]
+        if k == 25:  # checkpoint and restore mid-run
+            eng = Engine(model, StateTable.from_arrays(eng.table.to_arrays(), plain_m.layers, 2, 100))
+            assert eng.table.history_ticks == season
+        for f in eng.process(batch).forecasts:
+            got[f.stream].append(f.values)
+        for f in ref.process(batch).forecasts:
+            base[f.stream].append(f.values)
+    for s, ks in ticks.items():
+        # the stream's ticks since its last reset, filled ticks linearly interpolated
+        segments: list[list[float]] = [[]]
+        origins: list[tuple[int, int]] = []  # (segment, index in it) of every reading
+        for i, k in enumerate(ks):
+            if i and k - ks[i - 1] > 4:
+                segments.append([])
+            elif i and k - ks[i - 1] > 1:
+                a, b, n = values[s][ks[i - 1]][0], values[s][k][0], k - ks[i - 1]
+                segments[-1] += [a + (b - a) * j / n for j in range(1, n)]
+            segments[-1].append(values[s][k][0])
+            origins.append((len(segments) - 1, len(segments[-1]) - 1))
+        want = []
+        for (seg, idx), b, k in zip(origins, base[s], ks, strict=True):
+            sea = seasonal_naive(segments[seg], season, 3)[idx]
+            last = values[s][k][0]
+            want.append(b + np.asarray(weights) * np.where(np.isnan(sea), 0.0, sea - last))
+        np.testing.assert_allclose(np.array(got[s]), np.array(want), rtol=0, atol=1e-9, err_msg=s)
+    # The blend changed forecasts once a season of history was there.
+    assert not np.allclose(np.array(got["b"][10:]), np.array(base["b"][10:]))
+
+
+def test_history_costs_nothing_for_a_model_without_the_blend_and_follows_a_model_change() -> None:
+    plain = engine_for(NumpyModel(make_manifest()))
+    assert plain.table.history_ticks == 0 and "history" not in plain.table.to_arrays()
+    plain.process([rd("s", 0, 1, 1)])
+    blended = NumpyModel(_blended(make_manifest(), 24, (0.0, 0.5, 1.0)))
+    assert plain.replace_model(blended)  # same layers and columns: state kept, a ring of 24 added
+    assert plain.table.history_ticks == 24 and plain.table.history.shape[0] == plain.table.allocated
+    per_stream = plain.table.nbytes() - engine_for(NumpyModel(make_manifest())).table.nbytes()
+    assert per_stream == 24 * 8 * plain.table.allocated

@@ -143,6 +143,16 @@ def test_runtime_info_line_only_at_debug_level(level: str) -> None:
         assert delegate == []
 
 
+def test_model_loads_with_stderr_closed() -> None:
+    """A daemon started with descriptor 2 closed (``2>&-``) still loads its model."""
+    script = "import os, sys\nos.close(2)\nsys.stderr = None\n" + LOAD_MODEL + "\nprint('loaded')"
+    r = subprocess.run(
+        [sys.executable, "-c", script, "INFO", str(ROOT / "models" / "taylor")],
+        capture_output=True, text=True, timeout=120, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert r.returncode == 0 and r.stdout.strip() == "loaded", r.stdout + r.stderr
+
+
 def test_other_native_output_passes_through(
     capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:

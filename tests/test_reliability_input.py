@@ -332,7 +332,7 @@ def test_overload_keeps_memory_capped_and_counts_every_reading(
     sent = json.loads(out.strip().splitlines()[-1])
     published = sent["readings"]
     processed_during = d.metric("edge_lstm_readings_total", outcome="processed")
-    outcomes = _drained(d, published, timeout=180)
+    outcomes = _drained(d, published, timeout=400)
     drain_s = time.monotonic() - t0
     peak = max(sampler.stop(), peak_rss_kib(d.pid))
     received = d.metric("edge_lstm_readings_received_total")
@@ -384,7 +384,7 @@ def test_stream_explosion_holds_the_table_at_capacity(
         capture_output=True, text=True, timeout=180, check=True,
     )  # fmt: skip
     assert json.loads(r.stdout.strip().splitlines()[-1])["readings"] == EXPLOSION_STREAMS
-    outcomes = _drained(d, EXPLOSION_STREAMS, timeout=120)
+    outcomes = _drained(d, EXPLOSION_STREAMS, timeout=400)  # all are processed: minutes on a loaded machine
     peak = max(sampler.stop(), peak_rss_kib(d.pid))
     processed = outcomes.get("processed", 0)
     evictions = d.metric("edge_lstm_stream_evictions_total")

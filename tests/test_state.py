@@ -163,3 +163,17 @@ def test_table_matches_an_lru_model(batches: list[list[int]], capacity: int) -> 
         assert len(set(rows.tolist())) == len(ids)
         assert all(t.row(s) == r for s, r in zip(ids, rows.tolist(), strict=True))
     assert t.evictions == evictions
+
+
+def test_the_seasonal_history_goes_through_a_checkpoint_file_and_resets() -> None:
+    from edge_lstm.checkpoint import decode_checkpoint, encode_checkpoint
+
+    t = StateTable((4,), 1, 10, history_ticks=6)
+    rows, _ = t.rows_for(["a", "b"])
+    t.history[rows] = np.arange(12.0).reshape(2, 6)
+    back = StateTable.from_arrays(decode_checkpoint(encode_checkpoint(t.to_arrays(), "0" * 64), "0" * 64), (4,), 1, 10)
+    assert back.history_ticks == 6
+    np.testing.assert_array_equal(back.history[back.row("b")], np.arange(6.0, 12.0))
+    t.reset(rows[:1])
+    assert np.isnan(t.history[rows[0]]).all() and not np.isnan(t.history[rows[1]]).any()
+    assert "history" not in StateTable((4,), 1, 10).to_arrays()  # a model without the blend stores none

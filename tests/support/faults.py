@@ -169,6 +169,16 @@ def render_report() -> str:
         f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d} on {platform.machine()} with "
         f"{os.cpu_count()} CPU(s), Python {platform.python_version()}.",
         "",
+        "**The delivery guarantee.** When the broker has received the daemon's acknowledgement (PUBACK) "
+        "of a QoS 1 reading, that reading's forecast has reached the broker and the reading is in the "
+        "daemon's journal on disk (synced, unless `state.journal_sync = false`): a SIGKILL, a power loss "
+        "or a broker outage at any moment cannot lose it, and after a restart the daemon's state is the "
+        "state an uninterrupted run would hold. A reading not yet acknowledged stays with the broker "
+        "(persistent session), which delivers it again; its forecast may then reach subscribers twice "
+        "(counted in `edge_lstm_forecasts_redelivered_total`), never zero times. The counters only count "
+        "what happened: a forecast is `published` once the broker acknowledged it. Scenario 9 below "
+        "measures this; docs/architecture.md (\"Delivery\") explains how.",
+        "",
         "| # | Scenario | Scaled |",
         "|---|---|---|",
     ]

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_lstm.engine import Engine
+from edge_lstm.features import seasonal_naive
 from edge_lstm.modelspec import load_model
 from edge_lstm.runtime import StepModel, load_step_model
 
@@ -47,12 +48,17 @@ def stream_forecasts(
     prev = s.prev.copy()
     v = np.asarray(values, np.float64).reshape(len(ts), -1)
     out = np.empty((len(ts), model.manifest.horizon))
+    # A model that blends in seasonal naive sees the target of every tick since the stream's start.
+    history = np.concatenate([s.extra.get("targets", np.zeros(0)), v[:, pipe.target_index]])
+    seasonal = None
+    if pipe.output.history_ticks:
+        seasonal = seasonal_naive(history, pipe.output.season_ticks, pipe.output.horizon)[s.ticks :]
     for i in range(len(ts)):
         x = pipe.encode(v[i : i + 1], prev, ts[i : i + 1])
         y, state = model.step(x, state)
-        out[i] = pipe.decode(y, v[i : i + 1, pipe.target_index])[0]
+        out[i] = pipe.decode(y, v[i : i + 1, pipe.target_index], None if seasonal is None else seasonal[i : i + 1])[0]
         prev = v[i : i + 1].copy()
-    return out, StreamState(state, prev, float(ts[-1]), s.ticks + len(ts))
+    return out, StreamState(state, prev, float(ts[-1]), s.ticks + len(ts), {"targets": history})
 
 
 def restore_as_daemon(state_dir: Path, config: dict, model: StepModel) -> tuple[Engine, int]:

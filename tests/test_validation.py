@@ -1,0 +1,130 @@
+"""Rolling-origin folds, the per-horizon blend towards persistence and seasonal naive, and its decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from converter.prepare import Split
+from converter.validation import Blend, OutOfSample, fit_blend, rolling_folds
+from edge_lstm.features import (
+    FeatureKind,
+    FeaturePipeline,
+    FeatureSpec,
+    OutputSpec,
+    seasonal_lags,
+    seasonal_naive,
+)
+
+
+def test_rolling_folds_move_the_origin_back_one_validation_block_each() -> None:
+    folds = rolling_folds(Split(0.7, 0.15), 3)
+    assert [round(f.train_frac, 6) for f in folds] == [0.4, 0.55, 0.7]
+    assert all(f.val_frac == 0.15 for f in folds)
+    # Folds that would train on too little of the series are left out; the last fold is the split itself.
+    assert [round(f.train_frac, 6) for f in rolling_folds(Split(0.5, 0.2), 4)] == [0.3, 0.5]
+    assert rolling_folds(Split(0.7, 0.15), 1) == [Split(0.7, 0.15)]
+
+
+def test_seasonal_lags_point_into_the_last_season() -> None:
+    assert seasonal_lags(4, 9).tolist() == [3, 2, 1, 0, 3, 2, 1, 0, 3]
+    assert seasonal_lags(1, 3).tolist() == [0, 0, 0]
+    lags = seasonal_lags(48, 16)
+    assert lags.min() >= 0 and lags.max() < 48
+
+
+def test_seasonal_naive_is_the_reading_one_season_before_the_forecast_tick() -> None:
+    y = np.arange(10.0) * 10
+    s = seasonal_naive(y, season=4, horizon=5)
+    # origin t=5, k=1 forecasts tick 6 with tick 2; k=5 forecasts tick 10 with tick 6 (= 10 - 4*ceil(5/4) + ... )
+    assert s[5, 0] == y[2] and s[5, 3] == y[5] and s[5, 4] == y[2]
+    assert np.isnan(s[0, 0]) and s[0, 3] == y[0] and np.isnan(s[2, 0]) and s[3, 0] == y[0]
+    for t in range(10):
+        for k in range(1, 6):
+            j = t + k - 4 * -(-k // 4)
+            assert (np.isnan(s[t, k - 1]) and j < 0) or s[t, k - 1] == y[j]
+
+
+def _pipeline(weights: tuple[float, ...] = (), season: int = 0) -> FeaturePipeline:
+    out = OutputSpec(target="v", horizon=3, scale=2.0, season_ticks=season, seasonal_weights=weights)
+    return FeaturePipeline(columns=("v",), features=(FeatureSpec("v_diff", FeatureKind.DIFF, "v"),), output=out)
+
+
+def test_decode_leans_on_seasonal_naive_by_its_weights_and_round_trips() -> None:
+    p = _pipeline((0.0, 0.5, 1.0), season=24)
+    y = np.array([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    s = np.array([[110.0, 120.0, 130.0], [np.nan, 90.0, np.nan]])
+    got = p.decode(y, [100.0, 100.0], s)
+    np.testing.assert_allclose(got, [[102.0, 112.0, 132.0], [100.0, 95.0, 100.0]])
+    # Without seasonal values (or weights) decoding is the plain delta decoding.
+    np.testing.assert_allclose(p.decode(y, [100.0, 100.0]), [[102.0] * 3, [100.0] * 3])
+    np.testing.assert_allclose(_pipeline().decode(y, [100.0, 100.0], s), [[102.0] * 3, [100.0] * 3])
+    back = FeaturePipeline.from_dict(p.to_dict())
+    assert back == p and back.output.history_ticks == 24
+    plain = _pipeline((0.0, 0.0, 0.0), season=24)
+    assert "seasonal_weights" not in plain.to_dict()["output"] and plain.output.history_ticks == 0
+    with pytest.raises(ValueError):
+        OutputSpec(target="v", horizon=3, season_ticks=24, seasonal_weights=(1.0,))
+
+
+def _oos(delta: np.ndarray, seasonal: np.ndarray, actual: np.ndarray, last: np.ndarray) -> OutOfSample:
+    return OutOfSample(last=[last], actual=[actual], delta=[delta], seasonal=[seasonal])
+
+
+def test_blend_takes_the_network_when_it_is_right_and_seasonal_naive_when_that_is() -> None:
+    rng = np.random.default_rng(0)
+    n = 400
+    last = rng.normal(100, 10, n)
+    change = rng.normal(0, 5, n)
+    seasonal = last + rng.normal(0, 5, n)
+    # The network knows the change: gain 1, no seasonal weight.
+    b = fit_blend(_oos(change, seasonal, last + change, last))
+    assert b.gains[0] == 1.0 and b.weights[0] == 0.0
+    # The network is noise and seasonal naive is right: weight 1, gain 0.
+    b = fit_blend(_oos(rng.normal(0, 5, n), seasonal, seasonal, last))
+    assert b.gains[0] == 0.0 and b.weights[0] == 1.0
+    # Both useless: persistence (0, 0).
+    b = fit_blend(_oos(rng.normal(0, 5, n), last + rng.normal(0, 5, n), last + rng.normal(0, 0.1, n), last))
+    assert b.gains[0] == 0.0 and b.weights[0] == 0.0
+    # seasonal=False never leans on seasonal naive.
+    assert fit_blend(_oos(rng.normal(0, 5, n), seasonal, seasonal, last), seasonal=False).weights[0] == 0.0
+
+
+def test_blend_is_never_worse_than_either_naive_forecast_on_the_data_it_is_fitted_on() -> None:
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        n = 200
+        last = rng.normal(0, 1, n)
+        actual = last + rng.normal(0, 1, n)
+        seasonal = actual + rng.normal(0, rng.uniform(0.2, 3), n)
+        oos = _oos(rng.normal(0, 1, n) + rng.uniform(0, 1) * (actual - last), seasonal, actual, last)
+        b = fit_blend(oos)
+        base = oos.baseline_mae()
+        assert oos.mae(b)[0] <= min(base["persistence"][0], base["seasonal_naive"][0]) + 1e-12
+        res = oos.residuals(b)[0]
+        np.testing.assert_allclose(res, actual - oos.forecasts(b)[0])
+    ident = Blend.identity(1)
+    assert oos.forecasts(ident)[0] == pytest.approx(last + oos.delta[0])
+
+
+def test_out_of_sample_pools_folds_per_horizon() -> None:
+    a = OutOfSample([np.ones(2)] * 2, [np.ones(2)] * 2, [np.zeros(2)] * 2, [np.ones(2)] * 2)
+    b = OutOfSample([np.ones(3)] * 2, [np.ones(3)] * 2, [np.zeros(3)] * 2, [np.ones(3)] * 2)
+    pooled = OutOfSample.concat([a, b])
+    assert pooled.counts == [5, 5] and pooled.horizon == 2
+
+
+def test_a_ring_of_one_season_gives_the_same_seasonal_naive_as_the_whole_history() -> None:
+    from edge_lstm.features import record_history, seasonal_from_history
+
+    rng = np.random.default_rng(3)
+    for season, horizon in ((1, 3), (4, 9), (24, 6), (7, 7)):
+        streams = [rng.normal(size=int(n)) for n in rng.integers(1, 60, size=3)]
+        ring = np.full((3, season), np.nan)
+        for i in range(max(len(s) for s in streams)):
+            rows = np.array([r for r, s in enumerate(streams) if i < len(s)])
+            record_history(ring, rows, np.full(rows.size, i), [streams[r][i] for r in rows])
+            got = seasonal_from_history(ring, rows, np.full(rows.size, i), horizon)
+            for j, r in enumerate(rows):
+                want = seasonal_naive(streams[r][: i + 1], season, horizon)[i]
+                np.testing.assert_array_equal(got[j], want)
