@@ -17,6 +17,7 @@ INTERPRETATION = Path(__file__).resolve().parent / "interpretation.md"
 BATCH_TARGET = 64
 BEFORE = "before"  # subdirectory of the results with an older revision's (python -m bench.against)
 NOSYNC = "nosync"  # subdirectory: ceiling and daemon run with --set state.journal_sync=false
+CEILING_TARGET = 0.9  # the daemon's sustained rate over the paho echo's, at every stream count
 NAIVE_TARGET = 1.4  # the daemon's sustained rate over the naive script's, at 100 and 10,000 streams
 
 
@@ -97,9 +98,9 @@ def _targets(docs: dict[str, dict[str, Any]]) -> list[str]:
         ratio = v.get("ratio_to_ceiling")
         rows.append(
             [
-                f"daemon ≥ 80 % of the ceiling ({_streams(s)})",
+                f"daemon ≥ {CEILING_TARGET * 100:.0f} % of the ceiling ({_streams(s)})",
                 _f(ratio * 100 if ratio else None, 0, " %"),
-                _ok(ratio is not None and ratio >= 0.8),
+                _ok(ratio is not None and ratio >= CEILING_TARGET),
             ]
         )
     nv = docs.get("naive", {}).get("results", {}).get("streams", {})
