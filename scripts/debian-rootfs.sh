@@ -4,7 +4,8 @@
 #
 # The tree holds what a Raspberry Pi OS install of edge-lstm has: Python 3.11 with venv support,
 # Mosquitto and (on the host's own architecture, where the tree is booted) systemd as init. It is built once and reused while the package list below
-# and the Debian suite stay the same (DEST/.edge-lstm-rootfs records both). A foreign ARCH is
+# and the Debian suite stay the same (DEST/.edge-lstm-rootfs records both); packages added to
+# the list are installed into the existing tree (minutes) rather than rebuilding it. A foreign ARCH is
 # built with qemu-user-static: the second debootstrap stage then runs emulated (about 14 min
 # for arm64 on two cores, against about 2 min natively).
 set -euo pipefail
