@@ -165,10 +165,13 @@ def markdown(results: dict[str, Any]) -> str:
         elif sar:
             not_sarima.append(f"{name} ({_fmt(m['model'][0])} vs {_fmt(sar[0])})")
     worst = max(max(r["ratio_best_naive"]) for r in results.values())
+    missing = [s.name for s in SERIES if s.name not in results]
     lines += [
         "",
         "## Summary",
         "",
+        *([f"* **Not measured yet** (run `python -m converter.accuracy --only {','.join(missing)}`): "
+           + ", ".join(missing) + "."] if missing else []),
         f"* Worst ratio to the better naive forecast over every series and horizon: **{worst:.3f}**.",
         "* Ratios above 1.00: " + (", ".join(above) if above else "none") + ".",
         f"* The model beats SARIMA one tick ahead on **{beats_sarima} of {len(results)}** series; "
