@@ -40,6 +40,7 @@ class Bench(str, enum.Enum):
     MODEL = "model"
     PIPELINE = "pipeline"  # the daemon's own code per reading, in-process (no broker)
     CEILING = "ceiling"
+    NAIVE = "naive"  # the script a user would write: one LiteRT invoke per message (bench/naive.py)
     DAEMON = "daemon"
     CPU = "cpu"  # CPU per reading at a fixed rate, daemon and ceiling (the steadiest comparison)
     LATENCY = "latency"
@@ -166,6 +167,10 @@ class Session:
         """A new ceiling republisher (the caller closes it)."""
         return systems.Ceiling(self.broker, self.qos, self.protocol)
 
+    def naive(self) -> systems.Naive:
+        """A new naive script (the caller closes it)."""
+        return systems.Naive(self.broker, self.qos, self.protocol)
+
     def load(self, sut: System) -> Load:
         """A load generator and receiver for ``sut``, on this run's broker, protocol and series."""
         from bench.mqttload import Load
@@ -244,12 +249,18 @@ def main(argv: list[str] | None = None) -> int:
             from bench import pipeline
 
             results.write(out, "pipeline", run, pipeline.run(quick=args.quick))
-        if Bench.CEILING in names or Bench.DAEMON in names:
-            found = _throughput(s, streams, args.quick, args.repeat, daemon=Bench.DAEMON in names)
+        naive_doc: dict[str, Any] | None = None
+        if Bench.CEILING in names or Bench.DAEMON in names or Bench.NAIVE in names:
+            found = _throughput(
+                s, streams, args.quick, args.repeat, daemon=Bench.DAEMON in names, naive=Bench.NAIVE in names
+            )
             results.write(out, "ceiling", run, found["ceiling"])
             if "daemon" in found:
                 daemon_doc = {"results": found["daemon"]}
                 results.write(out, "daemon", run, found["daemon"])
+            if "naive" in found:
+                naive_doc = {"results": found["naive"]}
+                results.write(out, "naive", run, found["naive"])
         if Bench.CPU in names:
             results.write(out, "cpu", run, _cpu(s, args.quick))
         if Bench.LATENCY in names or Bench.PROFILE in names or Bench.FOOTPRINT in names:
@@ -260,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
                 _LOG.info("latency needs the sustained maximum: running the daemon search first")
                 daemon_doc = {"results": _daemon_only(s, streams, args.quick, args.repeat)}
                 sustained = _sustained(daemon_doc)
-            res = _latency(s, {k: v for k, v in sustained.items() if k in streams}, args.quick)
+            naive_doc = naive_doc or results.read(out, "naive")  # measured when this run or an earlier one has it
+            naive_max = {k: v for k, v in _sustained(naive_doc).items() if k in streams}
+            res = _latency(s, {k: v for k, v in sustained.items() if k in streams}, args.quick, naive_max)
             results.write(out, "latency", run, res)
         if Bench.PROFILE in names:
             if args.quick:
@@ -280,11 +293,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 CEILING_SYSTEM = "minimal paho republisher (bench/ceiling.py)"
+NAIVE_SYSTEM = "naive script: one LiteRT invoke per message, batch 1 (bench/naive.py)"
 DAEMON_SYSTEM = "edge-lstm run, bundled model (1x64, K=16, dynamic)"
 
 
-def _throughput(s: Session, streams: tuple[int, ...], quick: bool, repeat: int, *, daemon: bool) -> dict[str, Any]:
-    """The ceiling's (and, with ``daemon``, the daemon's) searches, alternating when repeated."""
+def _throughput(
+    s: Session, streams: tuple[int, ...], quick: bool, repeat: int, *, daemon: bool, naive: bool = False
+) -> dict[str, Any]:
+    """The ceiling's (and the daemon's, the naive script's) searches, alternating when repeated."""
     from bench import throughput
 
     def ceiling_start(_s: int, _r: int, _so_far: dict[str, list[float | None]]) -> float | None:
@@ -294,27 +310,43 @@ def _throughput(s: Session, streams: tuple[int, ...], quick: bool, repeat: int, 
         c = so_far["ceiling"][r]  # the ceiling's search just before, in the same repeat
         return None if quick or not c else max(200.0, round(c * 0.4, -1))
 
-    ceiling = s.ceiling()
-    try:
-        with contextlib.ExitStack() as stack:
-            contenders = [throughput.Contender(ceiling, stack.enter_context(s.load(ceiling)), ceiling_start)]
-            if daemon:
-                d = s.daemon()
-                contenders.append(throughput.Contender(d, stack.enter_context(s.load(d)), daemon_start))
-            found = throughput.measure(contenders, streams, quick=quick, repeat=repeat)
-    finally:
-        ceiling.close()
-    seen = _client_protocols(s, daemon=daemon)
+    def naive_start(_s: int, r: int, so_far: dict[str, list[float | None]]) -> float | None:
+        c = so_far["ceiling"][r]
+        return None if quick or not c else max(200.0, round(c * 0.3, -1))
+
+    with contextlib.ExitStack() as stack:
+        ceiling = s.ceiling()
+        stack.callback(ceiling.close)
+        contenders = [throughput.Contender(ceiling, stack.enter_context(s.load(ceiling)), ceiling_start)]
+        if daemon:
+            d = s.daemon()
+            contenders.append(throughput.Contender(d, stack.enter_context(s.load(d)), daemon_start))
+        if naive:
+            n = s.naive()
+            stack.callback(n.close)
+            contenders.append(throughput.Contender(n, stack.enter_context(s.load(n)), naive_start))
+        found = throughput.measure(contenders, streams, quick=quick, repeat=repeat)
+    seen = _client_protocols(s, daemon=daemon, naive=naive)
     out: dict[str, Any] = {"ceiling": {"system": CEILING_SYSTEM, "client_protocols": seen, "streams": found["ceiling"]}}
+    if naive:
+        out["naive"] = {
+            "system": NAIVE_SYSTEM,
+            "client_protocols": seen,
+            "streams": _ratios(found["naive"], found["ceiling"], "ceiling"),
+        }
+        if daemon:
+            _ratios(found["daemon"], found["naive"], "naive")
     if daemon:
         out["daemon"] = _daemon_results(found["daemon"], found["ceiling"], s.daemon().process.config)
         out["daemon"]["client_protocols"] = seen
     return out
 
 
-def _client_protocols(s: Session, *, daemon: bool) -> dict[str, list[str]]:
+def _client_protocols(s: Session, *, daemon: bool, naive: bool = False) -> dict[str, list[str]]:
     """The MQTT versions the broker saw each client connect with so far (warns when not the asked one)."""
     roles = {"bench-gen-": "generator", "bench-recv-": "receiver", "bench-ceiling-": "ceiling"}
+    if naive:
+        roles["bench-naive-"] = "naive"
     if daemon:
         roles[s.daemon().process.client_id] = "daemon"
     seen = systems.client_protocols(s.broker, roles)
@@ -337,14 +369,20 @@ def _daemon_only(s: Session, streams: tuple[int, ...], quick: bool, repeat: int)
 
 def _daemon_results(found: dict[str, Any], ceiling: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """The daemon's search results with the ratio to the ceiling (medians, and per repeat)."""
+    return {"system": DAEMON_SYSTEM, "config": config, "streams": _ratios(found, ceiling, "ceiling")}
+
+
+def _ratios(found: dict[str, Any], other: dict[str, Any], name: str) -> dict[str, Any]:
+    """Adds ``{name}_sustained_rate``, ``ratio_to_{name}`` (of the medians) and ``ratio_to_{name}_per_repeat``
+    (of the searches run one after the other) to each stream count's result in ``found``."""
     for k, v in found.items():
-        cv = ceiling.get(k, {})
-        c = cv.get("sustained_rate")
-        v["ceiling_sustained_rate"] = c
-        v["ratio_to_ceiling"] = (v["sustained_rate"] / c) if c and v["sustained_rate"] else None
-        pairs = zip(v["sustained_rates"], cv.get("sustained_rates", []), strict=False)
-        v["ratio_to_ceiling_per_repeat"] = [(dr / cr) if dr and cr else None for dr, cr in pairs]
-    return {"system": DAEMON_SYSTEM, "config": config, "streams": found}
+        ov = other.get(k, {})
+        o = ov.get("sustained_rate")
+        v[f"{name}_sustained_rate"] = o
+        v[f"ratio_to_{name}"] = (v["sustained_rate"] / o) if o and v["sustained_rate"] else None
+        pairs = zip(v["sustained_rates"], ov.get("sustained_rates", []), strict=False)
+        v[f"ratio_to_{name}_per_repeat"] = [(a / b) if a and b else None for a, b in pairs]
+    return found
 
 
 def _cpu(s: Session, quick: bool) -> dict[str, Any]:
@@ -359,7 +397,9 @@ def _cpu(s: Session, quick: bool) -> dict[str, Any]:
         ceiling.close()
 
 
-def _latency(s: Session, sustained: dict[int, float], quick: bool) -> dict[str, Any]:
+def _latency(
+    s: Session, sustained: dict[int, float], quick: bool, naive_max: dict[int, float] | None = None
+) -> dict[str, Any]:
     from bench import latency
 
     d = s.daemon()
@@ -371,7 +411,15 @@ def _latency(s: Session, sustained: dict[int, float], quick: bool) -> dict[str, 
             ceiling_res = latency.run(load, ceiling, sustained, quick=quick, levels=(0.5,))
     finally:
         ceiling.close()
-    return {"daemon": daemon_res, "ceiling_at_daemon_rates": ceiling_res}
+    res = {"daemon": daemon_res, "ceiling_at_daemon_rates": ceiling_res}
+    if naive_max:  # at half of its own maximum: the daemon's half may be more than it sustains
+        naive = s.naive()
+        try:
+            with s.load(naive) as load:
+                res["naive"] = latency.run(load, naive, naive_max, quick=quick, levels=(0.5,))
+        finally:
+            naive.close()
+    return res
 
 
 def _profile(s: Session, out: Path, rate: float, streams: int = 100, seconds: int = 8) -> dict[str, Any]:

@@ -174,7 +174,7 @@ class _Recorder:
     def on_message(self, _c: Any, _u: Any, msg: Any) -> None:
         now = time.monotonic()
         body: bytes = msg.payload
-        stream = msg.topic.rsplit("/", 1)[-1] if msg.topic.startswith(("forecasts/", "ceiling/")) else ""
+        stream = msg.topic.rsplit("/", 1)[-1] if msg.topic.startswith(("forecasts/", "ceiling/", "naive/")) else ""
         i = body.find(b'"ts_epoch":')
         if i >= 0:
             i += 11

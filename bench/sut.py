@@ -1,4 +1,4 @@
-"""The systems under test: the ceiling republisher and the daemon, each in its own process.
+"""The systems under test: the ceiling republisher, the naive script and the daemon, each in its own process.
 
 The broker and the daemon process reuse the test suite's helpers (``tests/support``): a private
 Mosquitto on a free loopback port and ``edge-lstm run`` with a generated configuration.
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench import ceiling
+from bench import ceiling, naive
 from bench.mqttload import IN_ROOT
 from edge_lstm.config import MqttProtocol
 from tests.support.broker import Broker
@@ -55,12 +55,13 @@ def start_broker(workdir: Path) -> Broker:
     ).start()
 
 
-class Ceiling:
-    """``python -m bench.ceiling`` in a subprocess."""
+class Script:
+    """A one-file MQTT client run as ``python -m MODULE HOST PORT QOS PROTOCOL IN_ROOT`` in a subprocess."""
 
-    out_filter = ceiling.OUT_FILTER
-    in_root = ceiling.IN_ROOT
-    name = "ceiling"
+    module = ""
+    out_filter = ""
+    in_root = ""
+    name = ""
 
     def __init__(self, broker: Broker, qos: int, protocol: MqttProtocol = MqttProtocol.V5) -> None:
         self.protocol = protocol
@@ -68,7 +69,7 @@ class Ceiling:
             [
                 sys.executable,
                 "-m",
-                "bench.ceiling",
+                self.module,
                 broker.host,
                 str(broker.port),
                 str(qos),
@@ -83,7 +84,7 @@ class Ceiling:
         line = self.proc.stdout.readline().strip()
         if line != "ready":
             self.close()
-            raise RuntimeError(f"ceiling republisher did not start (said {line!r})")
+            raise RuntimeError(f"{self.name} ({self.module}) did not start (said {line!r})")
         self._pid = self.proc.pid
 
     @property
@@ -101,6 +102,24 @@ class Ceiling:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class Ceiling(Script):
+    """``python -m bench.ceiling``: the paho echo, no model."""
+
+    module = "bench.ceiling"
+    out_filter = ceiling.OUT_FILTER
+    in_root = ceiling.IN_ROOT
+    name = "ceiling"
+
+
+class Naive(Script):
+    """``python -m bench.naive``: one LiteRT invoke per message, the script a user would write."""
+
+    module = "bench.naive"
+    out_filter = naive.OUT_FILTER
+    in_root = naive.IN_ROOT
+    name = "naive"
 
 
 def daemon_overrides(

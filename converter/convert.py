@@ -42,7 +42,15 @@ from converter.prepare import (
     season_ticks,
     training_windows,
 )
-from converter.validation import Blend, OutOfSample, fit_blend, out_of_sample, rolling_folds
+from converter.validation import (
+    Blend,
+    OutOfSample,
+    blend_cost,
+    fit_blend,
+    naive_costs,
+    out_of_sample,
+    rolling_folds,
+)
 from edge_lstm.features import FeaturePipeline, seasonal_naive
 from edge_lstm.intervals import DEFAULT_LEVELS, Intervals
 from edge_lstm.modelspec import MODEL_NAME, Manifest, ModelError, Quantization, load_manifest
@@ -316,15 +324,16 @@ def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> Train
         seed=cfg.seed,
     )
     # Seeds compete on the last fold (the split the shipped model trains on); the winner is then trained
-    # on the earlier folds too, and the blend is fitted on the out-of-sample forecasts of every fold.
+    # on the earlier folds too, and the blend is fitted fold by fold on the out-of-sample forecasts of every fold.
     last = folds[-1]
     seeds = [cfg.seed + i for i in range(cfg.candidates)]
     cands = [_candidate(last, pipeline, cfg, dataclasses.replace(fit_cfg, seed=s)) for s in seeds]
     best = min(cands, key=lambda c: (c.score if math.isfinite(c.score) else math.inf, c.seed))
     fitted = best.fit
     earlier = [_fold_forecasts(f, pipeline, cfg, dataclasses.replace(fit_cfg, seed=best.seed)) for f in folds[:-1]]
-    oos = OutOfSample.concat([*(o for o, _ in earlier), best.oos])
-    blend = fit_blend(oos, seasonal=cfg.seasonal_blend)
+    per_fold = [*(o for o, _ in earlier), best.oos]
+    oos = OutOfSample.concat(per_fold)
+    blend = fit_blend(per_fold, seasonal=cfg.seasonal_blend)
     fold_epochs = [e for _, e in earlier] + [fitted.epochs_run]
     _LOG.info("candidates (seed: last-fold validation MAE / persistence) %s; seed %d ships",
               [(c.seed, round(c.score, 4)) for c in cands], best.seed)  # fmt: skip
@@ -407,6 +416,8 @@ def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> Train
             "folds": [{"train": f.split.train_frac, "val": f.split.val_frac} for f in folds],
             "pairs": oos.counts,
             "mae": {"model": oos.mae(blend), "model_unblended": oos.mae(), **oos.baseline_mae()},
+            # What the blend was chosen on: median over folds of capped MAE / the fold's better naive.
+            "blend_cost": {"model": blend_cost(per_fold, blend), **naive_costs(per_fold)},
             "candidates": [{"seed": c.seed, "score": c.score, "epochs": c.fit.epochs_run} for c in cands],
             "fold_epochs": fold_epochs,
             "seed": best.seed,

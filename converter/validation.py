@@ -13,7 +13,8 @@ block::
 
 Every validation forecast comes from a model that never saw that block, so the
 pooled :class:`OutOfSample` forecasts are honest out-of-sample errors: the
-per-horizon blend is fitted on them, candidates are compared on them, and
+per-horizon blend is fitted on them fold by fold (:func:`fit_blend`, so that one
+anomalous block cannot decide it), candidates are compared on them, and
 their residuals (:meth:`OutOfSample.residuals`) are what interval calibration
 can use.
 """
@@ -138,35 +139,99 @@ class Blend:
 BLEND_GRID = np.linspace(0.0, 1.0, 41)
 
 
-def fit_blend(oos: OutOfSample, grid: npt.NDArray[np.float64] = BLEND_GRID, seasonal: bool = True) -> Blend:
-    """Per horizon, the (gain, weight) on the grid with the least out-of-sample absolute error.
+def fit_blend(
+    oos: OutOfSample | Sequence[OutOfSample], grid: npt.NDArray[np.float64] = BLEND_GRID, seasonal: bool = True
+) -> Blend:
+    """Per horizon, the (gain, weight) on the grid that does best relative to naive, fold by fold.
 
-    The grid holds persistence (0, 0) and seasonal naive (0, 1), so on the pooled
-    validation forecasts the blend is never worse than either.  Ties go to the
-    smaller coefficients (the simpler forecast).  ``seasonal=False`` fixes every
-    weight at 0.
+    ``oos`` is one :class:`OutOfSample` per fold (or a single one, taken as one
+    fold).  A candidate's cost at a horizon is the median over folds of its
+    capped MAE in that fold (:func:`_fold_costs`) divided by the better naive
+    capped MAE (persistence or seasonal naive) in that fold.  With the plain MAE
+    pooled over folds, the pairs on one anomaly (a maintenance drop that
+    seasonal naive repeats a season later) outweighed everything else; capped,
+    scaled per fold and taken as a median, an anomalous block counts as one vote
+    and its outlying pairs as a bounded error each.
+
+    The grid holds persistence (0, 0) and seasonal naive (0, 1), so on this cost
+    the blend is never worse than either.  Ties go to the smaller coefficients
+    (the simpler forecast).  ``seasonal=False`` fixes every weight at 0.  A
+    horizon without a fold of at least 2 pairs keeps gain 1, weight 0.
     """
-    k_max = oos.horizon
+    parts = [oos] if isinstance(oos, OutOfSample) else list(oos)
+    if not parts:
+        raise ValueError("no out-of-sample forecasts to fit the blend on")
+    k_max = parts[0].horizon
     gains = np.ones(k_max, np.float32)
     weights = np.zeros(k_max, np.float32)
     w_grid = grid if seasonal else np.zeros(1)
     for k in range(k_max):
-        n = oos.actual[k].shape[0]
-        if n < 2:
+        ratios = [r for r in (_fold_costs(p, k, grid, w_grid) for p in parts) if r is not None]
+        if not ratios:
             continue
-        err = oos.actual[k] - oos.last[k]
-        lean = np.where(np.isnan(oos.seasonal[k]), 0.0, oos.seasonal[k] - oos.last[k])
-        d = oos.delta[k]
+        cost = np.median(np.stack(ratios), axis=0)  # [W, G]
         best = (math.inf, 0.0, 0.0)
-        for w in w_grid:
-            rest = err - w * lean  # [n]
-            # all gains at once: [G, n]
-            cost = np.mean(np.abs(rest[None, :] - grid[:, None] * d[None, :]), axis=1)
-            i = int(np.argmin(cost))
-            if cost[i] < best[0] - 1e-12:
-                best = (float(cost[i]), float(grid[i]), float(w))
+        for iw, w in enumerate(w_grid):
+            i = int(np.argmin(cost[iw]))
+            if cost[iw, i] < best[0] - 1e-12:
+                best = (float(cost[iw, i]), float(grid[i]), float(w))
         gains[k], weights[k] = best[1], best[2]
     return Blend(gains=gains, weights=weights)
+
+
+def blend_cost(oos: OutOfSample | Sequence[OutOfSample], blend: Blend) -> list[float]:
+    """Per horizon, the cost :func:`fit_blend` minimises, of one blend (NaN where no fold counts)."""
+    parts = [oos] if isinstance(oos, OutOfSample) else list(oos)
+    out = []
+    for k in range(blend.gains.shape[0]):
+        g, w = np.array([float(blend.gains[k])]), np.array([float(blend.weights[k])])
+        ratios = [r for r in (_fold_costs(p, k, g, w) for p in parts) if r is not None]
+        out.append(float(np.median([r[0, 0] for r in ratios])) if ratios else math.nan)
+    return out
+
+
+def naive_costs(oos: OutOfSample | Sequence[OutOfSample]) -> dict[str, list[float]]:
+    """:func:`blend_cost` of persistence and of seasonal naive."""
+    parts = [oos] if isinstance(oos, OutOfSample) else list(oos)
+    k = parts[0].horizon
+    zero, one = np.zeros(k, np.float32), np.ones(k, np.float32)
+    return {"persistence": blend_cost(parts, Blend(zero, zero)), "seasonal_naive": blend_cost(parts, Blend(zero, one))}
+
+
+# A pair's absolute error counts at most this many typical naive errors of its fold and horizon.
+ERROR_CAP = 5.0
+
+
+def _fold_costs(
+    part: OutOfSample, k: int, grid: npt.NDArray[np.float64], w_grid: npt.NDArray[np.float64]
+) -> F64 | None:
+    """Capped MAE / better naive capped MAE of every (weight, gain) on one fold at horizon index ``k``: ``[W, G]``.
+
+    Each pair's absolute error is capped at ``ERROR_CAP`` times the fold's typical
+    naive error (the smaller median absolute error of persistence and seasonal
+    naive), so a few pairs on an anomaly weigh like a few bad forecasts, not like
+    the whole fold.
+    """
+    n = part.actual[k].shape[0]
+    if n < 2:
+        return None
+    err = part.actual[k] - part.last[k]
+    lean = np.where(np.isnan(part.seasonal[k]), 0.0, part.seasonal[k] - part.last[k])
+    naive_abs = (np.abs(err), np.abs(err - lean))
+    typical = min(float(np.median(a)) for a in naive_abs) or min(float(np.mean(a)) for a in naive_abs)
+    if not math.isfinite(typical):
+        return None
+    # A naive forecast that is exact on this fold: plain MAE, so only exact candidates cost nothing here.
+    cap = ERROR_CAP * typical if typical > 0 else math.inf
+    naive = min(float(np.mean(np.minimum(a, cap))) for a in naive_abs)
+    scale = naive if naive > 0 else 1.0
+    d = part.delta[k]
+    rows = []
+    for w in w_grid:
+        rest = err - w * lean  # [n]
+        # all gains at once: [G, n]
+        rows.append(np.mean(np.minimum(np.abs(rest[None, :] - grid[:, None] * d[None, :]), cap), axis=1))
+    return np.stack(rows) / scale
 
 
 def out_of_sample(pairs: Pairs, preds: Sequence[F32], pipeline: FeaturePipeline) -> OutOfSample:

@@ -15,6 +15,7 @@ Threads:
                   acknowledgements, journal, checkpoints and watchdog pings
 main thread       waits for signals: SIGTERM/SIGINT stop, SIGHUP loads the model
                   file again and hands it to the loop, which swaps it in
+``journal-sync``  syncs the journal to disk and wakes ``serve`` (which acknowledges)
 ``metrics-http``  serves ``/metrics``
 
 The path from socket to forecast is in ``edge_lstm/pipeline.py``.

@@ -18,11 +18,13 @@ One file, ``journal.wal`` in the state directory::
     body of a digest record   b"D", seq u64, mid u16, digest u32: a message that an older checkpoint
                               already holds, kept only so that its redelivery is recognised
 
-All integers big-endian.  Records are appended in groups, one ``fsync`` per
-group (group commit).  A torn or corrupt tail (a crash during a write) ends the
-journal: it is cut off when the file is opened again.  After each checkpoint
-the journal starts afresh (a new file renamed over the old one), carrying the
-digests of the most recent messages.
+All integers big-endian.  Records are appended in groups, one ``write`` per
+group (group commit); a sync thread runs ``fdatasync`` and reports how far the
+file is on disk, so that the owner's loop never waits for the disk.  A torn or
+corrupt tail (a crash during a write) ends the journal: it is cut off when the
+file is opened again.  After each checkpoint the journal starts afresh (a new
+file renamed over the old one), carrying the digests of the most recent
+messages.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ import dataclasses
 import logging
 import os
 import struct
+import threading
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from edge_lstm.checkpoint import fsync_dir
@@ -70,6 +73,10 @@ class Record:
     @classmethod
     def message(cls, seq: int, mid: int, qos: int, arrival: float, topic: str, payload: bytes) -> Record:
         return cls(seq, mid, qos, arrival, topic, payload, message_digest(topic, payload))
+
+    def digest_only(self) -> Record:
+        """The same message without its body: what is kept to recognise its redelivery."""
+        return Record(self.seq, self.mid, self.qos, 0.0, "", None, self.digest)
 
     def encode(self) -> bytes:
         if self.payload is None:
@@ -161,6 +168,17 @@ class Journal:
         self.records = 0  # records on disk since the last reset
         self.commits = 0  # cumulative group commits (each one write and one sync)
         self.reopened = 0  # times the file was found missing and started anew
+        # Bytes ever written and bytes known to be on disk (across resets): what was written up to
+        # `synced` survives a power loss.  A sync thread (start_syncing) moves `synced` on, so that the
+        # owner's loop never waits for the disk.
+        self.written = 0
+        self.synced = 0
+        self.sync_error: OSError | None = None
+        self._cond = threading.Condition()
+        self._want = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._on_synced: Callable[[], None] | None = None
 
     @property
     def path(self) -> Path:
@@ -195,9 +213,11 @@ class Journal:
         return len(self._buf)
 
     def commit(self) -> int:
-        """Write the appended records and sync them; returns the bytes written.
+        """Write the appended records; returns the bytes written.  :attr:`synced` says when they are on disk.
 
-        Raises ``OSError`` (the records stay buffered, so a later commit retries them).
+        Without a sync thread the records are synced here; with one, the
+        thread syncs them and calls ``on_synced``.  Raises ``OSError`` (the
+        records stay buffered, so a later commit retries them).
         """
         if not self._buf:
             return 0
@@ -213,7 +233,7 @@ class Journal:
         data = b"".join(self._buf)
         try:
             _write_all(fd, data)
-            if self.sync:
+            if self.sync and self._thread is None:
                 os.fdatasync(fd)
         except OSError:
             # A partial write leaves a torn record that would end the journal: cut it off again.
@@ -226,7 +246,62 @@ class Journal:
         self._buf.clear()
         self.size += len(data)
         self.commits += 1
+        self.written += len(data)
+        if not self.sync or self._thread is None:
+            self.synced = self.written
+        else:
+            with self._cond:
+                self._want = self.written
+                self._cond.notify()
         return len(data)
+
+    # -- the sync thread --------------------------------------------------------------------------
+
+    def start_syncing(self, on_synced: Callable[[], None]) -> None:
+        """Sync in a thread of its own (``journal-sync``); ``on_synced`` is called after each sync."""
+        if not self.sync or self._thread is not None:
+            return
+        self._on_synced = on_synced
+        self._stopping = False
+        self._thread = threading.Thread(target=self._sync_loop, name="journal-sync", daemon=True)
+        self._thread.start()
+
+    def _sync_loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._want <= self.synced and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and self._want <= self.synced:
+                    return
+                target = self._want
+            try:
+                # fdatasync flushes the file's data whatever descriptor asks; a read-only one keeps no
+                # file open for writing (the disk can still be remounted).
+                fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                self.sync_error = e
+                with self._cond:
+                    self._cond.wait(0.5)  # the disk is in trouble: try again shortly
+            else:
+                self.sync_error = None
+                with self._cond:
+                    self.synced = max(self.synced, target)
+            if self._on_synced is not None:
+                self._on_synced()
+
+    def stop_syncing(self, timeout: float = 10.0) -> None:
+        """Finish the syncs asked for, then end the thread."""
+        if self._thread is None:
+            return
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        self._thread = None
 
     def reset(self, carry: Iterable[Record], fingerprint: str | None = None, *, keep_pending: bool = False) -> None:
         """Start a new journal holding only ``carry`` (as digest records), atomically replacing the old one.
@@ -237,7 +312,7 @@ class Journal:
         if fingerprint is not None:
             self.fingerprint = fingerprint
         self.directory.mkdir(parents=True, exist_ok=True)
-        kept = [Record(r.seq, r.mid, r.qos, 0.0, "", None, r.digest).encode() for r in carry if r.qos > 0]
+        kept = [r.digest_only().encode() for r in carry if r.qos > 0]
         data = self._header() + b"".join(kept)
         tmp = self.directory / f".{JOURNAL_NAME}.tmp"
         try:
@@ -257,6 +332,8 @@ class Journal:
             fsync_dir(self.directory)
         self.size = len(data)
         self.records = len(kept)
+        with self._cond:
+            self.synced = self.written  # what the old file held is in the checkpoint (or lost with the file)
         if not keep_pending:
             self._buf.clear()
 

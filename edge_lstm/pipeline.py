@@ -133,7 +133,9 @@ class Pipeline:
         self.enqueued = 0  # readings ever put in the queue
         self.taken = 0  # readings ever taken from it into a batch
         self.settled = 0  # readings whose batches are settled, in order
-        self._to_ack: list[_Message] = []  # journaled, waiting for the journal's commit
+        self._to_ack: list[_Message] = []  # settled, waiting for the journal's write
+        # written to the journal, waiting for its sync: (journal bytes written after them, the messages)
+        self._syncing: collections.deque[tuple[int, list[_Message]]] = collections.deque()
         self._window: dict[int, _Message] = {}  # unacknowledged QoS 1 messages by packet id
         self._digest = array.array("q", [-1]) * MID_SPACE  # CRC of the last message seen with each packet id
         self._recent: collections.deque[Record] = collections.deque(maxlen=CARRY_DIGESTS)
@@ -164,7 +166,7 @@ class Pipeline:
             self.seq = max(self.seq, r.seq)
             if r.qos > 0:
                 self._remember(r.mid, r.digest)
-            self._recent.append(r)
+            self._recent.append(r.digest_only())
         return replay_journal(records, after, self.engine, self.decoder, self._route)
 
     def _remember(self, mid: int, digest: int) -> None:
@@ -308,7 +310,10 @@ class Pipeline:
     # -- settle, journal, acknowledge -----------------------------------------------------------
 
     def commit(self) -> int:
-        """Journal the settled messages (one group commit) and acknowledge them in order; returns how many."""
+        """Write the settled messages to the journal (one group commit); acknowledge, in order, those on disk.
+
+        Returns how many messages were acknowledged (or settled without one, for QoS 0).
+        """
         batches = self.batches
         while batches and batches[0].outstanding <= 0:
             self.settled = batches.popleft().end
@@ -319,27 +324,33 @@ class Pipeline:
                 self.seq += 1
                 rec = Record(self.seq, m.mid, m.qos, m.arrival, m.topic, m.payload, m.digest)
                 journal.append(rec)
-                self._recent.append(rec)
+                self._recent.append(rec.digest_only())
             to_ack.append(m)
-        if not to_ack:
-            return 0
-        try:
-            written = journal.commit()
-        except OSError as e:
+        if to_ack:
+            try:
+                written = journal.commit()
+            except OSError as e:
+                self.metrics.journal_failures.inc()
+                self._log_error(f"writing the journal ({e.strerror or e}); acknowledgements wait", exc=False)
+                return 0
+            if written:
+                self.metrics.journal_commits.inc()
+                self.metrics.journal_bytes.inc(written)
+            self._syncing.append((journal.written, to_ack))
+            self._to_ack = []
+        if journal.sync_error is not None and self._syncing:
             self.metrics.journal_failures.inc()
-            self._log_error(f"writing the journal ({e.strerror or e}); acknowledgements wait", exc=False)
-            return 0
-        if written:
-            self.metrics.journal_commits.inc()
-            self.metrics.journal_bytes.inc(written)
-        link, window = self.link, self._window
-        for m in to_ack:
-            if m.qos > 0:
-                link.ack(m.mid, m.qos)
-                if window.get(m.mid) is m:
-                    del window[m.mid]
-        n = len(to_ack)
-        to_ack.clear()
+            self._log_error(f"syncing the journal ({journal.sync_error}); acknowledgements wait", exc=False)
+        # Acknowledge, in order, the groups the disk holds now.
+        n = 0
+        link, window, synced, syncing = self.link, self._window, journal.synced, self._syncing
+        while syncing and syncing[0][0] <= synced:
+            for m in syncing.popleft()[1]:
+                if m.qos > 0:
+                    link.ack(m.mid, m.qos)
+                    if window.get(m.mid) is m:
+                        del window[m.mid]
+                n += 1
         return n
 
     @property
@@ -350,7 +361,7 @@ class Pipeline:
     @property
     def quiescent(self) -> bool:
         """Nothing stepped that is not yet journaled: the state equals checkpoint + journal."""
-        if self.batches or self._to_ack or self.journal.pending:
+        if self.batches or self._to_ack or self._syncing or self.journal.pending:
             return False
         return not self.messages or self.messages[0].start >= self.taken
 
@@ -363,7 +374,7 @@ class Pipeline:
 
     @property
     def unacknowledged(self) -> int:
-        return len(self.messages) + len(self._to_ack)
+        return len(self.messages) + len(self._to_ack) + sum(len(g) for _, g in self._syncing)
 
     def carry(self) -> list[Record]:
         """Digests of the latest messages, for a new journal after a checkpoint."""
@@ -455,6 +466,7 @@ class Loop:
         max_batch = cfg.engine.max_batch
         queue_size = cfg.engine.queue_size
         linger = cfg.engine.max_wait_ms / 1000.0
+        p.journal.start_syncing(self.wake)  # the disk's sync never holds this loop up; acks wait for it
         while not self._stop:
             barrier = self._barrier_wanted()
             starved = p.starved
@@ -574,11 +586,13 @@ class Loop:
         p, link = self.pipeline, self.link
         left = p.leave_queued()
         deadline = time.monotonic() + self.cfg.engine.drain_timeout_s
-        while p.batches and time.monotonic() < deadline:
+        while (p.batches or p._syncing) and time.monotonic() < deadline:
             link.poll(0.05, read=READ_BUDGET if link.connected else 0, wake=self._wake_r)
             if p.commit():
                 link.flush()
             self._watchdog()
+        p.commit()
+        p.journal.stop_syncing()  # what was written is synced before the last acknowledgements
         p.commit()
         link.flush()
         unsettled = sum(b.outstanding for b in p.batches)

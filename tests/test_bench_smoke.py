@@ -29,7 +29,7 @@ def _run_bench(tmp_path: Path, *args: str) -> tuple[dict[str, dict], str]:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=300,  # a hang guard: a quick suite takes ~1-2 min, more on a busy machine
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}, doc.read_text()
@@ -37,7 +37,7 @@ def _run_bench(tmp_path: Path, *args: str) -> tuple[dict[str, dict], str]:
 
 def test_quick_suite_writes_valid_json_and_summary(tmp_path: Path) -> None:
     docs, text = _run_bench(tmp_path)
-    assert set(docs) == {"model", "pipeline", "ceiling", "daemon", "cpu", "latency", "footprint", "profile"}
+    assert set(docs) == {"model", "pipeline", "ceiling", "naive", "daemon", "cpu", "latency", "footprint", "profile"}
     for name, d in docs.items():
         assert d["benchmark"] == name and d["quick"] is True
         assert d["machine"]["cores"] >= 1 and d["machine"]["python"]
@@ -61,13 +61,16 @@ def test_quick_suite_writes_valid_json_and_summary(tmp_path: Path) -> None:
         assert all(_finite(bundled["batches"][str(b)]["us_per_row"]) for b in model["batches"])
     assert model["models"]["bundled"]["model_bytes"] == (REPO / "models/taylor/model.tflite").stat().st_size
 
-    # throughput: the ceiling and the daemon each sustained a rate, every reading came back
-    for name in ("ceiling", "daemon"):
+    # throughput: the ceiling, the naive script and the daemon each sustained a rate, every reading came back
+    for name in ("ceiling", "naive", "daemon"):
         s100 = docs[name]["results"]["streams"]["100"]
         assert s100["sustained_rate"] and s100["sustained_rate"] > 0
         passed = [s for s in s100["steps"] if s["passed"]]
         assert passed and all(s["received"] == s["count"] and s["drops"] == 0 for s in passed)
-    assert docs["daemon"]["results"]["streams"]["100"]["ratio_to_ceiling"] > 0
+    d100 = docs["daemon"]["results"]["streams"]["100"]
+    assert d100["ratio_to_ceiling"] > 0
+    n100 = docs["naive"]["results"]["streams"]["100"]
+    assert d100["ratio_to_naive"] == d100["sustained_rate"] / n100["sustained_rate"]
 
     # CPU at a fixed rate: both processes measured, their ratio from those numbers
     cpu = docs["cpu"]["results"]["streams"]["100"]["1000"]
@@ -81,6 +84,10 @@ def test_quick_suite_writes_valid_json_and_summary(tmp_path: Path) -> None:
     assert lat["received"] == lat["count"]
     q = lat["latency_ms"]
     assert 0 < q["p50"] <= q["p99"] <= q["p99.9"] <= q["max"]
+    # the naive script at half of its own maximum: every reading got its forecast
+    naive_lat = docs["latency"]["results"]["naive"]["100"]
+    assert naive_lat["sustained_rate"] == docs["naive"]["results"]["streams"]["100"]["sustained_rate"]
+    assert naive_lat["levels"]["50%"]["received"] == naive_lat["levels"]["50%"]["count"]
 
     # footprint: ready and first forecast seen, memory read, every fed stream held
     fp = docs["footprint"]["results"]
@@ -89,9 +96,10 @@ def test_quick_suite_writes_valid_json_and_summary(tmp_path: Path) -> None:
         assert m["streams_held"] == m["streams"] and m["rss_mb"] > 10
 
     # the broker saw every client of the throughput searches speak MQTT 5
-    assert docs["daemon"]["results"]["client_protocols"] == {role: ["5"] for role in ROLES}
+    assert docs["daemon"]["results"]["client_protocols"] == {role: ["5"] for role in [*ROLES, "naive"]}
 
-    assert "## Throughput: daemon against the ceiling" in text and "## Model cost" in text
+    assert "## Throughput: daemon against the ceiling and the naive script" in text and "## Model cost" in text
+    assert "daemon ≥ 1.4× the naive script (100 streams)" in text
     assert "## Daemon's own code per reading" in text and "Run settings: MQTT 5;" in text
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from converter.prepare import Split
-from converter.validation import Blend, OutOfSample, fit_blend, rolling_folds
+from converter.validation import BLEND_GRID, Blend, OutOfSample, fit_blend, rolling_folds
 from edge_lstm.features import (
     FeatureKind,
     FeaturePipeline,
@@ -105,6 +107,73 @@ def test_blend_is_never_worse_than_either_naive_forecast_on_the_data_it_is_fitte
         np.testing.assert_allclose(res, actual - oos.forecasts(b)[0])
     ident = Blend.identity(1)
     assert oos.forecasts(ident)[0] == pytest.approx(last + oos.delta[0])
+
+
+def _pooled_mae_fit(oos: OutOfSample) -> Blend:
+    """The earlier selection, for comparison: the grid point with the least MAE pooled over every pair."""
+    best = (math.inf, 0.0, 0.0)
+    for w in BLEND_GRID:
+        for g in BLEND_GRID:
+            cost = oos.mae(Blend(np.array([g], np.float32), np.array([w], np.float32)))[0]
+            if cost < best[0] - 1e-12:
+                best = (cost, float(g), float(w))
+    return Blend(np.array([best[1]], np.float32), np.array([best[2]], np.float32))
+
+
+@pytest.mark.parametrize("anomalous", [(1,), (1, 2)])
+def test_a_huge_outlier_in_validation_does_not_decide_the_blend(anomalous: tuple[int, ...]) -> None:
+    # Three folds in which seasonal naive beats persistence; the anomalous ones also hold a maintenance
+    # drop that seasonal naive repeats a season later, missing by 200 where persistence misses by 20.
+    rng = np.random.default_rng(4)
+    n = 200
+
+    def fold(outlier: bool) -> OutOfSample:
+        last = rng.normal(100, 10, n)
+        actual = last + rng.normal(0, 5, n)
+        seasonal = actual + rng.normal(0, 1, n)
+        if outlier:
+            last[:20] = actual[:20] - 20.0
+            seasonal[:20] = actual[:20] - 200.0
+        return _oos(rng.normal(0, 5, n), seasonal, actual, last)
+
+    folds = [fold(i in anomalous) for i in range(3)]
+    pooled = OutOfSample.concat(folds)
+    # Pooled absolute error: the outlier pairs outweigh everything else and seasonal naive loses.
+    base = pooled.baseline_mae()
+    assert base["persistence"][0] < base["seasonal_naive"][0]
+    assert _pooled_mae_fit(pooled).weights[0] == 0.0
+    # Capped, fold by fold: seasonal naive, which is right on every other pair, wins.
+    b = fit_blend(folds)
+    assert b.weights[0] >= 0.9 and b.gains[0] <= 0.1
+    for i, f in enumerate(folds):
+        clean = slice(20, None) if i in anomalous else slice(None)
+        err = np.abs(f.residuals(b)[0][clean]).mean()
+        assert err <= 1.05 * np.abs(f.actual[0] - f.seasonal[0])[clean].mean()
+        assert err < 0.5 * np.abs(f.actual[0] - f.last[0])[clean].mean()
+
+
+def test_fold_by_fold_blend_is_never_worse_than_either_naive_forecast_in_the_median_fold() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        folds = []
+        for _ in range(3):
+            n = int(rng.integers(50, 150))
+            last = rng.normal(0, 1, n)
+            actual = last + rng.normal(0, 1, n)
+            seasonal = actual + rng.normal(0, rng.uniform(0.2, 3), n)
+            folds.append(_oos(rng.normal(0, 1, n) + rng.uniform(0, 1) * (actual - last), seasonal, actual, last))
+        b = fit_blend(folds)
+        best = [min(f.baseline_mae()["persistence"][0], f.baseline_mae()["seasonal_naive"][0]) for f in folds]
+        cost = float(np.median([f.mae(b)[0] / m for f, m in zip(folds, best, strict=True)]))
+        for naive in ("persistence", "seasonal_naive"):
+            naive_cost = float(np.median([f.baseline_mae()[naive][0] / m for f, m in zip(folds, best, strict=True)]))
+            assert cost <= naive_cost + 1e-9
+    # A single fold is the old pooled fit.
+    one, pooled_fit = fit_blend(folds[:1]), fit_blend(folds[0])
+    np.testing.assert_array_equal(one.gains, pooled_fit.gains)
+    np.testing.assert_array_equal(one.weights, pooled_fit.weights)
+    with pytest.raises(ValueError):
+        fit_blend([])
 
 
 def test_out_of_sample_pools_folds_per_horizon() -> None:
