@@ -74,6 +74,10 @@ class Record:
     def message(cls, seq: int, mid: int, qos: int, arrival: float, topic: str, payload: bytes) -> Record:
         return cls(seq, mid, qos, arrival, topic, payload, message_digest(topic, payload))
 
+    def digest_only(self) -> Record:
+        """The same message without its body: what is kept to recognise its redelivery."""
+        return Record(self.seq, self.mid, self.qos, 0.0, "", None, self.digest)
+
     def encode(self) -> bytes:
         if self.payload is None:
             body = _DIGEST.pack(b"D", self.seq, self.mid, self.digest)
@@ -308,7 +312,7 @@ class Journal:
         if fingerprint is not None:
             self.fingerprint = fingerprint
         self.directory.mkdir(parents=True, exist_ok=True)
-        kept = [Record(r.seq, r.mid, r.qos, 0.0, "", None, r.digest).encode() for r in carry if r.qos > 0]
+        kept = [r.digest_only().encode() for r in carry if r.qos > 0]
         data = self._header() + b"".join(kept)
         tmp = self.directory / f".{JOURNAL_NAME}.tmp"
         try:

@@ -166,7 +166,7 @@ class Pipeline:
             self.seq = max(self.seq, r.seq)
             if r.qos > 0:
                 self._remember(r.mid, r.digest)
-            self._recent.append(r)
+            self._recent.append(r.digest_only())
         return replay_journal(records, after, self.engine, self.decoder, self._route)
 
     def _remember(self, mid: int, digest: int) -> None:
@@ -324,7 +324,7 @@ class Pipeline:
                 self.seq += 1
                 rec = Record(self.seq, m.mid, m.qos, m.arrival, m.topic, m.payload, m.digest)
                 journal.append(rec)
-                self._recent.append(rec)
+                self._recent.append(rec.digest_only())
             to_ack.append(m)
         if to_ack:
             try:
