@@ -141,6 +141,7 @@ class Pipeline:
         self._recent: collections.deque[Record] = collections.deque(maxlen=CARRY_DIGESTS)
         self._error_logged_at = -ERROR_LOG_EVERY_S
         self.errors = 0
+        self.journal_failing = False  # the last journal write failed (the disk is in trouble)
         out = cfg.output
         self._out_qos, self._out_retain, self._out_template = out.qos, out.retain, out.topic
         self.discovery: Discovery | None = None
@@ -330,9 +331,11 @@ class Pipeline:
             try:
                 written = journal.commit()
             except OSError as e:
+                self.journal_failing = True
                 self.metrics.journal_failures.inc()
                 self._log_error(f"writing the journal ({e.strerror or e}); acknowledgements wait", exc=False)
                 return 0
+            self.journal_failing = False
             if written:
                 self.metrics.journal_commits.inc()
                 self.metrics.journal_bytes.inc(written)
@@ -521,6 +524,12 @@ class Loop:
         p = self.pipeline
         assert self._barrier_since is not None
         if not p.quiescent:
+            if p.journal_failing or p.journal.sync_error is not None:
+                # The state directory cannot take the journal: a checkpoint cannot be written either.
+                self.metrics.checkpoint_failures.inc()
+                _LOG.error("checkpoint failed: the journal in %s cannot be written", self.cfg.state.dir)
+                self._end_barrier(retry_s=self.cfg.state.checkpoint_interval_s)
+                return
             if time.monotonic() - self._barrier_since > BARRIER_TIMEOUT_S:
                 _LOG.warning("checkpoint deferred: %d message(s) still wait for the broker", p.unacknowledged)
                 self._end_barrier(retry_s=min(self.cfg.state.checkpoint_interval_s, 30.0))
