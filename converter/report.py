@@ -34,15 +34,10 @@ REPORT_NAME = "report.json"
 PLOT_NAME = "forecast.png"
 
 
-@dataclasses.dataclass(frozen=True)
-class Pairs:
-    """The scored (origin, horizon) pairs of the hold-out and the baselines' errors on them."""
+class PerHorizon:
+    """Arrays per horizon: ``actual[k - 1]`` holds the readings scored at horizon ``k``."""
 
-    run_index: list[npt.NDArray[np.intp]]  # per horizon: index of the run
-    offset: list[npt.NDArray[np.intp]]  # per horizon: origin tick relative to the run start
-    last: list[F64]  # per horizon: the reading at the origin
-    actual: list[F64]  # per horizon: the reading at origin + k
-    seasonal: list[F64]  # per horizon: the seasonal-naive forecast
+    actual: list[F64]
 
     @property
     def horizon(self) -> int:
@@ -51,6 +46,17 @@ class Pairs:
     @property
     def counts(self) -> list[int]:
         return [int(a.shape[0]) for a in self.actual]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pairs(PerHorizon):
+    """The scored (origin, horizon) pairs of the hold-out and the baselines' errors on them."""
+
+    run_index: list[npt.NDArray[np.intp]]  # per horizon: index of the run
+    offset: list[npt.NDArray[np.intp]]  # per horizon: origin tick relative to the run start
+    last: list[F64]  # per horizon: the reading at the origin
+    actual: list[F64]  # per horizon: the reading at origin + k
+    seasonal: list[F64]  # per horizon: the seasonal-naive forecast
 
 
 def scored_pairs(

@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from converter.prepare import Split
-from converter.report import Pairs, network_outputs
+from converter.report import Pairs, PerHorizon, network_outputs
 from edge_lstm.features import FeaturePipeline
 
 F32 = npt.NDArray[np.float32]
@@ -58,7 +58,7 @@ def rolling_folds(split: Split, n_folds: int) -> list[Split]:
 
 
 @dataclasses.dataclass(frozen=True)
-class OutOfSample:
+class OutOfSample(PerHorizon):
     """Forecast inputs on scored (origin, horizon) pairs that no model saw in training.
 
     Per horizon ``k`` (list index ``k - 1``), in target units: ``last`` the reading at the
@@ -70,14 +70,6 @@ class OutOfSample:
     actual: list[F64]
     delta: list[F64]
     seasonal: list[F64]
-
-    @property
-    def horizon(self) -> int:
-        return len(self.actual)
-
-    @property
-    def counts(self) -> list[int]:
-        return [int(a.shape[0]) for a in self.actual]
 
     @classmethod
     def concat(cls, parts: Sequence[OutOfSample]) -> OutOfSample:

@@ -165,8 +165,6 @@ class Journal:
         self.sync = sync
         self._buf: list[bytes] = []
         self.size = 0  # bytes on disk
-        self.records = 0  # records on disk since the last reset
-        self.commits = 0  # cumulative group commits (each one write and one sync)
         self.reopened = 0  # times the file was found missing and started anew
         # Bytes ever written and bytes known to be on disk (across resets): what was written up to
         # `synced` survives a power loss.  A sync thread (start_syncing) moves `synced` on, so that the
@@ -202,7 +200,6 @@ class Journal:
         finally:
             os.close(fd)
         self.size = found.valid_bytes
-        self.records = len(found.records)
 
     def append(self, record: Record) -> None:
         self._buf.append(record.encode())
@@ -242,10 +239,8 @@ class Journal:
             raise
         finally:
             os.close(fd)
-        self.records += len(self._buf)
         self._buf.clear()
         self.size += len(data)
-        self.commits += 1
         self.written += len(data)
         if not self.sync or self._thread is None:
             self.synced = self.written
@@ -331,7 +326,6 @@ class Journal:
         if self.sync:
             fsync_dir(self.directory)
         self.size = len(data)
-        self.records = len(kept)
         with self._cond:
             self.synced = self.written  # what the old file held is in the checkpoint (or lost with the file)
         if not keep_pending:

@@ -155,7 +155,6 @@ class MqttLink:
         self._next_attempt = 0.0
         self._delay = float(cfg.reconnect_min_s)
         self._tcp_since: float | None = None  # TCP up, CONNACK not yet seen
-        self._events = 0  # callbacks seen
         self.hold = False  # set by the owner inside on_message to end the current read early
         self._wrapped: BufferedSocket | None = None
         self._fail_logged_at = -REFUSAL_LOG_EVERY_S
@@ -400,7 +399,6 @@ class MqttLink:
         reason_code: ReasonCode,
         _properties: Properties | None,
     ) -> None:
-        self._events += 1
         self._tcp_since = None
         if reason_code.is_failure:
             self.last_error = describe_connack(reason_code)
@@ -426,7 +424,6 @@ class MqttLink:
         reason_code: ReasonCode,
         _properties: Properties | None,
     ) -> None:
-        self._events += 1
         was = self._connected
         self._tcp_since = None
         self._next_attempt = self._clock() + self._delay
@@ -452,7 +449,6 @@ class MqttLink:
         reason_codes: list[ReasonCode],
         _properties: Properties | None,
     ) -> None:
-        self._events += 1
         for topic, rc in zip(self.subscriptions, reason_codes, strict=False):
             if rc.is_failure:
                 _LOG.error("MQTT subscription to %r refused by the broker: %s", topic, rc)
@@ -462,7 +458,6 @@ class MqttLink:
     def _on_publish(
         self, _client: paho.Client, _userdata: Any, mid: int, reason_code: ReasonCode, _properties: Properties | None
     ) -> None:
-        self._events += 1
         token = self._tokens.pop(mid, None)
         # MQTT 5 brokers say in the PUBACK when they refuse a publish (e.g. 0x87 Not authorized by an ACL);
         # MQTT 3.1.1 brokers drop it silently.
@@ -484,7 +479,6 @@ class MqttLink:
             )
 
     def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
-        self._events += 1
         try:
             topic: str | None = msg.topic
         except UnicodeDecodeError:  # not valid UTF-8: no filter can match it
