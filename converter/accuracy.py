@@ -35,6 +35,9 @@ ACCURACY_MD = REPO / "docs" / "accuracy.md"
 ACCURACY_JSON = REPO / "docs" / "accuracy.json"
 # Acceptance bar on model MAE / the better naive MAE, every horizon.
 BAR = 1.02
+# Acceptance of the prediction intervals: hold-out coverage within this many points of the nominal
+# level at horizon 1 and at the last horizon.
+COVERAGE_TOLERANCE = {"first": 4.0, "last": 6.0}
 WHO = ("model", "persistence", "seasonal_naive", "sarima", "ets")
 
 
@@ -103,6 +106,7 @@ def train_one(series: Series, work: Path) -> dict[str, Any]:
         "seasonal_weights": report["training"]["seasonal_weights"],
         "gains": report["training"]["gains"],
         "seed": report["training"]["seed"],
+        "interval_coverage": report["intervals"]["holdout_coverage"] if report.get("intervals") else {},
         "quantization_vs_float32": report["modes"]["dynamic"]["mae_mean"] / report["modes"]["float32"]["mae_mean"]
         - 1.0,
         "seconds": time.monotonic() - t0,
@@ -191,6 +195,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"* The model beats SARIMA one tick ahead on **{beats_sarima} of {len(results)}** series; "
         + ("not on: " + ", ".join(not_sarima) if not_sarima else "on all of them")
         + ".",
+    ]
+    lines += coverage_section(results)
+    lines += [
         "",
         "## The series",
         "",
@@ -208,6 +215,56 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [f"* {name}: `{r['command']}`" for name, r in results.items()]
     lines += ["", "Provenance and licences of the data: [`data/README.md`](../data/README.md).", ""]
     return "\n".join(lines)
+
+
+def coverage_misses(results: dict[str, Any]) -> list[str]:
+    """Where hold-out coverage is further from the nominal level than :data:`COVERAGE_TOLERANCE` allows."""
+    misses = []
+    for name, r in results.items():
+        for label, per_h in r.get("interval_coverage", {}).items():
+            nominal = float(label.rstrip("%"))
+            for where, k in (("first", 0), ("last", len(per_h) - 1)):
+                got = per_h[k]
+                if got is None or not math.isfinite(got):
+                    continue
+                off = 100.0 * got - nominal
+                if abs(off) > COVERAGE_TOLERANCE[where]:
+                    misses.append(f"{name} {label} % h={k + 1}: {100.0 * got:.1f} % ({off:+.1f} points)")
+    return misses
+
+
+def coverage_section(results: dict[str, Any]) -> list[str]:
+    """The hold-out coverage of the prediction intervals at horizon 1 and at the last horizon."""
+    have = {n: r for n, r in results.items() if r.get("interval_coverage")}
+    if not have:
+        return []
+    labels = list(next(iter(have.values()))["interval_coverage"])
+    first, last = COVERAGE_TOLERANCE["first"], COVERAGE_TOLERANCE["last"]
+    lines = [
+        "",
+        "## Prediction intervals",
+        "",
+        "Hold-out coverage (%) of the split-conformal intervals calibrated on the validation part, at",
+        f"horizon 1 and at the last horizon K; the bar is the nominal level +/-{first:g} points at h=1 and",
+        f"+/-{last:g} at h=K.",
+        "",
+        "| series | K | " + " | ".join(f"{lab} % h=1 | {lab} % h=K" for lab in labels) + " |",
+        "|---|---|" + "---|---|" * len(labels),
+    ]
+    for name, r in have.items():
+        cov = r["interval_coverage"]
+        cells = []
+        for lab in labels:
+            per_h = cov.get(lab) or [math.nan]
+            cells += [_fmt_pct(per_h[0]), _fmt_pct(per_h[-1])]
+        lines.append(f"| {name} | {r['horizon']} | " + " | ".join(cells) + " |")
+    misses = coverage_misses(have)
+    lines += ["", "* Outside the bar: " + ("; ".join(misses) if misses else "none") + "."]
+    return lines
+
+
+def _fmt_pct(v: float | None) -> str:
+    return "-" if v is None or not math.isfinite(v) else f"{100.0 * v:.1f}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
