@@ -58,6 +58,7 @@ OFFLINE = b"offline"
 SUBSCRIBE_QOS = 1
 CONNACK_TIMEOUT_S = 10.0  # a TCP connection without a CONNACK this long is dropped and retried
 REFUSAL_LOG_EVERY_S = 60.0  # a broker refusing every forecast logs once a minute, not per forecast
+MAX_INFLIGHT = 1000  # outgoing QoS 1 messages paho keeps unacknowledged on the wire at once
 READ_BUDGET = 4096  # most packets one poll reads before it returns to its owner
 
 
@@ -211,10 +212,7 @@ class MqttLink:
             c.enable_logger(logging.getLogger("paho.mqtt"))  # paho formats a line per packet otherwise
         c.suppress_exceptions = True  # a callback that raises must not end the loop (ours do not raise)
         c.max_queued_messages_set(0)  # unbounded here: the owner bounds what it has outstanding
-        # No paho limit on QoS 1 publishes in flight: the owner bounds what it has outstanding (the
-        # pipeline steps no more while 4 x max_batch forecasts await PUBACKs), and with a limit paho
-        # scans every outstanding message on each PUBACK.
-        c.max_inflight_messages_set(0)
+        c.max_inflight_messages_set(MAX_INFLIGHT)
         c.will_set(status_topic, OFFLINE, qos=1, retain=True)
         if cfg.username:
             c.username_pw_set(cfg.username, cfg.password or None)
