@@ -70,7 +70,8 @@ SERIES: tuple[Series, ...] = (
            "pipeline flow sensor, hourly, 1268 readings: daily season, gaps up to 32 h",
            ("--units", "32")),
     Series("seattle_temps", "seattle_temps.csv", "timestamp", "temp_f", 6,
-           "air temperature sensor, hourly, 1464 ticks (Nov-Dec 2010): daily season, weather swings",
+           "air temperature, hourly, 1464 ticks (Nov-Dec 2010): a daily shape that repeats almost exactly "
+           "from day to day (seasonal naive misses by ~0.1 F), as smoothed normals do",
            ("--units", "32")),
     Series("occupancy", "occupancy.csv", "timestamp", "temperature_c", 4,
            "office temperature sensor, 16 min, 509 ticks: daily season, occupancy changes",
