@@ -222,3 +222,26 @@ def test_a_gain_the_folds_disagree_on_falls_back_to_the_better_naive_forecast() 
     # ... but the third fold contradicts it by more than the gain: persistence.
     b = fit_blend(split)
     assert (b.gains[0], b.weights[0]) == (0.0, 0.0)
+
+
+def test_intervals_pool_the_validation_residuals_with_the_earlier_folds() -> None:
+    from converter.calibrate import Scored, fit_intervals
+    from edge_lstm.intervals import conformal_offsets
+
+    rng = np.random.default_rng(7)
+    val = [rng.normal(0, 1, 40), rng.normal(0, 2, 38)]
+    earlier = [[rng.normal(0, 1.5, 50), rng.normal(0, 3, 47)], [rng.normal(0, 1, 45), rng.normal(0, 2, 44)]]
+
+    class _Pairs:
+        counts = [40, 38]
+
+    scored = Scored(_Pairs(), [np.zeros(40), np.zeros(38)])  # type: ignore[arg-type]
+    scored.pairs.actual = val  # type: ignore[attr-defined]
+    iv = fit_intervals(scored, (0.8, 0.95), earlier=earlier)
+    pooled = [np.concatenate([val[k], earlier[0][k], earlier[1][k]]) for k in range(2)]
+    lo, hi = conformal_offsets(pooled, (0.8, 0.95))
+    np.testing.assert_array_equal(iv.lower, lo)
+    np.testing.assert_array_equal(iv.upper, hi)
+    assert iv.calibration == {"part": "validation + 2 earlier fold(s)", "pairs": [135, 129]}
+    alone = fit_intervals(scored, (0.8, 0.95))
+    assert alone.calibration == {"part": "validation", "pairs": [40, 38]}
