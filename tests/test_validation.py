@@ -225,6 +225,8 @@ def test_a_gain_the_folds_disagree_on_falls_back_to_the_better_naive_forecast() 
 
 
 def test_intervals_pool_the_validation_residuals_with_the_earlier_folds() -> None:
+    import types
+
     from converter.calibrate import Scored, fit_intervals
     from edge_lstm.intervals import conformal_offsets
 
@@ -232,11 +234,8 @@ def test_intervals_pool_the_validation_residuals_with_the_earlier_folds() -> Non
     val = [rng.normal(0, 1, 40), rng.normal(0, 2, 38)]
     earlier = [[rng.normal(0, 1.5, 50), rng.normal(0, 3, 47)], [rng.normal(0, 1, 45), rng.normal(0, 2, 44)]]
 
-    class _Pairs:
-        counts = [40, 38]
-
-    scored = Scored(_Pairs(), [np.zeros(40), np.zeros(38)])  # type: ignore[arg-type]
-    scored.pairs.actual = val  # type: ignore[attr-defined]
+    pairs = types.SimpleNamespace(counts=[40, 38], actual=val)
+    scored = Scored(pairs, [np.zeros(40), np.zeros(38)])  # type: ignore[arg-type]
     iv = fit_intervals(scored, (0.8, 0.95), earlier=earlier)
     pooled = [np.concatenate([val[k], earlier[0][k], earlier[1][k]]) for k in range(2)]
     lo, hi = conformal_offsets(pooled, (0.8, 0.95))
