@@ -23,7 +23,7 @@ from edge_lstm.config import MqttProtocol
 
 IN_ROOT = "ceiling-in"  # the readings' topic root the benchmark uses for the ceiling
 OUT_FILTER = "ceiling/+"
-MAX_INFLIGHT = 64  # as edge_lstm.mqtt
+MAX_INFLIGHT = 64  # paho's window of QoS 1 publishes in flight (the echo has few outstanding)
 MAX_QUEUED = 10_000
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -26,8 +27,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from edge_lstm.features import record_history, seasonal_from_history
-from edge_lstm.intervals import anomaly_scores
+from edge_lstm.features import OutputKind, record_history, seasonal_from_history, seasonal_lags
+from edge_lstm.intervals import anomaly_score, anomaly_scores
 from edge_lstm.modelspec import Manifest
 from edge_lstm.outcomes import Outcome
 from edge_lstm.payload import Reading
@@ -125,6 +126,10 @@ class Engine:
         # A model that blends in seasonal naive needs each stream's last season of targets.
         self._history = m.pipeline.output.history_ticks
         self.table.ensure_history(self._history)
+        # The single-tick path's constants (see _step_one).
+        out = m.pipeline.output
+        self._lags = seasonal_lags(self._history, m.horizon) if self._history else None
+        self._weights = np.asarray(out.seasonal_weights, np.float64) if self._history else None
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -232,16 +237,13 @@ class Engine:
             t.pending_value[r] = np.nan
             result.resets["gap"] += len(resets)
         if n == 1 and self.row_path:
-            tick = ticks[0][0]
-            x = self._pipeline.encode_row(tick.values, tick.previous, tick.ts)
-            row = int(rows[0])
-            y = self._step(slice(row, row + 1), x, result)
-        else:
-            values = np.array([tk.values for tk, _ in ticks], dtype=np.float64)
-            previous = np.array([tk.previous for tk, _ in ticks], dtype=np.float64)
-            ts = np.array([tk.ts for tk, _ in ticks], dtype=np.float64)
-            x = self._pipeline.encode(values, previous, ts)
-            y = self._step(rows, x, result)
+            self._step_one(streams[0], int(rows[0]), ticks[0][0], ticks[0][1], result)
+            return
+        values = np.array([tk.values for tk, _ in ticks], dtype=np.float64)
+        previous = np.array([tk.previous for tk, _ in ticks], dtype=np.float64)
+        ts = np.array([tk.ts for tk, _ in ticks], dtype=np.float64)
+        x = self._pipeline.encode(values, previous, ts)
+        y = self._step(rows, x, result)
         t.ticks[rows] += 1
         if self._history:  # every tick, filled ones too, as the converter's series holds them
             record_history(t.history, rows, t.ticks[rows] - 1, [tk.values[self._target] for tk, _ in ticks])
@@ -289,3 +291,51 @@ class Engine:
         )
         result.batch_size += len(observed)
         result.step_sizes.append(len(observed))
+
+    def _step_one(self, stream: str, row: int, tick: Tick, received: float, result: BatchResult) -> None:
+        """:meth:`_step_ticks` for a single tick (a reset already applied), on scalars and 1-D arrays.
+
+        The same arithmetic in the same order, so the same numbers bit for bit (the
+        engine tests compare both paths); a stream's run of ticks, and every tick at
+        low load, goes this way, where the batch path's small-array overhead is most
+        of a reading's cost.
+        """
+        t = self.table
+        x = self._pipeline.encode_row(tick.values, tick.previous, tick.ts)
+        y = self._step(slice(row, row + 1), x, result)
+        ticks = t.ticks
+        ticks[row] += 1
+        index = int(ticks[row]) - 1
+        target = tick.values[self._target]
+        hist = t.history
+        if self._history:
+            hist[row, index % self._history] = target
+        if not tick.observed:
+            t.pending_value[row] = math.nan
+            return
+        out = self._pipeline.output
+        fc = y[0].astype(np.float64) * out.scale
+        fc = fc + target if out.kind is OutputKind.DELTA else fc + out.center
+        if self._lags is not None and self._weights is not None:
+            m = hist.shape[1]
+            idx = index - self._lags
+            seasonal = np.where(idx >= 0, hist[row, idx % m], np.nan)
+            lean = seasonal - target
+            fc = fc + self._weights * np.where(np.isnan(lean), 0.0, lean)
+        pending = float(t.pending_value[row])
+        score: float | None = None
+        if not math.isnan(pending):
+            result.abs_errors.append((stream, abs(pending - target)))
+            if self._check is not None:
+                upper = pending + self._check[1]
+                score = anomaly_score(target, pending + self._check[0], upper)
+                result.anomaly_checks += 1
+                if score > 0:
+                    result.anomalies["high" if target > upper else "low"] += 1
+        warming = index + 1 < self._warmup
+        first = float(fc[0])
+        t.pending_value[row] = math.nan if warming else first
+        t.pending_ts[row] = tick.ts + self._cadence
+        result.forecasts.append(Forecast(stream, tick.ts, fc, warming, received, self._model_id, score))
+        result.batch_size += 1
+        result.step_sizes.append(1)

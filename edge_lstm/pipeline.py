@@ -60,6 +60,7 @@ from edge_lstm.outcomes import Outcome
 from edge_lstm.payload import PayloadDecoder, PayloadError, Reading
 from edge_lstm.runtime import StepModel
 from edge_lstm.sdnotify import Notifier
+from edge_lstm.state import release_free_memory
 
 _LOG = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ ERROR_LOG_EVERY_S = 10.0
 IDLE_WAIT_S = 0.5  # longest poll without work (the watchdog and timers run after each)
 BARRIER_TIMEOUT_S = 5.0  # how long a checkpoint may hold intake back waiting for a quiescent point
 STATUS_EVERY_S = 10.0
+TRIM_AFTER_IDLE_S = 1.0  # after work and this long without a step, hand the freed heap pages back
 MID_SPACE = 65536
 OUTSTANDING_PER_BATCH = 4  # forecasts awaiting the broker's PUBACK: at most this many batches' worth
 
@@ -435,6 +437,8 @@ class Loop:
         self._last_watchdog = 0.0
         self._status_at = time.monotonic()
         self._status_count = 0
+        self._last_step = 0.0
+        self._worked = False  # readings stepped since the last trim
         self.fingerprint = pipeline.engine.model.manifest.sha256
 
     # -- requests from other threads ------------------------------------------------------------
@@ -492,6 +496,8 @@ class Loop:
                 ready = linger <= 0 or len(p.queue) >= max_batch or time.monotonic() - p.queue[0].received >= linger
                 if limit > 0 and (ready or barrier):
                     self._status_count += p.step(limit)
+                    self._worked = True
+                    self._last_step = time.monotonic()
                     link.flush()
             if p.commit():
                 link.flush()
@@ -503,6 +509,7 @@ class Loop:
                 self._at_barrier()
             self._watchdog()
             self._status()
+            self._trim()
         self._finish()
 
     def _drain_wake(self) -> None:
@@ -626,6 +633,12 @@ class Loop:
         if now - self._last_watchdog >= min(interval, 5.0):
             self._last_watchdog = now
             self.notifier.watchdog()
+
+    def _trim(self) -> None:
+        """Once idle after work, return the heap's free pages (what a burst left) to the system."""
+        if self._worked and time.monotonic() - self._last_step >= TRIM_AFTER_IDLE_S:
+            release_free_memory()
+            self._worked = False
 
     def _status(self) -> None:
         """A ``STATUS=`` line for ``systemctl status`` every ``STATUS_EVERY_S``."""

@@ -338,13 +338,15 @@ _steps = st.lists(
 
 
 @settings(max_examples=80, deadline=None)
-@given(_steps, st.integers(2, 6), _policies)
+@given(_steps, st.integers(2, 6), _policies, st.sampled_from([0, 1, 4]))
 def test_single_tick_path_equals_the_batch_path_exactly(
-    steps: list[tuple[int, float, float]], cap: int, ticks: tuple[Align, Aggregate, float] | None
+    steps: list[tuple[int, float, float]], cap: int, ticks: tuple[Align, Aggregate, float] | None, season: int
 ) -> None:
-    """A model step of one tick encodes on Python floats: same forecasts, counts, errors, anomaly checks and state."""
+    """A model step of one tick runs on scalars: same forecasts, counts, errors, anomaly checks and state,
+    with and without the seasonal blend."""
     iv = Intervals((0.8, 0.95), [[-0.5, -1.0, -1.5], [-1.0, -2.0, -3.0]], [[0.4, 1.0, 1.5], [0.9, 2.0, 3.0]])
-    model = NumpyModel(dataclasses.replace(make_manifest(max_gap=4, warmup=3, ticks=ticks), intervals=iv))
+    m = dataclasses.replace(make_manifest(max_gap=4, warmup=3, ticks=ticks), intervals=iv)
+    model = NumpyModel(_blended(m, season, (0.5, 1.0, 0.25)) if season else m)
     ticks: dict[int, float] = {}
     readings = []
     for s, jump, v in steps:  # per stream: on time, jittered, late, duplicate, short and long gaps

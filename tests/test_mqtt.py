@@ -358,3 +358,35 @@ def test_filter_pattern_matches_what_paho_matches(filter_levels: list[str], topi
 
     want = paho.topic_matches_sub(topic_filter, topic)
     assert bool(filter_pattern(topic_filter).fullmatch(topic)) == want, (topic_filter, topic)
+
+
+def test_shared_property_tables_keep_pahos_mqtt5_properties_working() -> None:
+    """The link shares paho's per-packet property tables (a speed-up); properties still pack, unpack,
+    clear and refuse what does not apply exactly as paho's own code does."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import MQTTException, Properties
+
+    from edge_lstm.mqtt import share_property_tables
+
+    assert share_property_tables()
+    sent = Properties(PacketTypes.PUBLISH)
+    sent.MessageExpiryInterval = 60
+    sent.ContentType = "application/json"
+    sent.UserProperty = ("site", "kitchen")
+    sent.UserProperty = ("unit", "C")
+    packed = sent.pack()
+    got = Properties(PacketTypes.PUBLISH)
+    _, used = got.unpack(packed + b"payload")
+    assert used == len(packed)
+    assert got.json() == {
+        "MessageExpiryInterval": 60,
+        "ContentType": "application/json",
+        "UserProperty": [("site", "kitchen"), ("unit", "C")],
+    }
+    got.unpack(b"\x00")  # the next packet has none: nothing of the last one stays
+    assert got.json() == {} and not hasattr(got, "UserProperty")
+    assert Properties(PacketTypes.PUBLISH).json() == {}  # instances share tables, not values
+    with pytest.raises(MQTTException):
+        Properties(PacketTypes.PUBACK).MessageExpiryInterval = 5  # does not apply to PUBACK
+    with pytest.raises(MQTTException):
+        Properties(PacketTypes.PUBLISH).NoSuchProperty = 1
