@@ -95,6 +95,7 @@ class ForecastEncoder:
         self._intervals = intervals
         # After each value: the bounds' keys, in the order of the columns of _values().
         self._bound_keys = [f',"{key}":' for lv in intervals.levels for key in bound_keys(lv)] if intervals else []
+        self._item_tail = self._value_fmt + "".join(k + self._bound_fmt for k in self._bound_keys)
         if intervals is not None:
             self._offsets = np.empty((2 * len(intervals.levels), intervals.horizon))
             self._offsets[0::2], self._offsets[1::2] = intervals.lower, intervals.upper
@@ -107,10 +108,8 @@ class ForecastEncoder:
         """For reading time ``t0``: its ``ts`` fields, the item prefixes, and the items as one template."""
         head = f'"ts":"{iso_utc(t0)}","ts_epoch":{t0!r}'
         prefixes = self._prefixes(t0, horizon)
-        fmt = self._value_fmt
-        rest = "".join(k + self._bound_fmt for k in self._bound_keys)
-        template = "},".join(p.replace("%", "%%") + fmt + rest for p in prefixes)
-        return head, prefixes, template
+        tail = self._item_tail  # an item's value and bounds formats; the prefixes hold no "%"
+        return head, prefixes, "},".join([p + tail for p in prefixes])
 
     @classmethod
     def for_manifest(cls, manifest: Manifest, precision: int | None = None) -> ForecastEncoder:
