@@ -381,7 +381,8 @@ def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> Train
     if cfg.levels:
         # Calibrated on the model that ships, streamed as the daemon streams it.
         val = calibrate_mod.score_part(content, weights.layers, pipeline, encoded, Part.VAL, warmup, season)
-        intervals = calibrate_mod.fit_intervals(val, cfg.levels)
+        earlier_residuals = [f.residuals(blend) for f in per_fold[:-1]]
+        intervals = calibrate_mod.fit_intervals(val, cfg.levels, earlier=earlier_residuals)
         hold = calibrate_mod.score_part(content, weights.layers, pipeline, encoded, Part.HOLDOUT, warmup, season)
         interval_report = calibrate_mod.interval_report(intervals, hold)
     (work / MODEL_NAME).write_bytes(content)

@@ -149,6 +149,18 @@ def fit_blend(
     the blend is never worse than either.  Ties go to the smaller coefficients
     (the simpler forecast).  ``seasonal=False`` fixes every weight at 0.  A
     horizon without a fold of at least 2 pairs keeps gain 1, weight 0.
+
+    With two folds or more, the winner must also beat the better naive forecast
+    by more than the folds disagree (the one-standard-error rule): unless the
+    mean over folds of its cost relative to that naive forecast, plus one
+    standard error, stays below 1, the horizon falls back to the naive forecast.
+    With three folds of a short series, a gain one fold contradicts is as
+    likely noise as not; the product promises never to be worse than the naive
+    forecasts, so such a horizon gives the gain up.  Measured on the accuracy
+    series (hold-out MAE / better naive): occupancy h=2-3 1.04 -> 1.00 and msft
+    h=3 1.014 -> 1.00, at the cost of water_flow h=2 0.82 -> 1.00 and msft
+    h=1,4,5 0.98-0.99 -> 1.00; gains all folds agree on stay (taylor, co2,
+    airline unchanged).
     """
     parts = [oos] if isinstance(oos, OutOfSample) else list(oos)
     if not parts:
@@ -168,7 +180,36 @@ def fit_blend(
             if cost[iw, i] < best[0] - 1e-12:
                 best = (float(cost[iw, i]), float(grid[i]), float(w))
         gains[k], weights[k] = best[1], best[2]
+        if len(ratios) >= 2 and not _clearly_better(parts, k, best[1], best[2], seasonal):
+            gains[k], weights[k] = 0.0, _better_naive_weight(parts, k, seasonal)
     return Blend(gains=gains, weights=weights)
+
+
+def _better_naive_weight(parts: Sequence[OutOfSample], k: int, seasonal: bool) -> float:
+    """The seasonal weight of the better naive forecast at horizon index ``k`` (0: persistence, 1: seasonal)."""
+    if not seasonal:
+        return 0.0
+    costs = [r[:, 0] for r in (_fold_costs(p, k, np.zeros(1), np.array([0.0, 1.0])) for p in parts) if r is not None]
+    pers, seas = np.median([c[0] for c in costs]), np.median([c[1] for c in costs])
+    return 1.0 if seas < pers else 0.0
+
+
+def _clearly_better(parts: Sequence[OutOfSample], k: int, gain: float, weight: float, seasonal: bool) -> bool:
+    """Whether (gain, weight) beats the better naive forecast at ``k`` by more than one standard error over folds."""
+    naive_w = _better_naive_weight(parts, k, seasonal)
+    if gain == 0.0 and weight == naive_w:
+        return True  # it is that naive forecast
+    rel = []
+    for p in parts:
+        cand = _fold_costs(p, k, np.array([gain]), np.array([weight]))
+        naive = _fold_costs(p, k, np.array([0.0]), np.array([naive_w]))
+        if cand is None or naive is None:
+            continue
+        rel.append(cand[0, 0] / naive[0, 0] if naive[0, 0] > 0 else (1.0 if cand[0, 0] > 0 else 0.0))
+    if len(rel) < 2:
+        return True
+    r = np.asarray(rel)
+    return bool(r.mean() + r.std(ddof=1) / math.sqrt(r.size) < 1.0)
 
 
 def blend_cost(oos: OutOfSample | Sequence[OutOfSample], blend: Blend) -> list[float]:

@@ -86,6 +86,9 @@ if [ "$(uname -m)" != aarch64 ]; then
     deselect+=(tests/test_reliability_input.py::test_stream_explosion_holds_the_table_at_capacity)
     # Checkpoint kill loop: no save finishes before its kill, so the loop has nothing to count.
     deselect+=(tests/test_reliability_state.py::test_checkpoint_writer_killed_at_random_points_always_leaves_a_loadable_file)
+    # Overload: its peak-RSS bound is of the daemon; qemu-user's translated code counts into the
+    # emulated process's RSS (294 MB against the 200 MB bound in the run of 2026-11-29).
+    deselect+=(tests/test_reliability_input.py::test_overload_keeps_memory_capped_and_counts_every_reading)
 fi
 printf '%s\n' "${deselect[@]}" >"$out/deselected-emulated.txt"
 deselect_args=$(printf -- '--deselect %s ' "${deselect[@]}")

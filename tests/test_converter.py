@@ -247,15 +247,14 @@ def test_intervals_are_calibrated_on_validation_and_scored_on_the_hold_out(
     iv = man.intervals
     assert iv is not None and iv.levels == (0.8, 0.95) and iv.method == "split_conformal"
     assert (iv.lower[1] <= iv.lower[0]).all() and (iv.upper[0] <= iv.upper[1]).all() and (iv.lower < iv.upper).all()
-    # The offsets are the conformal order statistics of the shipped model's validation residuals.
+    # Training pools the shipped model's validation residuals with the earlier fold's out-of-sample ones.
     grid = load(holey_csv, "timestamp", man.pipeline.columns, man.cadence_s, man.max_gap_ticks)
     enc = encode(grid, man.pipeline, Split())
     content = (trained / "model.tflite").read_bytes()
     season = man.extra["training"]["season_ticks"]
     val = score_part(content, man.layers, man.pipeline, enc, Part.VAL, man.warmup_ticks, season)
-    lo, hi = conformal_offsets(val.residuals, (0.8, 0.95))
-    np.testing.assert_array_equal(lo, iv.lower)
-    np.testing.assert_array_equal(hi, iv.upper)
+    assert iv.calibration["part"] == "validation + 1 earlier fold(s)"
+    assert all(p > v > 0 for p, v in zip(iv.calibration["pairs"], val.pairs.counts, strict=True))
     # report.json: hold-out coverage per level and horizon, recomputed here from the hold-out residuals.
     r = json.loads((trained / REPORT_NAME).read_text())["intervals"]
     hold = score_part(content, man.layers, man.pipeline, enc, Part.HOLDOUT, man.warmup_ticks, season)
@@ -263,7 +262,7 @@ def test_intervals_are_calibrated_on_validation_and_scored_on_the_hold_out(
         want = [float(np.mean((res >= iv.lower[i, k]) & (res <= iv.upper[i, k]))) for k, res in
                 enumerate(hold.residuals)]  # fmt: skip
         assert r["holdout_coverage"][label] == pytest.approx(want)
-    assert r["holdout_pairs"] == hold.pairs.counts and r["calibration"]["pairs"] == val.pairs.counts
+    assert r["holdout_pairs"] == hold.pairs.counts and r["calibration"]["pairs"] == iv.calibration["pairs"]
     # verify reports the same coverage; calibrate on a copy rewrites the same intervals.
     assert main(["-q", "verify", str(trained), str(holey_csv), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["intervals"]["holdout_coverage"] == r["holdout_coverage"]
@@ -274,6 +273,15 @@ def test_intervals_are_calibrated_on_validation_and_scored_on_the_hold_out(
     again = load_model(copy).manifest
     assert again.sha256 == man.sha256 and again.intervals is not None and again.intervals.levels == (0.5, 0.9)
     assert json.loads((copy / REPORT_NAME).read_text())["intervals"]["levels"] == [0.5, 0.9]
+    # Recalibrating a model directory (no folds to pool) takes exactly the conformal order statistics
+    # of the shipped model's validation residuals.
+    assert main(["-q", "calibrate", str(copy), str(holey_csv)]) == 0
+    capsys.readouterr()
+    cal = load_model(copy).manifest.intervals
+    assert cal is not None and cal.calibration["part"] == "validation"
+    lo, hi = conformal_offsets(val.residuals, (0.8, 0.95))
+    np.testing.assert_array_equal(lo, cal.lower)
+    np.testing.assert_array_equal(hi, cal.upper)
 
 
 def test_classic_shape_10_features_32_outputs(tmp_path: Path) -> None:

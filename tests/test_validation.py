@@ -197,3 +197,50 @@ def test_a_ring_of_one_season_gives_the_same_seasonal_naive_as_the_whole_history
             for j, r in enumerate(rows):
                 want = seasonal_naive(streams[r][: i + 1], season, horizon)[i]
                 np.testing.assert_array_equal(got[j], want)
+
+
+def test_a_gain_the_folds_disagree_on_falls_back_to_the_better_naive_forecast() -> None:
+    """One-standard-error rule: the network's gain must hold across folds, not in a median fold only."""
+    rng = np.random.default_rng(6)
+    n = 120
+
+    def fold(skill: float) -> OutOfSample:
+        # The network's change is the true change plus noise; skill < 0 points it the wrong way.
+        last = rng.normal(0, 1, n)
+        change = rng.normal(0, 1, n)
+        actual = last + change
+        seasonal = actual + rng.normal(0, 3, n)  # seasonal naive far off: persistence is the naive to beat
+        return _oos(skill * change + rng.normal(0, 0.3, n), seasonal, actual, last)
+
+    agree = fit_blend([fold(0.8), fold(0.7), fold(0.9)])
+    assert agree.gains[0] > 0.5  # every fold gains: kept
+    split = [fold(0.9), fold(0.8), fold(-0.9)]
+    # The median fold alone would keep the network (two folds of three gain a lot) ...
+    cost_net = np.median([f.mae(Blend(np.ones(1, np.float32), np.zeros(1, np.float32)))[0] for f in split])
+    cost_pers = np.median([f.baseline_mae()["persistence"][0] for f in split])
+    assert cost_net < cost_pers
+    # ... but the third fold contradicts it by more than the gain: persistence.
+    b = fit_blend(split)
+    assert (b.gains[0], b.weights[0]) == (0.0, 0.0)
+
+
+def test_intervals_pool_the_validation_residuals_with_the_earlier_folds() -> None:
+    import types
+
+    from converter.calibrate import Scored, fit_intervals
+    from edge_lstm.intervals import conformal_offsets
+
+    rng = np.random.default_rng(7)
+    val = [rng.normal(0, 1, 40), rng.normal(0, 2, 38)]
+    earlier = [[rng.normal(0, 1.5, 50), rng.normal(0, 3, 47)], [rng.normal(0, 1, 45), rng.normal(0, 2, 44)]]
+
+    pairs = types.SimpleNamespace(counts=[40, 38], actual=val)
+    scored = Scored(pairs, [np.zeros(40), np.zeros(38)])  # type: ignore[arg-type]
+    iv = fit_intervals(scored, (0.8, 0.95), earlier=earlier)
+    pooled = [np.concatenate([val[k], earlier[0][k], earlier[1][k]]) for k in range(2)]
+    lo, hi = conformal_offsets(pooled, (0.8, 0.95))
+    np.testing.assert_array_equal(iv.lower, lo)
+    np.testing.assert_array_equal(iv.upper, hi)
+    assert iv.calibration == {"part": "validation + 2 earlier fold(s)", "pairs": [135, 129]}
+    alone = fit_intervals(scored, (0.8, 0.95))
+    assert alone.calibration == {"part": "validation", "pairs": [40, 38]}
