@@ -70,8 +70,8 @@ ERROR_LOG_EVERY_S = 10.0
 IDLE_WAIT_S = 0.5  # longest poll without work (the watchdog and timers run after each)
 BARRIER_TIMEOUT_S = 5.0  # how long a checkpoint may hold intake back waiting for a quiescent point
 STATUS_EVERY_S = 10.0
-TRIM_AFTER_IDLE_S = 1.0  # after work and this long without a step, hand the freed heap pages back,
-TRIM_EVERY_S = 60.0  # at most this often (a sensor every few seconds must not pay it per reading)
+TRIM_AFTER_IDLE_S = 1.0  # after work and this long without a step, hand the freed heap pages back
+TRIM_EVERY_S = 60.0  # but at most this often (a sensor every few seconds must not pay it per reading)
 MID_SPACE = 65536
 OUTSTANDING_PER_BATCH = 4  # forecasts awaiting the broker's PUBACK: at most this many batches' worth
 
