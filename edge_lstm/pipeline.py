@@ -26,8 +26,10 @@ the broker could deliver again.
 
 **Backpressure.** Intake stops reading the socket while the intake queue is
 full or the broker reads our writes slower than we make them; unacknowledged
-input is further bounded by the broker's own in-flight window.  Nothing
-sleeps: every wait is the ``select`` in :meth:`MqttLink.poll`.
+input is further bounded by the broker's own in-flight window (which
+Mosquitto 2.0.11 does not hold once messages queue up: see
+docs/architecture.md).  Nothing sleeps: every wait is the ``select`` in
+:meth:`MqttLink.poll`.
 
 **Faults.** An exception while handling one message or one batch is counted
 (``internal_error``), logged with its traceback (rate-limited) and the loop
@@ -481,7 +483,7 @@ class Loop:
             barrier = self._barrier_wanted()
             starved = p.starved
             # Read while there is room; while too many forecasts await their PUBACKs, read anyway: only
-            # those PUBACKs make room (QoS 1 input is bounded by the broker's in-flight window meanwhile).
+            # those PUBACKs make room (QoS 1 input is meant to be bounded by the broker's in-flight window).
             read = READ_BUDGET if starved or (len(p.queue) < queue_size and not link.backlogged) else 0
             timeout = IDLE_WAIT_S
             if p.queue and not barrier and not starved:
