@@ -26,8 +26,10 @@ the broker could deliver again.
 
 **Backpressure.** Intake stops reading the socket while the intake queue is
 full or the broker reads our writes slower than we make them; unacknowledged
-input is further bounded by the broker's own in-flight window.  Nothing
-sleeps: every wait is the ``select`` in :meth:`MqttLink.poll`.
+input is further bounded by the broker's own in-flight window (which
+Mosquitto 2.0.11 does not hold once messages queue up: see
+docs/architecture.md).  Nothing sleeps: every wait is the ``select`` in
+:meth:`MqttLink.poll`.
 
 **Faults.** An exception while handling one message or one batch is counted
 (``internal_error``), logged with its traceback (rate-limited) and the loop
@@ -70,8 +72,8 @@ ERROR_LOG_EVERY_S = 10.0
 IDLE_WAIT_S = 0.5  # longest poll without work (the watchdog and timers run after each)
 BARRIER_TIMEOUT_S = 5.0  # how long a checkpoint may hold intake back waiting for a quiescent point
 STATUS_EVERY_S = 10.0
-TRIM_AFTER_IDLE_S = 1.0  # after work and this long without a step, hand the freed heap pages back,
-TRIM_EVERY_S = 60.0  # at most this often (a sensor every few seconds must not pay it per reading)
+TRIM_AFTER_IDLE_S = 1.0  # after work and this long without a step, hand the freed heap pages back
+TRIM_EVERY_S = 60.0  # but at most this often (a sensor every few seconds must not pay it per reading)
 MID_SPACE = 65536
 OUTSTANDING_PER_BATCH = 4  # forecasts awaiting the broker's PUBACK: at most this many batches' worth
 
@@ -481,7 +483,7 @@ class Loop:
             barrier = self._barrier_wanted()
             starved = p.starved
             # Read while there is room; while too many forecasts await their PUBACKs, read anyway: only
-            # those PUBACKs make room (QoS 1 input is bounded by the broker's in-flight window meanwhile).
+            # those PUBACKs make room (QoS 1 input is meant to be bounded by the broker's in-flight window).
             read = READ_BUDGET if starved or (len(p.queue) < queue_size and not link.backlogged) else 0
             timeout = IDLE_WAIT_S
             if p.queue and not barrier and not starved:

@@ -52,6 +52,8 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
     except (OSError, AttributeError):  # not glibc
         return None
+
+
 _PER_ROW_FIELDS = ("prev", "last_ts", "ticks", "last_seen", "pending_value", "pending_ts")
 # The open ticks: (name, trailing shape (V = values), fill).  A checkpoint written before they existed
 # restores with no tick open and its last reading's time as the newest.

@@ -72,7 +72,9 @@ SCENARIOS: dict[str, tuple[str, str, str]] = {
     "5": (
         "Overload",
         "A flood process publishes array bodies far above what the daemon can process, against a small intake "
-        "queue: the daemon stops reading when the queue is full, the broker holds the rest (unacknowledged).",
+        "queue: the daemon stops reading when the queue is full, the broker holds the rest (unacknowledged). "
+        "While too many forecasts await PUBACKs it reads on (only those make room); Mosquitto 2.0.11 then sends "
+        "past its in-flight window, so memory, not the queue, is what stays bounded.",
         "About 10x the sustainable rate (60k readings/s against the ~6k/s the daemon sustains with 1000 "
         "streams on 2 shared cores) for 60 000 readings, then everything is drained.",
     ),
