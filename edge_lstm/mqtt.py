@@ -97,9 +97,11 @@ def share_property_tables() -> bool:
         return True
     try:
         proto = cls(PacketTypes.PUBLISH)
-        tables = {k: proto.__dict__[k] for k in ("types", "names", "properties")}
     except Exception:  # another paho layout: leave it alone
         return False
+    if set(proto.__dict__) != {"packetType", "types", "names", "properties"}:
+        return False  # an __init__ that sets more than the tables: leave it alone
+    tables = {k: proto.__dict__[k] for k in ("types", "names", "properties")}
     own_clear = cls.clear
     base = len(tables) + 1  # the tables and packetType
 
