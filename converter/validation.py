@@ -170,46 +170,44 @@ def fit_blend(
     weights = np.zeros(k_max, np.float32)
     w_grid = grid if seasonal else np.zeros(1)
     for k in range(k_max):
-        ratios = [r for r in (_fold_costs(p, k, grid, w_grid) for p in parts) if r is not None]
-        if not ratios:
+        # Per fold: every candidate's cost [W, G], and persistence's and seasonal naive's [2, 1].
+        folds = [
+            (r, _fold_costs(p, k, np.zeros(1), _NAIVE_WEIGHTS))
+            for p in parts
+            if (r := _fold_costs(p, k, grid, w_grid)) is not None
+        ]
+        if not folds:
             continue
-        cost = np.median(np.stack(ratios), axis=0)  # [W, G]
-        best = (math.inf, 0.0, 0.0)
-        for iw, w in enumerate(w_grid):
+        cost = np.median(np.stack([r for r, _ in folds]), axis=0)  # [W, G]
+        best = (math.inf, 0, 0)  # cost, weight index, gain index
+        for iw in range(len(w_grid)):
             i = int(np.argmin(cost[iw]))
             if cost[iw, i] < best[0] - 1e-12:
-                best = (float(cost[iw, i]), float(grid[i]), float(w))
-        gains[k], weights[k] = best[1], best[2]
-        if len(ratios) >= 2 and not _clearly_better(parts, k, best[1], best[2], seasonal):
-            gains[k], weights[k] = 0.0, _better_naive_weight(parts, k, seasonal)
+                best = (float(cost[iw, i]), iw, i)
+        if not math.isfinite(best[0]):
+            gains[k] = weights[k] = 0.0
+            continue
+        _, iw, ig = best
+        gains[k], weights[k] = grid[ig], w_grid[iw]
+        if len(folds) >= 2:
+            naive = np.array([nv[:, 0] for _, nv in folds])  # [F, 2]: persistence, seasonal naive
+            nw = 1 if seasonal and np.median(naive[:, 1]) < np.median(naive[:, 0]) else 0
+            if not (grid[ig] == 0.0 and w_grid[iw] == float(nw)):  # unless it is that naive forecast
+                rel = np.array([_relative(r[iw, ig], nv[nw, 0]) for r, nv in folds])
+                if rel.mean() + rel.std(ddof=1) / math.sqrt(rel.size) >= 1.0:
+                    gains[k], weights[k] = 0.0, float(nw)
     return Blend(gains=gains, weights=weights)
 
 
-def _better_naive_weight(parts: Sequence[OutOfSample], k: int, seasonal: bool) -> float:
-    """The seasonal weight of the better naive forecast at horizon index ``k`` (0: persistence, 1: seasonal)."""
-    if not seasonal:
-        return 0.0
-    costs = [r[:, 0] for r in (_fold_costs(p, k, np.zeros(1), np.array([0.0, 1.0])) for p in parts) if r is not None]
-    pers, seas = np.median([c[0] for c in costs]), np.median([c[1] for c in costs])
-    return 1.0 if seas < pers else 0.0
+# The seasonal weights of the two naive forecasts: persistence, seasonal naive.
+_NAIVE_WEIGHTS = np.array([0.0, 1.0])
 
 
-def _clearly_better(parts: Sequence[OutOfSample], k: int, gain: float, weight: float, seasonal: bool) -> bool:
-    """Whether (gain, weight) beats the better naive forecast at ``k`` by more than one standard error over folds."""
-    naive_w = _better_naive_weight(parts, k, seasonal)
-    if gain == 0.0 and weight == naive_w:
-        return True  # it is that naive forecast
-    rel = []
-    for p in parts:
-        cand = _fold_costs(p, k, np.array([gain]), np.array([weight]))
-        naive = _fold_costs(p, k, np.array([0.0]), np.array([naive_w]))
-        if cand is None or naive is None:
-            continue
-        rel.append(cand[0, 0] / naive[0, 0] if naive[0, 0] > 0 else (1.0 if cand[0, 0] > 0 else 0.0))
-    if len(rel) < 2:
-        return True
-    r = np.asarray(rel)
-    return bool(r.mean() + r.std(ddof=1) / math.sqrt(r.size) < 1.0)
+def _relative(candidate: float, naive: float) -> float:
+    """A candidate's cost relative to the naive forecast's in one fold (an exact naive forecast: 0 or 1)."""
+    if naive > 0:
+        return float(candidate / naive)
+    return 1.0 if candidate > 0 else 0.0
 
 
 def blend_cost(oos: OutOfSample | Sequence[OutOfSample], blend: Blend) -> list[float]:
