@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from edge_lstm.features import OutputKind, record_history, seasonal_from_history, seasonal_lags
+from edge_lstm.features import record_history, seasonal_from_history
 from edge_lstm.intervals import anomaly_score, anomaly_scores
 from edge_lstm.modelspec import Manifest
 from edge_lstm.outcomes import Outcome
@@ -126,10 +126,6 @@ class Engine:
         # A model that blends in seasonal naive needs each stream's last season of targets.
         self._history = m.pipeline.output.history_ticks
         self.table.ensure_history(self._history)
-        # The single-tick path's constants (see _step_one).
-        out = m.pipeline.output
-        self._lags = seasonal_lags(self._history, m.horizon) if self._history else None
-        self._weights = np.asarray(out.seasonal_weights, np.float64) if self._history else None
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -307,21 +303,15 @@ class Engine:
         ticks[row] += 1
         index = int(ticks[row]) - 1
         target = tick.values[self._target]
-        hist = t.history
         if self._history:
-            hist[row, index % self._history] = target
+            record_history(t.history, row, index, target)
         if not tick.observed:
             t.pending_value[row] = math.nan
             return
-        out = self._pipeline.output
-        fc = y[0].astype(np.float64) * out.scale
-        fc = fc + target if out.kind is OutputKind.DELTA else fc + out.center
-        if self._lags is not None and self._weights is not None:
-            m = hist.shape[1]
-            idx = index - self._lags
-            seasonal = np.where(idx >= 0, hist[row, idx % m], np.nan)
-            lean = seasonal - target
-            fc = fc + self._weights * np.where(np.isnan(lean), 0.0, lean)
+        seasonal = None
+        if self._history:
+            seasonal = seasonal_from_history(t.history, row, index, self.manifest.horizon)
+        fc = self._pipeline.decode(y[0], target, seasonal)
         pending = float(t.pending_value[row])
         score: float | None = None
         if not math.isnan(pending):

@@ -400,17 +400,18 @@ class FeaturePipeline:
 
     def decode(
         self, y: npt.ArrayLike, last_target: npt.ArrayLike, seasonal: npt.ArrayLike | None = None
-    ) -> FloatArray:
+    ) -> npt.NDArray[np.float64]:
         """Forecasts ``[B, K]`` in the target's units from network outputs ``[B, K]``.
 
         ``seasonal`` ``[B, K]`` are the seasonal-naive forecasts (NaN where a stream has
-        too little history); they count only when the output has seasonal weights.
+        too little history); they count only when the output has seasonal weights.  One
+        tick's ``[K]`` outputs with a scalar ``last_target`` give its ``[K]`` forecasts.
         """
-        last = np.asarray(last_target, dtype=np.float64)
+        last = np.asarray(last_target, dtype=np.float64)[..., None]
         out = np.asarray(y, dtype=np.float64) * self.output.scale
-        out = out + last[:, None] if self.output.kind is OutputKind.DELTA else out + self.output.center
+        out = out + last if self.output.kind is OutputKind.DELTA else out + self.output.center
         if seasonal is not None and self.output.seasonal:
-            lean = np.asarray(seasonal, dtype=np.float64) - last[:, None]
+            lean = np.asarray(seasonal, dtype=np.float64) - last
             out = out + self._seasonal_weights * np.where(np.isnan(lean), 0.0, lean)
         return out
 
@@ -482,10 +483,11 @@ def seasonal_from_history(
     """Seasonal-naive forecasts ``[B, K]`` at origin ticks ``tick_index`` from the rings of ``rows``.
 
     The same numbers as :func:`seasonal_naive` on the stream's whole history: NaN where the
-    reading one season before the forecast tick precedes the stream's first tick.
+    reading one season before the forecast tick precedes the stream's first tick.  A scalar
+    row and tick give that one origin's ``[K]``.
     """
     m = history.shape[1]
-    idx = np.asarray(tick_index, np.int64)[:, None] - seasonal_lags(m, horizon)[None, :]
-    vals = history[np.asarray(rows, np.intp)[:, None], idx % m]
+    idx = np.asarray(tick_index, np.int64)[..., None] - seasonal_lags(m, horizon)
+    vals = history[np.asarray(rows, np.intp)[..., None], idx % m]
     return np.where(idx >= 0, vals, np.nan)
 

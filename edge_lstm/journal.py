@@ -172,6 +172,7 @@ class Journal:
         self.written = 0
         self.synced = 0
         self.sync_error: OSError | None = None
+        self.sync_failures = 0  # fdatasync calls of the sync thread that failed (it retries every 0.5 s)
         self._cond = threading.Condition()
         self._want = 0
         self._thread: threading.Thread | None = None
@@ -279,6 +280,7 @@ class Journal:
                     os.close(fd)
             except OSError as e:
                 self.sync_error = e
+                self.sync_failures += 1
                 with self._cond:
                     self._cond.wait(0.5)  # the disk is in trouble: try again shortly
             else:

@@ -56,9 +56,9 @@ _LOG = logging.getLogger(__name__)
 ONLINE = b"online"
 OFFLINE = b"offline"
 SUBSCRIBE_QOS = 1
+MAX_INFLIGHT = 1000  # outgoing QoS 1 messages paho keeps unacknowledged on the wire at once
 CONNACK_TIMEOUT_S = 10.0  # a TCP connection without a CONNACK this long is dropped and retried
 REFUSAL_LOG_EVERY_S = 60.0  # a broker refusing every forecast logs once a minute, not per forecast
-MAX_INFLIGHT = 1000  # outgoing QoS 1 messages paho keeps unacknowledged on the wire at once
 READ_BUDGET = 4096  # most packets one poll reads before it returns to its owner
 
 

@@ -148,6 +148,7 @@ class Pipeline:
         self._error_logged_at = -ERROR_LOG_EVERY_S
         self.errors = 0
         self.journal_failing = False  # the last journal write failed (the disk is in trouble)
+        self._sync_failures_seen = 0  # the journal's failed syncs already counted in the metrics
         out = cfg.output
         self._out_qos, self._out_retain, self._out_template = out.qos, out.retain, out.topic
         self.discovery: Discovery | None = None
@@ -347,8 +348,10 @@ class Pipeline:
                 self.metrics.journal_bytes.inc(written)
             self._syncing.append((journal.written, to_ack))
             self._to_ack = []
-        if journal.sync_error is not None and self._syncing:
-            self.metrics.journal_failures.inc()
+        failed_syncs = journal.sync_failures - self._sync_failures_seen
+        if failed_syncs:  # counted once per failed fdatasync, not once per loop iteration while they fail
+            self._sync_failures_seen += failed_syncs
+            self.metrics.journal_failures.inc(failed_syncs)
             self._log_error(f"syncing the journal ({journal.sync_error}); acknowledgements wait", exc=False)
         # Acknowledge, in order, the groups the disk holds now.
         n = 0

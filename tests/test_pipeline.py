@@ -231,3 +231,38 @@ def test_retained_messages_are_left_out_and_counted_unless_asked_for(tmp_path: P
     q, _ = _pipeline(tmp_path / "b", input={"retained": "process"})
     q.accept(_msg(1, _reading(1e9, 25000), retain=True))
     assert len(q.queue) == 1
+
+
+def test_a_failing_journal_sync_is_counted_once_per_failed_sync_and_holds_the_acknowledgement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk refuses fdatasync (EIO): the acknowledgement waits, and the failures counted are the sync
+    thread's failed attempts (one every 0.5 s), not the loop's many commits meanwhile."""
+    import errno
+    import os
+
+    p, link = _pipeline(tmp_path)
+    p.journal.sync = True
+    p.journal.start_syncing(lambda: None)
+
+    def refuse(fd: int) -> None:
+        raise OSError(errno.EIO, "input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", refuse)
+    try:
+        p.accept(_msg(1, _reading(1e9, 25000)))
+        p.step(10)
+        p.on_published(link.published[0][2], True)
+        commits = 0
+        deadline = time.monotonic() + 1.2
+        while time.monotonic() < deadline:
+            assert p.commit() == 0  # not on disk: not acknowledged
+            commits += 1
+            time.sleep(0.002)
+        failures = p.metrics.journal_failures._value.get()  # type: ignore[attr-defined]
+        assert link.acks == [] and commits > 100
+        assert 1 <= failures == p.journal.sync_failures <= 4  # the thread retries every 0.5 s
+    finally:
+        monkeypatch.undo()
+        p.journal.stop_syncing()
+    assert p.commit() == 1 and link.acks == [1]  # the disk is back: the acknowledgement goes out
