@@ -57,7 +57,6 @@ def iso_utc(t: float) -> str:
     return _iso_ms(round(t * 1000.0))
 
 
-@functools.lru_cache(maxsize=1 << 12)
 def _iso_ms(total_ms: int) -> str:
     days, ms = divmod(total_ms, _MS_PER_DAY)
     secs, ms = divmod(ms, 1000)
