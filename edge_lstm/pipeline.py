@@ -160,6 +160,10 @@ class Pipeline:
         self.queue_limit = cfg.engine.queue_size
         self.max_outstanding = OUTSTANDING_PER_BATCH * cfg.engine.max_batch
         self.queue: collections.deque[Reading] = collections.deque()
+        # Streams of the readings queued since the last step, and whether one came twice: then the next
+        # batch needs a second model step anyway, and waiting for more cannot widen its first one.
+        self._waiting: set[str] = set()
+        self.repeated = False
         self.messages: collections.deque[_Message] = collections.deque()
         self.batches: collections.deque[_Batch] = collections.deque()
         self.enqueued = 0  # readings ever put in the queue
@@ -241,6 +245,13 @@ class Pipeline:
                 for outcome in result.rejected:
                     metrics.outcome(outcome)
                 if result.readings:
+                    if not self.repeated:
+                        waiting = self._waiting
+                        for r in result.readings:
+                            if r.stream in waiting:
+                                self.repeated = True
+                                break
+                            waiting.add(r.stream)
                     self.queue.extend(result.readings)
                     self.enqueued += len(result.readings)
                     if len(self.queue) >= self.queue_limit and not self.starved:
@@ -277,6 +288,8 @@ class Pipeline:
             return 0
         n = min(len(q), max_batch)
         readings = [q.popleft() for _ in range(n)]
+        self._waiting.clear()
+        self.repeated = False
         self.taken += n
         batch = _Batch(self.taken)
         self.batches.append(batch)
@@ -516,7 +529,7 @@ class Loop:
             timeout = IDLE_WAIT_S
             if p.queue and not barrier and not starved:
                 timeout = 0.0
-                if linger > 0 and len(p.queue) < max_batch:
+                if linger > 0 and len(p.queue) < max_batch and not p.repeated:
                     timeout = max(0.0, p.queue[0].received + linger - time.monotonic())
             if link.poll(timeout, read=read, wake=self._wake_r):
                 self._drain_wake()
@@ -526,7 +539,12 @@ class Loop:
             if p.queue and not p.starved:
                 # At a barrier only the rest of a message split across batches is stepped.
                 limit = min(max_batch, p.partial()) if barrier else max_batch
-                ready = linger <= 0 or len(p.queue) >= max_batch or time.monotonic() - p.queue[0].received >= linger
+                ready = (
+                    linger <= 0
+                    or len(p.queue) >= max_batch
+                    or p.repeated  # a stream came twice: a wait cannot widen the batch's first model step
+                    or time.monotonic() - p.queue[0].received >= linger
+                )
                 if limit > 0 and (ready or barrier):
                     self._status_count += p.step(limit)
                     self._worked = True

@@ -297,3 +297,48 @@ def test_the_latest_digests_are_carried_in_order_and_recognise_a_redelivery_afte
     last = n - 1
     after.accept(_msg(last % 65535 + 1, _reading(1e9 + 1800 * last, 25000 + last), dup=True))
     assert len(after.queue) == 0 and after.metrics.messages_redelivered._value.get() == 1  # type: ignore[attr-defined]
+
+
+def test_a_streams_second_queued_reading_ends_the_wait_for_a_wider_batch(tmp_path: Path) -> None:
+    """The loop waits up to engine.max_wait_ms for more readings only while each new one could join the
+    batch's first model step: once a stream has two readings queued, it steps at once."""
+    p, _ = _pipeline(tmp_path)
+    p.accept(_msg(1, _reading(1e9, 25000), stream="a"))
+    p.accept(_msg(2, _reading(1e9, 25000), stream="b"))
+    assert not p.repeated  # two streams: a third could still share the step
+    p.accept(_msg(3, _reading(1e9 + 1800, 25100), stream="a"))
+    assert p.repeated
+    p.step(10)
+    assert not p.repeated and not p.queue
+    p.accept(_msg(4, _reading(1e9 + 3600, 25200), stream="a"))
+    assert not p.repeated  # the first reading since the step
+
+
+def test_the_loop_steps_at_once_when_a_stream_repeats_and_waits_for_other_streams(
+    broker: Broker, tmp_path: Path, taylor_series: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """With a long engine.max_wait_ms (1 s), a lone reading waits for company; a stream's second reading
+    ends the wait (its batch needs a second model step anyway), so both forecasts come out at once."""
+    ts, values = taylor_series
+    cfg = _config(tmp_path, broker, engine={"max_wait_ms": 1000})
+    daemon = Daemon(cfg, registry=CollectorRegistry(), handle_signals=False)
+    pub = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+    pub.connect(broker.host, broker.port)
+    pub.loop_start()
+    try:
+        with Collector(broker.host, broker.port, ["forecasts/#"]) as col:
+            daemon.start()
+            t0 = time.monotonic()
+            pub.publish("sensors/b/value", _reading(float(ts[0]), float(values[0])), qos=1).wait_for_publish(10)
+            col.wait_for(1, "forecasts/b", timeout=20, retained=False)
+            assert time.monotonic() - t0 >= 0.9  # alone: held back for up to a second
+            t0 = time.monotonic()
+            for i in (0, 1):
+                pub.publish("sensors/a/value", _reading(float(ts[i]), float(values[i])), qos=1).wait_for_publish(10)
+            got = col.wait_for(2, "forecasts/a", timeout=20, retained=False)
+            assert time.monotonic() - t0 < 0.6  # the repeat ended the wait
+            assert [m.json()["ts_epoch"] for m in got] == [float(ts[0]), float(ts[1])]
+    finally:
+        daemon.stop()
+        pub.disconnect()
+        pub.loop_stop()
