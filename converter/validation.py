@@ -172,15 +172,17 @@ def fit_blend(
 
     The same grid is searched a second time with the seasonally differenced
     forecast ``last + s_k - r_k`` in place of seasonal naive (``differenced=False``
-    leaves it out), and the better of the two wins, seasonal naive on a tie (it
-    needs less history online).  On a series whose daily shape holds while its
-    level drifts (hourly temperature normals) that forecast is 2-3 times better
-    than seasonal naive at every horizon, and SARIMA's equal one tick ahead.
+    leaves it out); of the two searches' best candidates, the cheaper one that
+    passes the check below wins, seasonal naive's on a tie (it needs less
+    history online).  On a series whose daily shape holds while its level
+    drifts (hourly temperature normals) that forecast is 2-3 times better than
+    seasonal naive at every horizon, and SARIMA's equal one tick ahead.
 
-    With two folds or more, the winner must also beat the better naive forecast
+    With two folds or more, a candidate must also beat the better naive forecast
     by more than the folds disagree (the one-standard-error rule): unless the
     mean over folds of its cost relative to that naive forecast, plus one
-    standard error, stays below 1, the horizon falls back to the naive forecast.
+    standard error, stays below 1, it is out; with neither search's candidate
+    left, the horizon falls back to the naive forecast.
     With three folds of a short series, a gain one fold contradicts is as
     likely noise as not; the product promises never to be worse than the naive
     forecasts, so such a horizon gives the gain up.  Measured on the accuracy
@@ -199,37 +201,41 @@ def fit_blend(
     w_grid = grid if seasonal else np.zeros(1)
     anchors = (False, True) if seasonal and differenced else (False,)
     for k in range(k_max):
-        # Per anchor and fold: every candidate's cost [W, G], and persistence's and seasonal naive's [2, 1].
-        best = (math.inf, False, 0, 0)  # cost, differenced, weight index, gain index
-        folds_of: dict[bool, list[tuple[F64, F64]]] = {}
+        # Persistence's and seasonal naive's cost per fold [2, 1] (None where a fold has too few pairs).
+        naive_costs_k = [_fold_costs(p, k, np.zeros(1), _NAIVE_WEIGHTS) for p in parts]
+        counted = [nv for nv in naive_costs_k if nv is not None]
+        if not counted:
+            continue
+        naive = np.array([nv[:, 0] for nv in counted])  # [F, 2]: persistence, seasonal naive
+        nw = 1 if seasonal and np.median(naive[:, 1]) < np.median(naive[:, 0]) else 0
+        # Per seasonal forecast, the best candidate; the cheapest one the folds agree on wins.
+        found: list[tuple[float, bool, int, int]] = []  # cost, differenced, weight index, gain index
         for anchor in anchors:
-            folds = folds_of[anchor] = [
-                (r, _fold_costs(p, k, np.zeros(1), _NAIVE_WEIGHTS))
-                for p in parts
-                if (r := _fold_costs(p, k, grid, w_grid, anchor)) is not None
+            folds = [
+                (r, nv)
+                for p, nv in zip(parts, naive_costs_k, strict=True)
+                if nv is not None and (r := _fold_costs(p, k, grid, w_grid, anchor)) is not None
             ]
-            if not folds:
-                continue
             cost = np.median(np.stack([r for r, _ in folds]), axis=0)  # [W, G]
+            best = (math.inf, 0, 0)  # cost, weight index, gain index
             for iw in range(len(w_grid)):
                 i = int(np.argmin(cost[iw]))
                 if cost[iw, i] < best[0] - 1e-12:
-                    best = (float(cost[iw, i]), anchor, iw, i)
-        if not folds_of[False]:
-            continue
-        if not math.isfinite(best[0]):
-            gains[k] = weights[k] = 0.0
-            continue
-        _, anchor, iw, ig = best
-        gains[k], weights[k], diffs[k] = grid[ig], w_grid[iw], anchor and w_grid[iw] > 0
-        folds = folds_of[anchor]
-        if len(folds) >= 2:
-            naive = np.array([nv[:, 0] for _, nv in folds])  # [F, 2]: persistence, seasonal naive
-            nw = 1 if seasonal and np.median(naive[:, 1]) < np.median(naive[:, 0]) else 0
-            if anchor or not (grid[ig] == 0.0 and w_grid[iw] == float(nw)):  # unless it is that naive forecast
+                    best = (float(cost[iw, i]), iw, i)
+            c, iw, ig = best
+            if not math.isfinite(c):
+                continue
+            is_naive = not anchor and grid[ig] == 0.0 and w_grid[iw] == float(nw)
+            if len(folds) >= 2 and not is_naive:
                 rel = np.array([_relative(r[iw, ig], nv[nw, 0]) for r, nv in folds])
                 if rel.mean() + rel.std(ddof=1) / math.sqrt(rel.size) >= 1.0:
-                    gains[k], weights[k], diffs[k] = 0.0, float(nw), False
+                    continue  # the folds disagree too much to trust it
+            found.append((c, anchor, iw, ig))
+        if not found:  # nothing beats the better naive forecast clearly enough: that forecast
+            gains[k], weights[k] = 0.0, float(nw)
+            continue
+        _, anchor, iw, ig = min(found, key=lambda f: (f[0], f[1]))  # a tie goes to seasonal naive
+        gains[k], weights[k], diffs[k] = grid[ig], w_grid[iw], anchor and w_grid[iw] > 0
     return Blend(gains=gains, weights=weights, differenced=diffs if diffs.any() else None)
 
 
