@@ -172,11 +172,13 @@ def fit_blend(
 
     The same grid is searched a second time with the seasonally differenced
     forecast ``last + s_k - r_k`` in place of seasonal naive (``differenced=False``
-    leaves it out); of the two searches' best candidates, the cheaper one that
-    passes the check below wins, seasonal naive's on a tie (it needs less
-    history online).  On a series whose daily shape holds while its level
-    drifts (hourly temperature normals) that forecast is 2-3 times better than
-    seasonal naive at every horizon, and SARIMA's equal one tick ahead.
+    leaves it out; its weights start above 0, where the two searches differ).
+    Its best candidate counts only where it is cheaper than the first search's
+    best (so with no ``r_k`` anywhere nothing changes, and it needs more history
+    online); then the cheaper of the counted candidates that passes the check
+    below wins.  On a series whose daily shape holds while its level drifts
+    (hourly temperature normals) that forecast is 2-3 times better than
+    seasonal naive at every horizon.
 
     With two folds or more, a candidate must also beat the better naive forecast
     by more than the folds disagree (the one-standard-error rule): unless the
@@ -208,34 +210,45 @@ def fit_blend(
             continue
         naive = np.array([nv[:, 0] for nv in counted])  # [F, 2]: persistence, seasonal naive
         nw = 1 if seasonal and np.median(naive[:, 1]) < np.median(naive[:, 0]) else 0
-        # Per seasonal forecast, the best candidate; the cheapest one the folds agree on wins.
-        found: list[tuple[float, bool, int, int]] = []  # cost, differenced, weight index, gain index
+        # Per search, its best candidate: (cost, differenced, weight, gain, trusted by the folds).
+        bests: list[tuple[float, bool, float, float, bool]] = []
         for anchor in anchors:
+            # The differenced search holds only weights above 0: at weight 0 both searches are the same.
+            w_axis = w_grid[w_grid > 0] if anchor else w_grid
             folds = [
                 (r, nv)
                 for p, nv in zip(parts, naive_costs_k, strict=True)
-                if nv is not None and (r := _fold_costs(p, k, grid, w_grid, anchor)) is not None
+                if nv is not None and (r := _fold_costs(p, k, grid, w_axis, anchor)) is not None
             ]
+            if not w_axis.size or not folds:
+                continue
             cost = np.median(np.stack([r for r, _ in folds]), axis=0)  # [W, G]
             best = (math.inf, 0, 0)  # cost, weight index, gain index
-            for iw in range(len(w_grid)):
+            for iw in range(len(w_axis)):
                 i = int(np.argmin(cost[iw]))
                 if cost[iw, i] < best[0] - 1e-12:
                     best = (float(cost[iw, i]), iw, i)
             c, iw, ig = best
             if not math.isfinite(c):
                 continue
-            is_naive = not anchor and grid[ig] == 0.0 and w_grid[iw] == float(nw)
-            if len(folds) >= 2 and not is_naive:
+            trusted = True
+            if len(folds) >= 2 and (anchor or not (grid[ig] == 0.0 and w_axis[iw] == float(nw))):
                 rel = np.array([_relative(r[iw, ig], nv[nw, 0]) for r, nv in folds])
-                if rel.mean() + rel.std(ddof=1) / math.sqrt(rel.size) >= 1.0:
-                    continue  # the folds disagree too much to trust it
-            found.append((c, anchor, iw, ig))
-        if not found:  # nothing beats the better naive forecast clearly enough: that forecast
+                trusted = rel.mean() + rel.std(ddof=1) / math.sqrt(rel.size) < 1.0
+            bests.append((c, anchor, float(w_axis[iw]), float(grid[ig]), trusted))
+        if not bests:  # no candidate has a cost here: persistence
+            gains[k] = weights[k] = 0.0
+            continue
+        # The differenced search's best counts only where it is clearly cheaper than seasonal naive's (it
+        # needs more history, and where r_k is missing its candidates are seasonal naive's own at weight 0).
+        if len(bests) == 2 and not (bests[0][1] is False and bests[1][0] < bests[0][0] - 1e-12):
+            bests = bests[:1]
+        trusted = [b for b in bests if b[4]]
+        if not trusted:  # nothing beats the better naive forecast clearly enough: that forecast
             gains[k], weights[k] = 0.0, float(nw)
             continue
-        _, anchor, iw, ig = min(found, key=lambda f: (f[0], f[1]))  # a tie goes to seasonal naive
-        gains[k], weights[k], diffs[k] = grid[ig], w_grid[iw], anchor and w_grid[iw] > 0
+        _, anchor, w, g, _ = min(trusted, key=lambda b: b[0])
+        gains[k], weights[k], diffs[k] = g, w, anchor
     return Blend(gains=gains, weights=weights, differenced=diffs if diffs.any() else None)
 
 

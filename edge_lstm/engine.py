@@ -123,7 +123,7 @@ class Engine:
         self._warmup = m.warmup_ticks
         self._model_id = m.model_id
         self._check = m.intervals.check_offsets if m.intervals is not None else None
-        # A model that blends in seasonal naive needs each stream's last season of targets.
+        # A model that blends in a seasonal forecast needs each stream's recent targets (history_ticks).
         self._history = m.pipeline.output.history_ticks
         self.table.ensure_history(self._history)
 

@@ -172,7 +172,7 @@ class OutputSpec:
     kind: OutputKind = OutputKind.DELTA
     center: float = 0.0
     scale: float = 1.0
-    season_ticks: int = 0  # period of the seasonal-naive blend; 0: none
+    season_ticks: int = 0  # season of the seasonal blend (seasonal naive or differenced); 0: none
     seasonal_weights: tuple[float, ...] = ()  # per horizon, weight of (seasonal forecast - last reading)
     seasonal_differenced: tuple[bool, ...] = ()  # per horizon, the seasonal forecast is differenced (else naive)
 
@@ -181,6 +181,10 @@ class OutputSpec:
             raise ValueError("seasonal_weights need season_ticks >= 1 and one weight per horizon")
         if self.seasonal_differenced and len(self.seasonal_differenced) != len(self.seasonal_weights):
             raise ValueError("seasonal_differenced needs seasonal_weights and one flag per horizon")
+        # A flag counts only where its horizon has a weight; none left: no flags (what to_dict writes).
+        pairs = zip(self.seasonal_differenced, self.seasonal_weights, strict=False)  # no flags: empty
+        flags = tuple(bool(d) and w != 0.0 for d, w in pairs)
+        object.__setattr__(self, "seasonal_differenced", flags if any(flags) else ())
 
     @property
     def seasonal(self) -> bool:
@@ -190,9 +194,7 @@ class OutputSpec:
     @property
     def differenced(self) -> bool:
         """Whether some horizon with a weight leans on the seasonally differenced forecast."""
-        return self.seasonal and any(
-            d and w != 0.0 for d, w in zip(self.seasonal_differenced, self.seasonal_weights, strict=False)
-        )
+        return bool(self.seasonal_differenced)
 
     @property
     def history_ticks(self) -> int:
@@ -236,7 +238,7 @@ class OutputSpec:
             raise ValueError("seasonal_weights must be a list of numbers")
         if not all(math.isfinite(w) for w in weights):
             raise ValueError("seasonal_weights must be finite")
-        differenced = d.get("seasonal_differenced") or []
+        differenced = d.get("seasonal_differenced", [])
         if not isinstance(differenced, list) or not all(isinstance(f, bool) for f in differenced):
             raise ValueError("seasonal_differenced must be a list of true/false")
         return cls(
@@ -434,8 +436,9 @@ class FeaturePipeline:
     ) -> npt.NDArray[np.float64]:
         """Forecasts ``[B, K]`` in the target's units from network outputs ``[B, K]``.
 
-        ``seasonal`` ``[B, K]`` are the seasonal-naive forecasts (NaN where a stream has
-        too little history); they count only when the output has seasonal weights.  One
+        ``seasonal`` ``[B, K]`` are the blend's seasonal forecasts ``S_k``
+        (:func:`seasonal_forecasts`; NaN where a stream has too little history); they
+        count only when the output has seasonal weights.  One
         tick's ``[K]`` outputs with a scalar ``last_target`` give its ``[K]`` forecasts.
         """
         last = np.asarray(last_target, dtype=np.float64)[..., None]

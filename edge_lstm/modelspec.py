@@ -160,6 +160,8 @@ class Manifest:
             if max_gap < 1:
                 raise ValueError(f"'max_gap_ticks' must be at least 1, got {max_gap}")
             pipeline = FeaturePipeline.from_dict(d)
+            if pipeline.output.differenced and version < 2:
+                raise ValueError("output.seasonal_differenced needs format_version 2")
             intervals = Intervals.from_dict(d["intervals"], pipeline.output.horizon) if "intervals" in d else None
             return cls(
                 name=str(d["name"]),

@@ -83,6 +83,9 @@ def test_a_differenced_seasonal_blend_is_written_as_format_version_2_and_read_ba
     d["format_version"] = 3
     with pytest.raises(ModelError, match="format_version 3"):
         Manifest.from_dict(d)
+    d["format_version"] = 1  # a version-1 reader would ignore the flags: such a manifest is not valid
+    with pytest.raises(ModelError, match="needs format_version 2"):
+        Manifest.from_dict(d)
 
 
 def test_load_model_checks_the_hash(tmp_path: Path) -> None:

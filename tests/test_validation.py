@@ -73,9 +73,10 @@ def test_decode_leans_on_seasonal_naive_by_its_weights_and_round_trips() -> None
     diff = dataclasses.replace(p.output, seasonal_differenced=(False, True, False))
     assert diff.differenced and diff.history_ticks == 25 and OutputSpec.from_dict(diff.to_dict()) == diff
     assert diff.to_dict()["seasonal_differenced"] == [False, True, False]
-    # A flag on a horizon without weight needs nothing and is not written.
+    # A flag on a horizon without weight needs nothing and is dropped.
     idle = dataclasses.replace(p.output, seasonal_weights=(0.0, 1.0, 0.0), seasonal_differenced=(True, False, False))
     assert not idle.differenced and idle.history_ticks == 24 and "seasonal_differenced" not in idle.to_dict()
+    assert idle.seasonal_differenced == () and OutputSpec.from_dict(idle.to_dict()) == idle
 
 
 def _oos(
@@ -83,6 +84,23 @@ def _oos(
 ) -> OutOfSample:
     ref = np.full(last.shape, np.nan) if reference is None else reference
     return OutOfSample(last=[last], actual=[actual], delta=[delta], seasonal=[seasonal], reference=[ref])
+
+
+def test_without_the_reference_readings_the_blend_is_the_seasonal_naive_one() -> None:
+    """Where r_k is missing the differenced forecasts are seasonal naive's weight-0 candidates: they
+    must not win a horizon the seasonal-naive search left to the naive forecast."""
+    for seed in range(40):  # the search without this rule gave seed 32's horizon to the network (gain 1)
+        rng = np.random.default_rng(seed)
+        folds = []
+        for i in range(3):
+            n = 40
+            last = rng.normal(50, 5, n)
+            change = rng.normal(0, 3, n)
+            actual = last + change + rng.normal(0, 2, n)
+            seasonal = last + change * (1 if i < 2 else -1) + rng.normal(0, 1, n)  # misleads in one fold
+            folds.append(_oos(change * rng.uniform(0.2, 1), seasonal, actual, last))
+        a, b = fit_blend(folds), fit_blend(folds, differenced=False)
+        assert a.differenced is None and np.array_equal(a.gains, b.gains) and np.array_equal(a.weights, b.weights)
 
 
 def test_blend_leans_on_the_seasonally_differenced_forecast_when_the_level_drifts() -> None:
