@@ -54,7 +54,10 @@ def _json_str(s: str) -> str:
 
 def iso_utc(t: float) -> str:
     """``2024-05-29T16:00:00Z`` (``.123`` milliseconds added when not whole seconds)."""
-    total_ms = round(t * 1000.0)
+    return _iso_ms(round(t * 1000.0))
+
+
+def _iso_ms(total_ms: int) -> str:
     days, ms = divmod(total_ms, _MS_PER_DAY)
     secs, ms = divmod(ms, 1000)
     h, rem = divmod(secs, 3600)
@@ -67,7 +70,7 @@ def iso_utc(t: float) -> str:
 @functools.lru_cache(maxsize=1 << 12)
 def _item_prefix(total_ms: int) -> str:
     """``{"ts":"<ISO>","value":`` for a step time in epoch milliseconds."""
-    return f'{{"ts":"{iso_utc(total_ms / 1000.0)}","value":'
+    return f'{{"ts":"{_iso_ms(total_ms)}","value":'
 
 
 class ForecastEncoder:
@@ -78,8 +81,9 @@ class ForecastEncoder:
 
     On the hot path: the step timestamps of a reading time are formatted once
     and kept as a ``%``-template (streams on a common clock share it), and each
-    step time's text is cached on its own (a stream's next reading reuses all
-    but one of its steps).
+    step time's text is cached on its own.  A reading one cadence after the
+    previous new reading time (one stream, or streams on a common clock) takes
+    that time's template shifted by one step and adds the new last step.
     """
 
     def __init__(
@@ -96,6 +100,10 @@ class ForecastEncoder:
         # After each value: the bounds' keys, in the order of the columns of _values().
         self._bound_keys = [f',"{key}":' for lv in intervals.levels for key in bound_keys(lv)] if intervals else []
         self._item_tail = self._value_fmt + "".join(k + self._bound_fmt for k in self._bound_keys)
+        # Whole milliseconds: step times are then exact (t0_ms + k * cadence_ms), so shifting is exact too.
+        cadence_ms = self.cadence_s * 1000.0
+        self._cadence_ms = cadence_ms if cadence_ms.is_integer() else math.nan
+        self._last_items: tuple[float, int, list[str], str] = (math.nan, 0, [], "")  # t0 in ms, K, prefixes, template
         if intervals is not None:
             self._offsets = np.empty((2 * len(intervals.levels), intervals.horizon))
             self._offsets[0::2], self._offsets[1::2] = intervals.lower, intervals.upper
@@ -107,9 +115,18 @@ class ForecastEncoder:
     def _make_items(self, t0: float, horizon: int) -> tuple[str, list[str], str]:
         """For reading time ``t0``: its ``ts`` fields, the item prefixes, and the items as one template."""
         head = f'"ts":"{iso_utc(t0)}","ts_epoch":{t0!r}'
-        prefixes = self._prefixes(t0, horizon)
         tail = self._item_tail  # an item's value and bounds formats; the prefixes hold no "%"
-        return head, prefixes, "},".join([p + tail for p in prefixes])
+        t0_ms = t0 * 1000.0
+        last_ms, last_k, last_prefixes, last_template = self._last_items
+        if last_ms == t0_ms - self._cadence_ms and last_k == horizon > 1 and t0_ms.is_integer():
+            # The previous reading time's steps 2..K are this one's 1..K-1.
+            prefixes = [*last_prefixes[1:], _item_prefix(int(t0_ms + horizon * self._cadence_ms))]
+            template = f"{last_template[len(last_prefixes[0]) + len(tail) + 2 :]}}},{prefixes[-1]}{tail}"
+        else:
+            prefixes = self._prefixes(t0, horizon)
+            template = "},".join([p + tail for p in prefixes])
+        self._last_items = (t0_ms, horizon, prefixes, template)
+        return head, prefixes, template
 
     @classmethod
     def for_manifest(cls, manifest: Manifest, precision: int | None = None) -> ForecastEncoder:

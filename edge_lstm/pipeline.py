@@ -78,6 +78,32 @@ MID_SPACE = 65536
 OUTSTANDING_PER_BATCH = 4  # forecasts awaiting the broker's PUBACK: at most this many batches' worth
 
 
+class _DigestRing:
+    """The packet id, QoS and digest of the latest ``size`` messages with their sequence numbers, in a ring
+    of int64 (32 bytes a message, where one digest-only :class:`Record` each held ~130 bytes)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._ring = array.array("q", [0]) * (3 * size)
+        self._count = 0
+
+    def append(self, seq: int, mid: int, qos: int, digest: int) -> None:
+        i = 3 * (self._count % self._size)
+        ring = self._ring
+        ring[i], ring[i + 1], ring[i + 2] = seq, mid | qos << 16, digest
+        self._count += 1
+
+    def records(self) -> list[Record]:
+        """Digest-only records, oldest first."""
+        ring, n = self._ring, min(self._count, self._size)
+        first = self._count - n
+        out = []
+        for j in range(first, self._count):
+            i = 3 * (j % self._size)
+            out.append(Record(ring[i], ring[i + 1] & 0xFFFF, ring[i + 1] >> 16, 0.0, "", None, ring[i + 2]))
+        return out
+
+
 @dataclasses.dataclass(slots=True)
 class _Message:
     """An accepted message not yet acknowledged: its readings are ``[start, end)`` in intake order."""
@@ -144,7 +170,7 @@ class Pipeline:
         self._syncing: collections.deque[tuple[int, list[_Message]]] = collections.deque()
         self._window: dict[int, _Message] = {}  # unacknowledged QoS 1 messages by packet id
         self._digest = array.array("q", [-1]) * MID_SPACE  # CRC of the last message seen with each packet id
-        self._recent: collections.deque[Record] = collections.deque(maxlen=CARRY_DIGESTS)
+        self._recent = _DigestRing(CARRY_DIGESTS)
         self._error_logged_at = -ERROR_LOG_EVERY_S
         self.errors = 0
         self.journal_failing = False  # the last journal write failed (the disk is in trouble)
@@ -174,7 +200,7 @@ class Pipeline:
             self.seq = max(self.seq, r.seq)
             if r.qos > 0:
                 self._remember(r.mid, r.digest)
-            self._recent.append(r.digest_only())
+            self._recent.append(r.seq, r.mid, r.qos, r.digest)
         return replay_journal(records, after, self.engine, self.decoder, self._route)
 
     def _remember(self, mid: int, digest: int) -> None:
@@ -330,9 +356,8 @@ class Pipeline:
             m = messages.popleft()
             if m.payload is not None:
                 self.seq += 1
-                rec = Record(self.seq, m.mid, m.qos, m.arrival, m.topic, m.payload, m.digest)
-                journal.append(rec)
-                self._recent.append(rec.digest_only())
+                journal.append(Record(self.seq, m.mid, m.qos, m.arrival, m.topic, m.payload, m.digest))
+                self._recent.append(self.seq, m.mid, m.qos, m.digest)
             to_ack.append(m)
         if to_ack:
             try:
@@ -390,7 +415,7 @@ class Pipeline:
 
     def carry(self) -> list[Record]:
         """Digests of the latest messages, for a new journal after a checkpoint."""
-        return list(self._recent)
+        return self._recent.records()
 
     def leave_queued(self) -> int:
         """Stop: the readings still queued stay with the broker (their messages are not acknowledged)."""

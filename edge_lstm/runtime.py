@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import enum
 import importlib
-import importlib.metadata
 import logging
 import os
 import sys
@@ -85,6 +84,8 @@ def _distribution_version(module: Any, dist: str) -> str:
     version = getattr(module, "__version__", None)
     if isinstance(version, str):
         return version
+    import importlib.metadata  # only here: importing it costs the daemon ~3 MB of memory
+
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:

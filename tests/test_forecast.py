@@ -82,3 +82,22 @@ def test_iso_utc_millisecond_and_day_boundaries() -> None:
     assert iso_utc(0.0) == "1970-01-01T00:00:00Z"
     assert iso_utc(86_399.9996) == "1970-01-02T00:00:00Z"
     assert iso_utc(1716998400.25) == "2024-05-29T16:00:00.250Z"
+
+
+@given(
+    st.sampled_from([1800.0, 60.0, 0.25, 1 / 3, 86_400.0]),
+    st.integers(1, 5),
+    st.lists(st.sampled_from([1, 1, 1, 2, 0, -1, 7]), min_size=1, max_size=30),
+    st.sampled_from([0.0, 0.5, 0.0004]),
+)
+def test_a_reading_one_cadence_on_is_encoded_as_from_scratch(
+    cadence: float, horizon: int, steps: list[int], offset: float
+) -> None:
+    """The template shifted from the previous reading time (one stream's next tick) gives the same bytes
+    as an encoder that formats that reading time afresh, for exact and inexact millisecond cadences."""
+    shifting = ForecastEncoder(cadence, "W")
+    t, k = 1716998400.0 + offset, 0
+    for step in steps:
+        k += step
+        f = make([float(i) + 0.125 for i in range(horizon)], ts=t + k * cadence)
+        assert shifting.encode(f) == ForecastEncoder(cadence, "W").encode(f)

@@ -266,3 +266,34 @@ def test_a_failing_journal_sync_is_counted_once_per_failed_sync_and_holds_the_ac
         monkeypatch.undo()
         p.journal.stop_syncing()
     assert p.commit() == 1 and link.acks == [1]  # the disk is back: the acknowledgement goes out
+
+
+def test_the_latest_digests_are_carried_in_order_and_recognise_a_redelivery_after_a_restart(tmp_path: Path) -> None:
+    """What a checkpoint's new journal carries: the digests of the latest CARRY_DIGESTS messages, oldest
+    first (the ring wraps); a pipeline that replays them knows a redelivered message as seen."""
+    from edge_lstm.pipeline import CARRY_DIGESTS, _DigestRing
+
+    ring = _DigestRing(3)
+    for seq in range(1, 6):
+        ring.append(seq, 65535 - seq, seq % 2, 1000 + seq)
+    assert [(r.seq, r.mid, r.qos, r.digest, r.payload) for r in ring.records()] == [
+        (3, 65532, 1, 1003, None), (4, 65531, 0, 1004, None), (5, 65530, 1, 1005, None),
+    ]  # fmt: skip
+
+    p, link = _pipeline(tmp_path)
+    n = CARRY_DIGESTS + 5
+    for i in range(n):
+        mid = i % 65535 + 1
+        p.accept(_msg(mid, _reading(1e9 + 1800 * i, 25000 + i)))
+        p.step(10)
+        p.on_published(link.published[-1][2], True)
+        p.commit()
+    carried = p.carry()
+    assert [r.seq for r in carried] == list(range(n - CARRY_DIGESTS + 1, n + 1))
+    assert all(r.payload is None and r.qos == 1 for r in carried)
+    p.journal.reset(carried)
+    after, _ = _pipeline(tmp_path / "restart")
+    after.replay(read_journal(tmp_path / "state", p.engine.model.manifest.sha256).records, p.seq)
+    last = n - 1
+    after.accept(_msg(last % 65535 + 1, _reading(1e9 + 1800 * last, 25000 + last), dup=True))
+    assert len(after.queue) == 0 and after.metrics.messages_redelivered._value.get() == 1  # type: ignore[attr-defined]
