@@ -105,6 +105,7 @@ def train_one(series: Series, work: Path) -> dict[str, Any]:
         "ratio_best_naive": h["ratio_best_naive"],
         "baselines": h.get("baselines", {}),
         "seasonal_weights": report["training"]["seasonal_weights"],
+        "seasonal_differenced": report["training"].get("seasonal_differenced", []),
         "gains": report["training"]["gains"],
         "seed": report["training"]["seed"],
         "interval_coverage": report["intervals"]["holdout_coverage"] if report.get("intervals") else {},
@@ -147,7 +148,10 @@ def markdown(results: dict[str, Any]) -> str:
         "[converter.md](converter.md)). *ratio* is model MAE / the better naive forecast",
         f"(persistence or seasonal naive) at that horizon; the acceptance bar is <= {BAR:.2f}.",
         "SARIMA and ETS are fitted on the ticks before the hold-out and then filtered over it with",
-        "fixed parameters. **Bold**: the best forecast of the row.",
+        "fixed parameters. **Bold**: the best forecast of the row. The model's forecast is the",
+        "network blended, per horizon, with persistence and with seasonal naive or the seasonally",
+        "differenced forecast (last reading plus the change over the same stretch one season",
+        "earlier), as chosen on the validation folds; the weights are in the last table.",
         "",
         "| series | h | model | persistence | seasonal naive | SARIMA | ETS | ratio |",
         "|---|---|---|---|---|---|---|---|",
@@ -202,12 +206,14 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## The series",
         "",
-        "| series | what | ticks | season | seed | seasonal weights (h=1..K) | SARIMA / ETS spec | train s (cpu s) |",
+        "| series | what | ticks | season | seed | seasonal weights (h=1..K; d: differenced) | SARIMA / ETS spec | "
+        "train s (cpu s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         specs = " / ".join(b["spec"] for b in r["baselines"].values()) or "-"
-        weights = ", ".join(f"{w:.2f}" for w in r["seasonal_weights"])
+        flags = r.get("seasonal_differenced") or [False] * len(r["seasonal_weights"])
+        weights = ", ".join(f"{w:.2f}{'d' if d else ''}" for w, d in zip(r["seasonal_weights"], flags, strict=True))
         lines.append(
             f"| {name} | {r['about']} | {r['ticks']} | {r['season_ticks']} | {r['seed']} | {weights} | {specs} | "
             f"{r['seconds']:.0f} ({r['cpu_seconds']:.0f}) |"

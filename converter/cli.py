@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--candidates", type=int, default=2,
                    help="seeds trained on every fold; the best on validation ships (default 2)")  # fmt: skip
     t.add_argument("--no-seasonal-blend", action="store_true",
-                   help="shrink towards persistence only, never towards seasonal naive")  # fmt: skip
+                   help="shrink towards persistence only, never towards seasonal naive or the seasonally "
+                        "differenced forecast")  # fmt: skip
     t.add_argument("--no-baselines", action="store_true", help="skip the SARIMA and ETS baselines")
     t.add_argument("--no-plot", action="store_true", help="skip forecast.png")
     t.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")

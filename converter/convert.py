@@ -51,7 +51,7 @@ from converter.validation import (
     out_of_sample,
     rolling_folds,
 )
-from edge_lstm.features import FeaturePipeline, seasonal_naive
+from edge_lstm.features import FeaturePipeline, seasonal_series
 from edge_lstm.intervals import DEFAULT_LEVELS, Intervals
 from edge_lstm.modelspec import MODEL_NAME, Manifest, ModelError, Quantization, load_manifest
 from edge_lstm.reference import WEIGHTS_NAME, ReferenceWeights
@@ -337,12 +337,16 @@ def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> Train
     fold_epochs = [e for _, e in earlier] + [fitted.epochs_run]
     _LOG.info("candidates (seed: last-fold validation MAE / persistence) %s; seed %d ships",
               [(c.seed, round(c.score, 4)) for c in cands], best.seed)  # fmt: skip
-    _LOG.info("per-horizon gains %s, seasonal weights %s",
-              np.round(blend.gains, 2).tolist(), np.round(blend.weights, 2).tolist())  # fmt: skip
+    marked = [f"{w:.2f}{'d' if blend.is_differenced(k) else ''}" for k, w in enumerate(blend.weights.tolist())]
+    _LOG.info("per-horizon gains %s, seasonal weights %s (d: seasonally differenced)",
+              np.round(blend.gains, 2).tolist(), marked)  # fmt: skip
     weights = apply_gains(extract_weights(fitted.model), blend.gains)
     if float(np.max(np.abs(blend.weights), initial=0.0)) > 0.0:
         output = dataclasses.replace(
-            pipeline.output, season_ticks=season, seasonal_weights=tuple(float(w) for w in blend.weights)
+            pipeline.output,
+            season_ticks=season,
+            seasonal_weights=tuple(float(w) for w in blend.weights),
+            seasonal_differenced=() if blend.differenced is None else tuple(bool(d) for d in blend.differenced),
         )
         pipeline = dataclasses.replace(pipeline, output=output)
     model = model_from_weights(weights)
@@ -438,6 +442,7 @@ def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> Train
             "window_ticks": window,
             "gains": blend.gains.tolist(),
             "seasonal_weights": blend.weights.tolist(),
+            "seasonal_differenced": [blend.is_differenced(k) for k in range(cfg.horizon)],
             "seed": best.seed,
         },
         "versions": _versions(),
@@ -566,8 +571,8 @@ def _plot(
     k = pipeline.output.horizon
     lo = max(run.score_from + k, run.stop - max_ticks)
     j = np.arange(lo, run.stop)
-    sea = seasonal_naive(e.target, season, k)
-    fc = pipeline.decode(pred, e.target[run.start : run.stop], sea[run.start : run.stop])
+    sea = seasonal_series(e.target, pipeline.output)
+    fc = pipeline.decode(pred, e.target[run.start : run.stop], None if sea is None else sea[run.start : run.stop])
     f1 = fc[j - 1 - run.start, 0]
     fk = fc[j - k - run.start, k - 1]
     bands = None

@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from converter.classical import CLASSICAL
 from converter.prepare import EncodedSegment, EvalRun, Part
-from edge_lstm.features import FeaturePipeline
+from edge_lstm.features import FeaturePipeline, seasonal_forecasts
 
 _LOG = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ class Pairs(PerHorizon):
     offset: list[npt.NDArray[np.intp]]  # per horizon: origin tick relative to the run start
     last: list[F64]  # per horizon: the reading at the origin
     actual: list[F64]  # per horizon: the reading at origin + k
-    seasonal: list[F64]  # per horizon: the seasonal-naive forecast
+    seasonal: list[F64]  # per horizon: the seasonal-naive forecast (s_k)
+    reference: list[F64]  # per horizon: r_k, the reading as many seasons before the origin (NaN: none)
 
 
 def scored_pairs(
@@ -68,6 +69,7 @@ def scored_pairs(
     last: list[list[F64]] = [[] for _ in range(horizon)]
     act: list[list[F64]] = [[] for _ in range(horizon)]
     sea: list[list[F64]] = [[] for _ in range(horizon)]
+    ref: list[list[F64]] = [[] for _ in range(horizon)]
     for r_i, run in enumerate(runs):
         e = encoded[run.seg_index]
         obs = e.segment.observed
@@ -84,6 +86,8 @@ def scored_pairs(
             last[k - 1].append(e.target[tt])
             act[k - 1].append(e.target[jj])
             sea[k - 1].append(e.target[ss])
+            rr = tt - season * math.ceil(k / season)
+            ref[k - 1].append(np.where(rr >= 0, e.target[np.maximum(rr, 0)], np.nan))
 
     def cat(chunks: list[Any], dtype: Any) -> Any:
         return np.concatenate(chunks).astype(dtype) if chunks else np.zeros(0, dtype=dtype)
@@ -94,6 +98,7 @@ def scored_pairs(
         last=[cat(c, np.float64) for c in last],
         actual=[cat(c, np.float64) for c in act],
         seasonal=[cat(c, np.float64) for c in sea],
+        reference=[cat(c, np.float64) for c in ref],
     )
 
 
@@ -112,8 +117,10 @@ def model_forecasts(pairs: Pairs, preds: Sequence[F32], pipeline: FeaturePipelin
         y_full = np.zeros((y.shape[0], pairs.horizon))
         y_full[:, k] = y
         s_full = np.full((y.shape[0], pairs.horizon), np.nan)
-        s_full[:, k] = pairs.seasonal[k]
-        out.append(pipeline.decode(y_full, pairs.last[k], s_full)[:, k] if y.size else np.zeros(0))
+        r_full = np.full((y.shape[0], pairs.horizon), np.nan)
+        s_full[:, k], r_full[:, k] = pairs.seasonal[k], pairs.reference[k]
+        sea = seasonal_forecasts(s_full, r_full, pairs.last[k], pipeline.output)
+        out.append(pipeline.decode(y_full, pairs.last[k], sea)[:, k] if y.size else np.zeros(0))
     return out
 
 

@@ -123,7 +123,7 @@ class Engine:
         self._warmup = m.warmup_ticks
         self._model_id = m.model_id
         self._check = m.intervals.check_offsets if m.intervals is not None else None
-        # A model that blends in seasonal naive needs each stream's last season of targets.
+        # A model that blends in a seasonal forecast needs each stream's recent targets (history_ticks).
         self._history = m.pipeline.output.history_ticks
         self.table.ensure_history(self._history)
 
@@ -253,7 +253,7 @@ class Engine:
         actual = np.array([ticks[i][0].values[target] for i in observed], dtype=np.float64)
         seasonal = None
         if self._history:
-            seasonal = seasonal_from_history(t.history, obs_rows, t.ticks[obs_rows] - 1, self.manifest.horizon)
+            seasonal = seasonal_from_history(t.history, obs_rows, t.ticks[obs_rows] - 1, self._pipeline.output)
         fc = self._pipeline.decode(y[observed], actual, seasonal)
         # 1-step errors: the pending forecast of a stream whose previous tick was observed and one tick ago
         # (pending_value is NaN after a filled tick, a reset, for a new stream and while warming up).
@@ -310,7 +310,7 @@ class Engine:
             return
         seasonal = None
         if self._history:
-            seasonal = seasonal_from_history(t.history, row, index, self.manifest.horizon)
+            seasonal = seasonal_from_history(t.history, row, index, self._pipeline.output)
         fc = self._pipeline.decode(y[0], target, seasonal)
         pending = float(t.pending_value[row])
         score: float | None = None

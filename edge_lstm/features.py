@@ -30,10 +30,15 @@ Output (``OutputSpec.kind``):
     The network predicts ``(y_{t+k} - center) / scale``.
 
 Seasonal blend (``OutputSpec.season_ticks``, ``OutputSpec.seasonal_weights``): forecast ``k`` may
-lean on seasonal naive, ``forecast_k += w_k * (s_k - y_t)``, where ``s_k`` is the reading one
-season before the forecast tick (:func:`seasonal_lags`).  Where a stream has less history
-than that (after a start or a reset), ``s_k`` is missing and the term is 0.  A model without
-weights needs no history at all.
+lean on a seasonal forecast ``S_k``, ``forecast_k += w_k * (S_k - y_t)``.  ``S_k`` is seasonal
+naive ``s_k``, the reading one season before the forecast tick (:func:`seasonal_lags`), or, at
+the horizons ``OutputSpec.seasonal_differenced`` marks, the seasonally differenced forecast
+``y_t + (s_k - r_k)``: the last reading plus the change over the same stretch one season
+earlier, ``r_k`` being the reading as many seasons before the origin as ``s_k`` lies before the
+forecast tick (SARIMA(0,1,0)(0,1,0)'s forecast; it follows a level that drifts away from last
+season's).  Where a stream has less history than that (after a start or a reset), ``S_k`` is
+missing and the term is 0 (:func:`seasonal_forecasts`).  A model without weights needs no
+history at all.
 """
 
 from __future__ import annotations
@@ -167,22 +172,44 @@ class OutputSpec:
     kind: OutputKind = OutputKind.DELTA
     center: float = 0.0
     scale: float = 1.0
-    season_ticks: int = 0  # period of the seasonal-naive blend; 0: none
-    seasonal_weights: tuple[float, ...] = ()  # per horizon, weight of (seasonal naive - last reading)
+    season_ticks: int = 0  # season of the seasonal blend (seasonal naive or differenced); 0: none
+    seasonal_weights: tuple[float, ...] = ()  # per horizon, weight of (seasonal forecast - last reading)
+    seasonal_differenced: tuple[bool, ...] = ()  # per horizon, the seasonal forecast is differenced (else naive)
 
     def __post_init__(self) -> None:
         if self.seasonal_weights and (self.season_ticks < 1 or len(self.seasonal_weights) != self.horizon):
             raise ValueError("seasonal_weights need season_ticks >= 1 and one weight per horizon")
+        if self.seasonal_differenced and len(self.seasonal_differenced) != len(self.seasonal_weights):
+            raise ValueError("seasonal_differenced needs seasonal_weights and one flag per horizon")
+        # A flag counts only where its horizon has a weight; none left: no flags (what to_dict writes).
+        pairs = zip(self.seasonal_differenced, self.seasonal_weights, strict=False)  # no flags: empty
+        flags = tuple(bool(d) and w != 0.0 for d, w in pairs)
+        object.__setattr__(self, "seasonal_differenced", flags if any(flags) else ())
 
     @property
     def seasonal(self) -> bool:
-        """Whether forecasts lean on seasonal naive (and so need each stream's last season of targets)."""
+        """Whether forecasts lean on a seasonal forecast (and so need each stream's recent targets)."""
         return bool(self.seasonal_weights) and any(w != 0.0 for w in self.seasonal_weights)
 
     @property
+    def differenced(self) -> bool:
+        """Whether some horizon with a weight leans on the seasonally differenced forecast."""
+        return bool(self.seasonal_differenced)
+
+    @property
     def history_ticks(self) -> int:
-        """Target values a stream must keep for the seasonal blend: one season, or 0."""
-        return self.season_ticks if self.seasonal else 0
+        """Target values a stream must keep for the seasonal blend: one season (seasonal naive), one
+        more tick and as many more seasons as the horizon spans (differenced: ``r_k``), or 0."""
+        if not self.seasonal:
+            return 0
+        m = self.season_ticks
+        return m * -(-self.horizon // m) + 1 if self.differenced else m
+
+    @functools.cached_property
+    def differenced_mask(self) -> npt.NDArray[np.bool_]:
+        """``[K]``: the horizons whose seasonal forecast is differenced."""
+        flags = self.seasonal_differenced or (False,) * self.horizon
+        return np.asarray(flags, dtype=bool) & self.differenced
 
     def to_dict(self) -> dict[str, object]:
         d: dict[str, object] = {
@@ -194,6 +221,8 @@ class OutputSpec:
         }
         if self.seasonal:
             d.update(season_ticks=self.season_ticks, seasonal_weights=list(self.seasonal_weights))
+        if self.differenced:
+            d.update(seasonal_differenced=[bool(f) for f in self.seasonal_differenced])
         return d
 
     @classmethod
@@ -209,6 +238,9 @@ class OutputSpec:
             raise ValueError("seasonal_weights must be a list of numbers")
         if not all(math.isfinite(w) for w in weights):
             raise ValueError("seasonal_weights must be finite")
+        differenced = d.get("seasonal_differenced", [])
+        if not isinstance(differenced, list) or not all(isinstance(f, bool) for f in differenced):
+            raise ValueError("seasonal_differenced must be a list of true/false")
         return cls(
             target=str(d["target"]),
             horizon=horizon,
@@ -217,6 +249,7 @@ class OutputSpec:
             scale=scale,
             season_ticks=int(d.get("season_ticks", 0)) if weights else 0,  # type: ignore[call-overload]
             seasonal_weights=tuple(float(w) for w in weights),
+            seasonal_differenced=tuple(differenced) if weights else (),
         )
 
 
@@ -403,8 +436,9 @@ class FeaturePipeline:
     ) -> npt.NDArray[np.float64]:
         """Forecasts ``[B, K]`` in the target's units from network outputs ``[B, K]``.
 
-        ``seasonal`` ``[B, K]`` are the seasonal-naive forecasts (NaN where a stream has
-        too little history); they count only when the output has seasonal weights.  One
+        ``seasonal`` ``[B, K]`` are the blend's seasonal forecasts ``S_k``
+        (:func:`seasonal_forecasts`; NaN where a stream has too little history); they
+        count only when the output has seasonal weights.  One
         tick's ``[K]`` outputs with a scalar ``last_target`` give its ``[K]`` forecasts.
         """
         last = np.asarray(last_target, dtype=np.float64)[..., None]
@@ -458,36 +492,83 @@ def seasonal_naive(target: npt.ArrayLike, season: int, horizon: int) -> FloatArr
     """Seasonal-naive forecasts ``[T, K]`` from every tick of a stretch that starts a stream.
 
     ``target`` ``[T]`` holds the target at consecutive ticks from a stream's start (or
-    reset); entries without enough history are NaN.  The daemon keeps the last season in
-    a ring buffer and gets the same numbers (``StateTable.history``).
+    reset); entries without enough history are NaN.
     """
-    tgt = np.asarray(target, dtype=np.float64)
-    lags = seasonal_lags(season, horizon)
+    return _lagged(np.asarray(target, dtype=np.float64), seasonal_lags(season, horizon))
+
+
+def reference_lags(season: int, horizon: int) -> npt.NDArray[np.intp]:
+    """For ``k = 1..K``: how many ticks before the origin ``r_k`` lies: ``m * ceil(k / m)``."""
+    k = np.arange(1, horizon + 1)
+    return (season * -(-k // season)).astype(np.intp)
+
+
+def _lagged(tgt: FloatArray, lags: npt.NDArray[np.intp]) -> FloatArray:
     idx = np.arange(tgt.shape[0])[:, None] - lags[None, :]
     return np.where(idx >= 0, tgt[np.maximum(idx, 0)], np.nan)
 
 
-def record_history(history: FloatArray, rows: npt.ArrayLike, tick_index: npt.ArrayLike, target: npt.ArrayLike) -> None:
-    """Store the target of tick ``tick_index`` (0 = a stream's first tick) in its row's ring of one season.
+def seasonal_forecasts(
+    naive: FloatArray, reference: FloatArray | None, last: npt.ArrayLike, output: OutputSpec
+) -> FloatArray:
+    """The blend's seasonal forecasts ``S_k`` ``[..., K]``: seasonal naive ``s_k``, or ``y_t + (s_k - r_k)``
+    at the differenced horizons (NaN where ``s_k`` or ``r_k`` is missing).
 
-    ``history`` is ``[rows, m]``; column ``i % m`` holds tick ``i``, so the ring always holds
-    the last ``m`` ticks, all that :func:`seasonal_from_history` needs.
+    The converter (on its scored pairs and whole stretches) and the daemon (from each
+    stream's ring) both call this, so both get the same numbers.
+    """
+    if reference is None or not output.differenced:
+        return naive
+    mask = output.differenced_mask
+    last_col = np.asarray(last, dtype=np.float64)[..., None]
+    return np.where(mask, last_col + (naive - reference), naive)
+
+
+def seasonal_series(target: npt.ArrayLike, output: OutputSpec) -> FloatArray | None:
+    """:func:`seasonal_forecasts` ``[T, K]`` at every tick of a stretch that starts a stream (None: no blend).
+
+    The daemon keeps the last :attr:`OutputSpec.history_ticks` targets of each stream in a
+    ring and gets the same numbers (:func:`seasonal_from_history`).
+    """
+    if not output.seasonal:
+        return None
+    tgt = np.asarray(target, dtype=np.float64)
+    m, k = output.season_ticks, output.horizon
+    naive = _lagged(tgt, seasonal_lags(m, k))
+    reference = _lagged(tgt, reference_lags(m, k)) if output.differenced else None
+    return seasonal_forecasts(naive, reference, tgt, output)
+
+
+def record_history(history: FloatArray, rows: npt.ArrayLike, tick_index: npt.ArrayLike, target: npt.ArrayLike) -> None:
+    """Store the target of tick ``tick_index`` (0 = a stream's first tick) in its row's ring.
+
+    ``history`` is ``[rows, M]``; column ``i % M`` holds tick ``i``, so the ring always holds
+    the last ``M`` ticks (``M`` = :attr:`OutputSpec.history_ticks`), all that
+    :func:`seasonal_from_history` needs.
     """
     m = history.shape[1]
     history[np.asarray(rows, np.intp), np.asarray(tick_index, np.int64) % m] = target
 
 
 def seasonal_from_history(
-    history: FloatArray, rows: npt.ArrayLike, tick_index: npt.ArrayLike, horizon: int
+    history: FloatArray, rows: npt.ArrayLike, tick_index: npt.ArrayLike, output: OutputSpec
 ) -> FloatArray:
-    """Seasonal-naive forecasts ``[B, K]`` at origin ticks ``tick_index`` from the rings of ``rows``.
+    """The blend's seasonal forecasts ``[B, K]`` at origin ticks ``tick_index`` from the rings of ``rows``.
 
-    The same numbers as :func:`seasonal_naive` on the stream's whole history: NaN where the
-    reading one season before the forecast tick precedes the stream's first tick.  A scalar
-    row and tick give that one origin's ``[K]``.
+    The same numbers as :func:`seasonal_series` on the stream's whole history: NaN where a
+    reading they need precedes the stream's first tick (or the ring's last restart).  A
+    scalar row and tick give that one origin's ``[K]``.
     """
-    m = history.shape[1]
-    idx = np.asarray(tick_index, np.int64)[..., None] - seasonal_lags(m, horizon)
-    vals = history[np.asarray(rows, np.intp)[..., None], idx % m]
-    return np.where(idx >= 0, vals, np.nan)
+    size = history.shape[1]
+    m, k = output.season_ticks, output.horizon
+    tick = np.asarray(tick_index, np.int64)
+    row = np.asarray(rows, np.intp)[..., None]
 
+    def at(lags: npt.NDArray[np.intp]) -> FloatArray:
+        idx = tick[..., None] - lags
+        return np.where(idx >= 0, history[row, idx % size], np.nan)
+
+    naive = at(seasonal_lags(m, k))
+    if not output.differenced:
+        return naive
+    return seasonal_forecasts(naive, at(reference_lags(m, k)), history[np.asarray(rows, np.intp), tick % size], output)

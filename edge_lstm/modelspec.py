@@ -26,7 +26,10 @@ from edge_lstm.intervals import Intervals
 from edge_lstm.ticks import TickPolicy
 
 FORMAT = "edge-lstm-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 2 adds output.seasonal_differenced; a manifest that does not use it is written as version 1,
+# so builds that read only version 1 still load it, and refuse one whose forecasts they would get wrong.
+READ_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.tflite"
 
@@ -110,7 +113,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if self.pipeline.output.differenced else 1,
             "name": self.name,
             "model_file": self.model_file,
             "sha256": self.sha256,
@@ -133,9 +136,10 @@ class Manifest:
         if d.get("format") != FORMAT:
             raise ModelError(f"not an edge-lstm manifest (format={d.get('format')!r})")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             raise ModelError(
-                f"manifest format_version {version!r} is not supported (this build reads {FORMAT_VERSION})"
+                f"manifest format_version {version!r} is not supported (this build reads "
+                f"{', '.join(map(str, READ_VERSIONS))})"
             )
         known = {
             "format", "format_version", "name", "model_file", "sha256", "quantization", "cadence_seconds",
@@ -156,6 +160,8 @@ class Manifest:
             if max_gap < 1:
                 raise ValueError(f"'max_gap_ticks' must be at least 1, got {max_gap}")
             pipeline = FeaturePipeline.from_dict(d)
+            if pipeline.output.differenced and version < 2:
+                raise ValueError("output.seasonal_differenced needs format_version 2")
             intervals = Intervals.from_dict(d["intervals"], pipeline.output.horizon) if "intervals" in d else None
             return cls(
                 name=str(d["name"]),

@@ -91,11 +91,11 @@ class StateTable:
 
     ``prev`` and ``last_ts`` are then the values and the timestamp of the last closed tick.
 
-    A model that blends in seasonal naive (``OutputSpec.history_ticks`` = ``m`` > 0) also needs
+    A model that blends in a seasonal forecast (``OutputSpec.history_ticks`` = ``M`` > 0) also needs
 
-    ``history``        ``[rows, m]`` float64 the target of the last ``m`` ticks, tick ``i`` (counted
-                       from the stream's start or reset) in column ``i % m``
-                       (:func:`edge_lstm.features.record_history`); ``m * 8`` bytes per stream.
+    ``history``        ``[rows, M]`` float64 the target of the last ``M`` ticks, tick ``i`` (counted
+                       from the stream's start or reset) in column ``i % M``
+                       (:func:`edge_lstm.features.record_history`); ``M * 8`` bytes per stream.
     """
 
     def __init__(self, layers: Sequence[int], n_values: int, capacity: int, history_ticks: int = 0) -> None:
@@ -287,11 +287,24 @@ class StateTable:
     def ensure_history(self, ticks: int) -> None:
         """Keep ``ticks`` targets per stream from now on (a new model may need more, fewer or none).
 
-        A changed length starts every ring empty: until a stream has seen a season again,
-        its seasonal-naive values are missing and forecasts do without them.
+        A changed length keeps each stream's latest targets that both rings hold (tick ``i`` moves
+        from column ``i % old`` to ``i % new``), so a swap between a seasonal-naive and a
+        differenced model gives the same numbers as a run on the new model from the start,
+        once the stream has seen the new ring's length; older targets are missing until then.
         """
-        if ticks != self.history_ticks:
-            self.history = np.full((self.allocated, int(ticks)), np.nan)
+        new_width, old_width = int(ticks), self.history_ticks
+        if new_width == old_width:
+            return
+        old = self.history
+        self.history = np.full((self.allocated, new_width), np.nan)
+        keep = min(new_width, old_width)
+        if not keep:
+            return
+        rows = np.arange(self.allocated)
+        for back in range(keep):  # tick ticks - 1 - back, where the stream has it
+            i = self.ticks - 1 - back
+            has = i >= 0
+            self.history[rows[has], i[has] % new_width] = old[rows[has], i[has] % old_width]
 
     def reset_all(self) -> int:
         """Reset every stream in use (rows are kept); returns how many."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -338,15 +339,20 @@ _steps = st.lists(
 
 
 @settings(max_examples=80, deadline=None)
-@given(_steps, st.integers(2, 6), _policies, st.sampled_from([0, 1, 4]))
+@given(_steps, st.integers(2, 6), _policies, st.sampled_from([0, 1, 4]), st.booleans())
 def test_single_tick_path_equals_the_batch_path_exactly(
-    steps: list[tuple[int, float, float]], cap: int, ticks: tuple[Align, Aggregate, float] | None, season: int
+    steps: list[tuple[int, float, float]],
+    cap: int,
+    ticks: tuple[Align, Aggregate, float] | None,
+    season: int,
+    differenced: bool,
 ) -> None:
     """A model step of one tick runs on scalars: same forecasts, counts, errors, anomaly checks and state,
-    with and without the seasonal blend."""
+    with and without the seasonal blend (seasonal naive, or seasonally differenced at some horizons)."""
     iv = Intervals((0.8, 0.95), [[-0.5, -1.0, -1.5], [-1.0, -2.0, -3.0]], [[0.4, 1.0, 1.5], [0.9, 2.0, 3.0]])
     m = dataclasses.replace(make_manifest(max_gap=4, warmup=3, ticks=ticks), intervals=iv)
-    model = NumpyModel(_blended(m, season, (0.5, 1.0, 0.25)) if season else m)
+    flags = (True, False, True) if differenced else ()
+    model = NumpyModel(_blended(m, season, (0.5, 1.0, 0.25), flags) if season else m)
     ticks: dict[int, float] = {}
     readings = []
     for s, jump, v in steps:  # per stream: on time, jittered, late, duplicate, short and long gaps
@@ -406,22 +412,30 @@ def test_batched_equals_sequential_with_the_bundled_model() -> None:
         np.testing.assert_allclose(np.array(got[s]), np.array(want), rtol=1e-4, atol=0.5)  # MW
 
 
-def _blended(m: Manifest, season: int, weights: tuple[float, ...]) -> Manifest:
-    out = dataclasses.replace(m.pipeline.output, season_ticks=season, seasonal_weights=weights)
+def _blended(m: Manifest, season: int, weights: tuple[float, ...], differenced: tuple[bool, ...] = ()) -> Manifest:
+    out = dataclasses.replace(
+        m.pipeline.output, season_ticks=season, seasonal_weights=weights, seasonal_differenced=differenced
+    )
     return dataclasses.replace(m, pipeline=dataclasses.replace(m.pipeline, output=out))
 
 
-def test_seasonal_blend_online_equals_the_offline_blend_through_gaps_resets_and_a_checkpoint() -> None:
-    """Per stream, the online forecast is the plain forecast plus w_k * (seasonal naive_k - last reading),
-    seasonal naive taken offline (features.seasonal_naive) from the stream's ticks since its last reset,
-    filled ticks included; streams in one batch, a restored table and a fresh one agree."""
-    from edge_lstm.features import seasonal_naive
-
-    season, weights = 5, (0.5, 1.0, 0.25)
+@pytest.mark.parametrize(
+    ("season", "differenced", "ring"),
+    [(5, (), 5), (5, (False, True, True), 6), (2, (True, True, False), 5)],
+)
+def test_seasonal_blend_online_equals_the_offline_blend_through_gaps_resets_and_a_checkpoint(
+    season: int, differenced: tuple[bool, ...], ring: int
+) -> None:
+    """Per stream, the online forecast is the plain forecast plus w_k * (S_k - last reading), S_k taken
+    offline from the stream's ticks since its last reset, filled ticks included: seasonal naive s_k, or
+    at the differenced horizons last + s_k - r_k (r_k as many seasons before the origin as s_k before
+    the forecast tick; with season 2 and horizon 3, two seasons back at h=3); streams in one batch, a
+    restored table and a fresh one agree."""
+    weights = (0.5, 1.0, 0.25)
     plain_m = make_manifest(max_gap=4)
-    model = NumpyModel(_blended(plain_m, season, weights))
+    model = NumpyModel(_blended(plain_m, season, weights, differenced))
     plain = NumpyModel(plain_m)  # same seed: same network, no blend
-    assert model.manifest.pipeline.output.history_ticks == season
+    assert model.manifest.pipeline.output.history_ticks == ring
     rng = np.random.default_rng(5)
     # Stream a: a short gap (ticks 9, 10 filled) and a long one (reset at 30); b: no gap; c: starts late.
     ticks = {"a": [*range(0, 9), *range(11, 22), *range(30, 45)], "b": list(range(0, 45)), "c": list(range(20, 45))}
@@ -433,7 +447,7 @@ def test_seasonal_blend_online_equals_the_offline_blend_through_gaps_resets_and_
         batch = [rd(s, k, *values[s][k]) for s in ticks if k in values[s]]
         if k == 25:  # checkpoint and restore mid-run
             eng = Engine(model, StateTable.from_arrays(eng.table.to_arrays(), plain_m.layers, 2, 100))
-            assert eng.table.history_ticks == season
+            assert eng.table.history_ticks == ring
         for f in eng.process(batch).forecasts:
             got[f.stream].append(f.values)
         for f in ref.process(batch).forecasts:
@@ -452,9 +466,15 @@ def test_seasonal_blend_online_equals_the_offline_blend_through_gaps_resets_and_
             origins.append((len(segments) - 1, len(segments[-1]) - 1))
         want = []
         for (seg, idx), b, k in zip(origins, base[s], ks, strict=True):
-            sea = seasonal_naive(segments[seg], season, 3)[idx]
             last = values[s][k][0]
-            want.append(b + np.asarray(weights) * np.where(np.isnan(sea), 0.0, sea - last))
+            lean = []
+            for h in range(1, 4):
+                back = season * math.ceil(h / season)  # r_h's distance before the origin
+                s_h = segments[seg][idx + h - back] if idx + h - back >= 0 else math.nan
+                r_h = segments[seg][idx - back] if idx - back >= 0 else math.nan
+                sea = last + (s_h - r_h) if differenced and differenced[h - 1] else s_h
+                lean.append(0.0 if math.isnan(sea) else sea - last)
+            want.append(b + np.asarray(weights) * np.array(lean))
         np.testing.assert_allclose(np.array(got[s]), np.array(want), rtol=0, atol=1e-9, err_msg=s)
     # The blend changed forecasts once a season of history was there.
     assert not np.allclose(np.array(got["b"][10:]), np.array(base["b"][10:]))

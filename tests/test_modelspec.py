@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -66,6 +67,25 @@ def test_round_trip_keeps_everything_including_extra(tmp_path: Path) -> None:
     assert m == _manifest(b"model bytes")
     assert m.extra["metrics"]["holdout_mae_1"] == 1.5
     assert load_manifest(d / MANIFEST_NAME) == m
+
+
+def test_a_differenced_seasonal_blend_is_written_as_format_version_2_and_read_back(tmp_path: Path) -> None:
+    """Builds that read only version 1 refuse such a model instead of forecasting without the differencing."""
+    plain = _manifest(b"x")
+    assert plain.to_dict()["format_version"] == 1
+    out = OutputSpec(target="v", horizon=4, scale=3.0, season_ticks=24, seasonal_weights=(0.0, 0.5, 1.0, 1.0),
+                     seasonal_differenced=(False, True, True, False))  # fmt: skip
+    m = dataclasses.replace(plain, pipeline=dataclasses.replace(plain.pipeline, output=out))
+    d = m.to_dict()
+    assert d["format_version"] == 2 and d["output"]["seasonal_differenced"] == [False, True, True, False]
+    back = Manifest.from_dict(json.loads(json.dumps(d)))
+    assert back == m and back.pipeline.output.history_ticks == 25
+    d["format_version"] = 3
+    with pytest.raises(ModelError, match="format_version 3"):
+        Manifest.from_dict(d)
+    d["format_version"] = 1  # a version-1 reader would ignore the flags: such a manifest is not valid
+    with pytest.raises(ModelError, match="needs format_version 2"):
+        Manifest.from_dict(d)
 
 
 def test_load_model_checks_the_hash(tmp_path: Path) -> None:

@@ -177,3 +177,28 @@ def test_the_seasonal_history_goes_through_a_checkpoint_file_and_resets() -> Non
     t.reset(rows[:1])
     assert np.isnan(t.history[rows[0]]).all() and not np.isnan(t.history[rows[1]]).any()
     assert "history" not in StateTable((4,), 1, 10).to_arrays()  # a model without the blend stores none
+
+
+@pytest.mark.parametrize(("old", "new"), [(5, 6), (6, 5), (4, 9), (9, 4)])
+def test_a_new_ring_width_keeps_the_latest_targets_both_rings_hold(old: int, new: int) -> None:
+    """A model swap between seasonal naive (one season) and the differenced forecast (one tick more):
+    each stream's latest min(old, new) targets move to their columns in the new ring."""
+    from edge_lstm.features import record_history
+
+    t = StateTable((4,), 1, 8, history_ticks=old)
+    rows, _ = t.rows_for(["a", "b", "c"])
+    seen = {0: 11, 1: 3, 2: 0}  # ticks each stream has seen since its start
+    for r, n in seen.items():
+        for i in range(n):
+            record_history(t.history, rows[r], i, 100.0 * r + i)
+        t.ticks[rows[r]] = n
+    t.ensure_history(new)
+    assert t.history.shape == (t.allocated, new)
+    for r, n in seen.items():
+        kept = {i for i in range(max(0, n - min(old, new)), n)}
+        for col in range(new):
+            held = [i for i in kept if i % new == col]
+            if held:
+                assert t.history[rows[r], col] == 100.0 * r + held[0]
+            else:
+                assert np.isnan(t.history[rows[r], col])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -67,10 +68,61 @@ def test_decode_leans_on_seasonal_naive_by_its_weights_and_round_trips() -> None
     assert "seasonal_weights" not in plain.to_dict()["output"] and plain.output.history_ticks == 0
     with pytest.raises(ValueError):
         OutputSpec(target="v", horizon=3, season_ticks=24, seasonal_weights=(1.0,))
+    with pytest.raises(ValueError):
+        OutputSpec(target="v", horizon=3, season_ticks=24, seasonal_weights=(1.0,) * 3, seasonal_differenced=(True,))
+    diff = dataclasses.replace(p.output, seasonal_differenced=(False, True, False))
+    assert diff.differenced and diff.history_ticks == 25 and OutputSpec.from_dict(diff.to_dict()) == diff
+    assert diff.to_dict()["seasonal_differenced"] == [False, True, False]
+    # A flag on a horizon without weight needs nothing and is dropped.
+    idle = dataclasses.replace(p.output, seasonal_weights=(0.0, 1.0, 0.0), seasonal_differenced=(True, False, False))
+    assert not idle.differenced and idle.history_ticks == 24 and "seasonal_differenced" not in idle.to_dict()
+    assert idle.seasonal_differenced == () and OutputSpec.from_dict(idle.to_dict()) == idle
 
 
-def _oos(delta: np.ndarray, seasonal: np.ndarray, actual: np.ndarray, last: np.ndarray) -> OutOfSample:
-    return OutOfSample(last=[last], actual=[actual], delta=[delta], seasonal=[seasonal])
+def _oos(
+    delta: np.ndarray, seasonal: np.ndarray, actual: np.ndarray, last: np.ndarray, reference: np.ndarray | None = None
+) -> OutOfSample:
+    ref = np.full(last.shape, np.nan) if reference is None else reference
+    return OutOfSample(last=[last], actual=[actual], delta=[delta], seasonal=[seasonal], reference=[ref])
+
+
+def test_without_the_reference_readings_the_blend_is_the_seasonal_naive_one() -> None:
+    """Where r_k is missing the differenced forecasts are seasonal naive's weight-0 candidates: they
+    must not win a horizon the seasonal-naive search left to the naive forecast."""
+    for seed in range(40):  # the search without this rule gave seed 32's horizon to the network (gain 1)
+        rng = np.random.default_rng(seed)
+        folds = []
+        for i in range(3):
+            n = 40
+            last = rng.normal(50, 5, n)
+            change = rng.normal(0, 3, n)
+            actual = last + change + rng.normal(0, 2, n)
+            seasonal = last + change * (1 if i < 2 else -1) + rng.normal(0, 1, n)  # misleads in one fold
+            folds.append(_oos(change * rng.uniform(0.2, 1), seasonal, actual, last))
+        a, b = fit_blend(folds), fit_blend(folds, differenced=False)
+        assert a.differenced is None and np.array_equal(a.gains, b.gains) and np.array_equal(a.weights, b.weights)
+
+
+def test_blend_leans_on_the_seasonally_differenced_forecast_when_the_level_drifts() -> None:
+    """A daily shape that holds while the level drifts: seasonal naive misses by the drift, last + s - r
+    does not; the blend takes the differenced forecast (and only when allowed to)."""
+    rng = np.random.default_rng(11)
+    n = 300
+    reference = rng.normal(50, 5, n)  # r: one season before the origin
+    seasonal = reference + rng.normal(0, 3, n)  # s: one season before the forecast tick
+    drift = rng.normal(0, 4, n)  # the level moved by this since last season
+    last = reference + drift
+    actual = last + (seasonal - reference) + rng.normal(0, 0.3, n)
+    folds = [_oos(rng.normal(0, 2, n // 3), seasonal[i::3], actual[i::3], last[i::3], reference[i::3])
+             for i in range(3)]  # fmt: skip
+    b = fit_blend(folds)
+    assert b.is_differenced(0) and b.weights[0] > 0.9 and b.gains[0] < 0.2
+    pooled = OutOfSample.concat(folds)
+    naive_mae = min(pooled.baseline_mae()["persistence"][0], pooled.baseline_mae()["seasonal_naive"][0])
+    assert pooled.mae(b)[0] < 0.3 * naive_mae
+    plain = fit_blend(folds, differenced=False)
+    assert not plain.is_differenced(0) and pooled.mae(plain)[0] > 2 * pooled.mae(b)[0]
+    assert not fit_blend(folds, seasonal=False).is_differenced(0)
 
 
 def test_blend_takes_the_network_when_it_is_right_and_seasonal_naive_when_that_is() -> None:
@@ -177,26 +229,50 @@ def test_fold_by_fold_blend_is_never_worse_than_either_naive_forecast_in_the_med
 
 
 def test_out_of_sample_pools_folds_per_horizon() -> None:
-    a = OutOfSample([np.ones(2)] * 2, [np.ones(2)] * 2, [np.zeros(2)] * 2, [np.ones(2)] * 2)
-    b = OutOfSample([np.ones(3)] * 2, [np.ones(3)] * 2, [np.zeros(3)] * 2, [np.ones(3)] * 2)
+    a = OutOfSample([np.ones(2)] * 2, [np.ones(2)] * 2, [np.zeros(2)] * 2, [np.ones(2)] * 2, [np.ones(2)] * 2)
+    b = OutOfSample([np.ones(3)] * 2, [np.ones(3)] * 2, [np.zeros(3)] * 2, [np.ones(3)] * 2, [np.ones(3)] * 2)
     pooled = OutOfSample.concat([a, b])
     assert pooled.counts == [5, 5] and pooled.horizon == 2
 
 
-def test_a_ring_of_one_season_gives_the_same_seasonal_naive_as_the_whole_history() -> None:
-    from edge_lstm.features import record_history, seasonal_from_history
+@pytest.mark.parametrize("differenced", [False, True])
+def test_the_ring_gives_the_same_seasonal_forecasts_as_the_whole_history(differenced: bool) -> None:
+    """Seasonal naive from a ring of one season; with differenced horizons (K beyond the season too)
+    from a ring of history_ticks: bit for bit what the converter computes on the whole stretch."""
+    from edge_lstm.features import record_history, seasonal_from_history, seasonal_series
 
     rng = np.random.default_rng(3)
     for season, horizon in ((1, 3), (4, 9), (24, 6), (7, 7)):
+        flags = tuple(bool(f) for f in rng.integers(0, 2, horizon)) if differenced else ()
+        if differenced:
+            flags = (True, *flags[1:])
+        out = OutputSpec(target="v", horizon=horizon, season_ticks=season,
+                         seasonal_weights=(0.5,) * horizon, seasonal_differenced=flags)  # fmt: skip
+        size = out.history_ticks
+        assert size == (season * -(-horizon // season) + 1 if differenced else season)
         streams = [rng.normal(size=int(n)) for n in rng.integers(1, 60, size=3)]
-        ring = np.full((3, season), np.nan)
+        ring = np.full((3, size), np.nan)
         for i in range(max(len(s) for s in streams)):
             rows = np.array([r for r, s in enumerate(streams) if i < len(s)])
             record_history(ring, rows, np.full(rows.size, i), [streams[r][i] for r in rows])
-            got = seasonal_from_history(ring, rows, np.full(rows.size, i), horizon)
+            got = seasonal_from_history(ring, rows, np.full(rows.size, i), out)
             for j, r in enumerate(rows):
-                want = seasonal_naive(streams[r][: i + 1], season, horizon)[i]
-                np.testing.assert_array_equal(got[j], want)
+                want = seasonal_series(streams[r][: i + 1], out)
+                assert want is not None
+                np.testing.assert_array_equal(got[j], want[i])
+                if not differenced:
+                    np.testing.assert_array_equal(got[j], seasonal_naive(streams[r][: i + 1], season, horizon)[i])
+                else:
+                    one = seasonal_from_history(ring, int(r), i, out)  # the single-tick path's scalar call
+                    np.testing.assert_array_equal(one, got[j])
+                    k = np.arange(1, horizon + 1)
+                    back = season * -(-k // season)
+                    y = streams[r]
+                    for h in np.flatnonzero(np.array(flags)):
+                        if i - back[h] >= 0:
+                            assert want[i][h] == y[i] + (y[i + k[h] - back[h]] - y[i - back[h]])
+                        else:
+                            assert np.isnan(want[i][h])
 
 
 def test_a_gain_the_folds_disagree_on_falls_back_to_the_better_naive_forecast() -> None:

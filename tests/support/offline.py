@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_lstm.engine import Engine
-from edge_lstm.features import seasonal_naive
+from edge_lstm.features import seasonal_series
 from edge_lstm.modelspec import load_model
 from edge_lstm.runtime import StepModel, load_step_model
 
@@ -50,9 +50,9 @@ def stream_forecasts(
     out = np.empty((len(ts), model.manifest.horizon))
     # A model that blends in seasonal naive sees the target of every tick since the stream's start.
     history = np.concatenate([s.extra.get("targets", np.zeros(0)), v[:, pipe.target_index]])
-    seasonal = None
-    if pipe.output.history_ticks:
-        seasonal = seasonal_naive(history, pipe.output.season_ticks, pipe.output.horizon)[s.ticks :]
+    seasonal = seasonal_series(history, pipe.output)
+    if seasonal is not None:
+        seasonal = seasonal[s.ticks :]
     for i in range(len(ts)):
         x = pipe.encode(v[i : i + 1], prev, ts[i : i + 1])
         y, state = model.step(x, state)
