@@ -280,8 +280,9 @@ class EngineConfig:
         metadata=_doc(
             "How long the loop may hold the oldest queued reading back (ms) while fewer than `max_batch` are "
             "queued, to take more readings per wake-up: fewer, larger model steps and publish bursts for at most "
-            "this much added latency (see docs/performance.md). It stops waiting once a stream has a second "
-            "reading queued (that batch needs another model step anyway). 0: run whatever is queued as soon as "
+            "this much added latency (see docs/performance.md). It stops waiting when every reading queued since "
+            "the last step is of one stream and that stream has sent twice (one stream's run, where a wait "
+            "gathers no other stream and holds the acknowledgements back). 0: run whatever is queued as soon as "
             "the loop is free."
         ),
     )

@@ -80,9 +80,11 @@ OUTSTANDING_PER_BATCH = 4  # forecasts awaiting the broker's PUBACK: at most thi
 
 class _DigestRing:
     """The packet id, QoS and digest of the latest ``size`` messages with their sequence numbers, in a ring
-    of int64 (32 bytes a message, where one digest-only :class:`Record` each held ~130 bytes)."""
+    of int64 (24 bytes a message, where one digest-only :class:`Record` each held ~130 bytes)."""
 
     def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError("the digest ring needs room for at least one message")
         self._size = size
         self._ring = array.array("q", [0]) * (3 * size)
         self._count = 0
@@ -160,9 +162,12 @@ class Pipeline:
         self.queue_limit = cfg.engine.queue_size
         self.max_outstanding = OUTSTANDING_PER_BATCH * cfg.engine.max_batch
         self.queue: collections.deque[Reading] = collections.deque()
-        # Streams of the readings queued since the last step, and whether one came twice: then the next
-        # batch needs a second model step anyway, and waiting for more cannot widen its first one.
-        self._waiting: set[str] = set()
+        # Whether every reading queued since the last step is of one stream, and it has sent twice: the
+        # input looks like one stream's run (a single sensor, or its backlog), where a wait for other
+        # streams to share the model step gathers none and holds the acknowledgements back (a heuristic;
+        # see Loop.run).  Tracked only while the loop may wait (engine.max_wait_ms > 0).
+        self._track_repeats = cfg.engine.max_wait_ms > 0
+        self._waiting: set[str] = set()  # the one stream so far (tracking stops at a second)
         self.repeated = False
         self.messages: collections.deque[_Message] = collections.deque()
         self.batches: collections.deque[_Batch] = collections.deque()
@@ -245,13 +250,15 @@ class Pipeline:
                 for outcome in result.rejected:
                     metrics.outcome(outcome)
                 if result.readings:
-                    if not self.repeated:
+                    if self._track_repeats and not self.repeated and len(self._waiting) <= 1:
                         waiting = self._waiting
                         for r in result.readings:
-                            if r.stream in waiting:
+                            if r.stream in waiting:  # the only stream so far, a second time
                                 self.repeated = True
                                 break
                             waiting.add(r.stream)
+                            if len(waiting) > 1:  # streams to share a step: the wait is worth it
+                                break
                     self.queue.extend(result.readings)
                     self.enqueued += len(result.readings)
                     if len(self.queue) >= self.queue_limit and not self.starved:
@@ -289,7 +296,7 @@ class Pipeline:
         n = min(len(q), max_batch)
         readings = [q.popleft() for _ in range(n)]
         self._waiting.clear()
-        self.repeated = False
+        self.repeated = bool(q)  # readings left behind: the loop is behind, no reason to wait for more
         self.taken += n
         batch = _Batch(self.taken)
         self.batches.append(batch)
@@ -542,7 +549,7 @@ class Loop:
                 ready = (
                     linger <= 0
                     or len(p.queue) >= max_batch
-                    or p.repeated  # a stream came twice: a wait cannot widen the batch's first model step
+                    or p.repeated  # one stream's run: waiting would gather no other stream
                     or time.monotonic() - p.queue[0].received >= linger
                 )
                 if limit > 0 and (ready or barrier):

@@ -84,7 +84,7 @@ def _distribution_version(module: Any, dist: str) -> str:
     version = getattr(module, "__version__", None)
     if isinstance(version, str):
         return version
-    import importlib.metadata  # only here: importing it costs the daemon ~3 MB of memory
+    import importlib.metadata  # only here: importing it cost the daemon 0.8 MB resident at start
 
     try:
         return importlib.metadata.version(dist)

@@ -299,26 +299,34 @@ def test_the_latest_digests_are_carried_in_order_and_recognise_a_redelivery_afte
     assert len(after.queue) == 0 and after.metrics.messages_redelivered._value.get() == 1  # type: ignore[attr-defined]
 
 
-def test_a_streams_second_queued_reading_ends_the_wait_for_a_wider_batch(tmp_path: Path) -> None:
-    """The loop waits up to engine.max_wait_ms for more readings only while each new one could join the
-    batch's first model step: once a stream has two readings queued, it steps at once."""
+def test_one_streams_run_ends_the_wait_for_a_wider_batch(tmp_path: Path) -> None:
+    """The loop waits up to engine.max_wait_ms for other streams to share a model step; when every reading
+    queued since the last step is of one stream and it has sent twice (a single sensor, or its backlog), it
+    steps at once.  With several streams queued the wait stays, and with max_wait_ms = 0 nothing is kept."""
     p, _ = _pipeline(tmp_path)
     p.accept(_msg(1, _reading(1e9, 25000), stream="a"))
-    p.accept(_msg(2, _reading(1e9, 25000), stream="b"))
-    assert not p.repeated  # two streams: a third could still share the step
-    p.accept(_msg(3, _reading(1e9 + 1800, 25100), stream="a"))
+    assert not p.repeated
+    p.accept(_msg(2, _reading(1e9 + 1800, 25100), stream="a"))
     assert p.repeated
+    p.step(1)  # a reading is left behind: still no reason to wait
+    assert p.repeated and len(p.queue) == 1
     p.step(10)
     assert not p.repeated and not p.queue
-    p.accept(_msg(4, _reading(1e9 + 3600, 25200), stream="a"))
-    assert not p.repeated  # the first reading since the step
+    for mid, stream in ((3, "a"), (4, "b"), (5, "a"), (6, "a")):
+        p.accept(_msg(mid, _reading(1e9 + 1800 * mid, 25000), stream=stream))
+    assert not p.repeated  # two streams: others may still join their step
+    q, _ = _pipeline(tmp_path / "nowait", engine={"max_wait_ms": 0})
+    for mid in (1, 2):
+        q.accept(_msg(mid, _reading(1e9 + 1800 * mid, 25000), stream="a"))
+    assert not q.repeated and not q._waiting
 
 
 def test_the_loop_steps_at_once_when_a_stream_repeats_and_waits_for_other_streams(
     broker: Broker, tmp_path: Path, taylor_series: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    """With a long engine.max_wait_ms (1 s), a lone reading waits for company; a stream's second reading
-    ends the wait (its batch needs a second model step anyway), so both forecasts come out at once."""
+    """With a long engine.max_wait_ms (1 s), a lone reading waits for company; when a lone stream sends
+    a second reading the wait ends (one stream's run: no other stream to share the step), so both
+    forecasts come out at once."""
     ts, values = taylor_series
     cfg = _config(tmp_path, broker, engine={"max_wait_ms": 1000})
     daemon = Daemon(cfg, registry=CollectorRegistry(), handle_signals=False)
