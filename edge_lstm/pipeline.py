@@ -167,7 +167,8 @@ class Pipeline:
         # streams to share the model step gathers none and holds the acknowledgements back (a heuristic;
         # see Loop.run).  Tracked only while the loop may wait (engine.max_wait_ms > 0).
         self._track_repeats = cfg.engine.max_wait_ms > 0
-        self._waiting: set[str] = set()  # the one stream so far (tracking stops at a second)
+        self._run_stream: str | None = None  # the one stream queued since the last step, if only one
+        self._mixed = False  # a second stream came since the last step: tracking stops
         self.repeated = False
         self.messages: collections.deque[_Message] = collections.deque()
         self.batches: collections.deque[_Batch] = collections.deque()
@@ -250,14 +251,15 @@ class Pipeline:
                 for outcome in result.rejected:
                     metrics.outcome(outcome)
                 if result.readings:
-                    if self._track_repeats and not self.repeated and len(self._waiting) <= 1:
-                        waiting = self._waiting
+                    if self._track_repeats and not self.repeated and not self._mixed:
                         for r in result.readings:
-                            if r.stream in waiting:  # the only stream so far, a second time
+                            if self._run_stream is None:
+                                self._run_stream = r.stream
+                            elif r.stream == self._run_stream:  # the only stream so far, a second time
                                 self.repeated = True
                                 break
-                            waiting.add(r.stream)
-                            if len(waiting) > 1:  # streams to share a step: the wait is worth it
+                            else:  # streams to share a step: the wait is worth it
+                                self._mixed = True
                                 break
                     self.queue.extend(result.readings)
                     self.enqueued += len(result.readings)
@@ -295,7 +297,7 @@ class Pipeline:
             return 0
         n = min(len(q), max_batch)
         readings = [q.popleft() for _ in range(n)]
-        self._waiting.clear()
+        self._run_stream, self._mixed = None, False
         self.repeated = bool(q)  # readings left behind: the loop is behind, no reason to wait for more
         self.taken += n
         batch = _Batch(self.taken)

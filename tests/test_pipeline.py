@@ -318,7 +318,7 @@ def test_one_streams_run_ends_the_wait_for_a_wider_batch(tmp_path: Path) -> None
     q, _ = _pipeline(tmp_path / "nowait", engine={"max_wait_ms": 0})
     for mid in (1, 2):
         q.accept(_msg(mid, _reading(1e9 + 1800 * mid, 25000), stream="a"))
-    assert not q.repeated and not q._waiting
+    assert not q.repeated and q._run_stream is None
 
 
 def test_the_loop_steps_at_once_when_a_stream_repeats_and_waits_for_other_streams(
