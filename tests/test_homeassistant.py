@@ -10,9 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_lstm import __version__
 from edge_lstm.config import ConfigError, parse_config
@@ -20,7 +18,7 @@ from edge_lstm.homeassistant import Discovery, safe_id
 from edge_lstm.intervals import Intervals
 from edge_lstm.modelspec import Manifest, load_manifest
 from tests.support.broker import Broker
-from tests.support.collector import Collector
+from tests.support.collector import Collector, publisher
 from tests.support.daemon import DaemonProcess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -155,10 +153,7 @@ def test_daemon_announces_streams_removes_evicted_ones_and_answers_home_assistan
 ) -> None:
     d = daemon_factory(broker, overrides={"homeassistant": {"enabled": True}, "state": {"capacity": 1}})
     node = safe_id(d.client_id)
-    pub = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2)
-    pub.connect(broker.host, broker.port)
-    pub.loop_start()
-    try:
+    with publisher(broker.host, broker.port) as pub:
         with Collector(broker.host, broker.port, ["homeassistant/#", "forecasts/#"]) as col:
             d.start()
 
@@ -200,6 +195,4 @@ def test_daemon_announces_streams_removes_evicted_ones_and_answers_home_assistan
         with Collector(broker.host, broker.port, ["homeassistant/#"]) as col:
             kept = {m.topic for m in col.wait_for(5, timeout=10)}
             assert all(f"/{node}/garage_" in t for t in kept), kept
-    finally:
-        pub.disconnect()
-        pub.loop_stop()
+

@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import CollectorRegistry
 
 from edge_lstm.config import Config, parse_config
@@ -29,7 +27,7 @@ from edge_lstm.payload import PayloadDecoder
 from edge_lstm.pipeline import Pipeline, replay_journal, routes_of
 from edge_lstm.state import StateTable
 from tests.support.broker import Broker
-from tests.support.collector import Collector
+from tests.support.collector import Collector, publisher
 from tests.support.daemon import TAYLOR_MODEL
 from tests.support.ports import free_port
 
@@ -78,11 +76,8 @@ def test_an_exception_in_a_handler_or_a_batch_is_counted_and_intake_goes_on(
     ts, values = taylor_series
     cfg = _config(tmp_path, broker)
     daemon = Daemon(cfg, registry=CollectorRegistry(), handle_signals=False)
-    pub = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2)
-    pub.connect(broker.host, broker.port)
-    pub.loop_start()
     try:
-        with Collector(broker.host, broker.port, ["forecasts/#"]) as col:
+        with publisher(broker.host, broker.port) as pub, Collector(broker.host, broker.port, ["forecasts/#"]) as col:
             daemon.start()
             sent = [
                 ("sensors/a/value", _reading(float(ts[0]), float(values[0]))),
@@ -119,8 +114,6 @@ def test_an_exception_in_a_handler_or_a_batch_is_counted_and_intake_goes_on(
         again.stop()
     finally:
         daemon.stop()
-        pub.disconnect()
-        pub.loop_stop()
 
 
 class FakeLink:
@@ -330,11 +323,8 @@ def test_the_loop_steps_at_once_when_a_stream_repeats_and_waits_for_other_stream
     ts, values = taylor_series
     cfg = _config(tmp_path, broker, engine={"max_wait_ms": 1000})
     daemon = Daemon(cfg, registry=CollectorRegistry(), handle_signals=False)
-    pub = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2)
-    pub.connect(broker.host, broker.port)
-    pub.loop_start()
     try:
-        with Collector(broker.host, broker.port, ["forecasts/#"]) as col:
+        with publisher(broker.host, broker.port) as pub, Collector(broker.host, broker.port, ["forecasts/#"]) as col:
             daemon.start()
             t0 = time.monotonic()
             pub.publish("sensors/b/value", _reading(float(ts[0]), float(values[0])), qos=1).wait_for_publish(10)
@@ -348,5 +338,3 @@ def test_the_loop_steps_at_once_when_a_stream_repeats_and_waits_for_other_stream
             assert [m.json()["ts_epoch"] for m in got] == [float(ts[0]), float(ts[1])]
     finally:
         daemon.stop()
-        pub.disconnect()
-        pub.loop_stop()

@@ -18,7 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_lstm.modelspec import load_manifest
 from tests.support.broker import Broker
-from tests.support.collector import Collector
+from tests.support.collector import Collector, publisher
 from tests.support.daemon import REPO, TAYLOR_MODEL, DaemonProcess
 from tests.support.faults import record, reliability_report  # noqa: F401
 
@@ -193,33 +193,26 @@ def test_a_seasonally_differenced_model_survives_sigkill_with_its_history_ring(
     ts, values = taylor_series
     n, cut = 160, 110  # more than two seasons before the kill, so the ring is full and has wrapped
     d = daemon_factory(broker, overrides={"model": {"path": str(model_dir)}, "state": {"checkpoint_interval_s": 0.3}})
-    pub = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2)
-    pub.connect(broker.host, broker.port)
-    pub.loop_start()
-    try:
-        with Collector(broker.host, broker.port, ["forecasts/#"]) as col:
-            d.start()
-            for i in range(n):
-                if i == cut:
-                    col.wait_for(cut, "forecasts/a", timeout=30, retained=False)
-                    # a checkpoint after the cut: the restart's ring must come from it
-                    taken = d.metric("edge_lstm_checkpoint_duration_seconds_count")
-                    deadline = time.monotonic() + 20
-                    while d.metric("edge_lstm_checkpoint_duration_seconds_count") <= taken:
-                        assert time.monotonic() < deadline, d.log()
-                        time.sleep(0.05)
-                    d.kill()
-                    d.start()
-                body = json.dumps({"ts": float(ts[i]), "demand_mw": float(values[i])})
-                pub.publish("sensors/a/value", body, qos=1).wait_for_publish(10)
-            msgs = col.wait_for(n, "forecasts/a", timeout=30, retained=False)
-        log = d.log()
-        assert "restored the state of 1 stream(s)" in log, log
-        replayed = re.findall(r"(\d+) journaled message\(s\) after the checkpoint", log)
-        assert (int(replayed[-1]) if replayed else 0) < 49, log  # fewer than the ring: the checkpoint held it
-    finally:
-        pub.disconnect()
-        pub.loop_stop()
+    with publisher(broker.host, broker.port) as pub, Collector(broker.host, broker.port, ["forecasts/#"]) as col:
+        d.start()
+        for i in range(n):
+            if i == cut:
+                col.wait_for(cut, "forecasts/a", timeout=30, retained=False)
+                # a checkpoint after the cut: the restart's ring must come from it
+                taken = d.metric("edge_lstm_checkpoint_duration_seconds_count")
+                deadline = time.monotonic() + 20
+                while d.metric("edge_lstm_checkpoint_duration_seconds_count") <= taken:
+                    assert time.monotonic() < deadline, d.log()
+                    time.sleep(0.05)
+                d.kill()
+                d.start()
+            body = json.dumps({"ts": float(ts[i]), "demand_mw": float(values[i])})
+            pub.publish("sensors/a/value", body, qos=1).wait_for_publish(10)
+        msgs = col.wait_for(n, "forecasts/a", timeout=30, retained=False)
+    log = d.log()
+    assert "restored the state of 1 stream(s)" in log, log
+    replayed = re.findall(r"(\d+) journaled message\(s\) after the checkpoint", log)
+    assert (int(replayed[-1]) if replayed else 0) < 49, log  # fewer than the ring: the checkpoint held it
     engine = Engine(model, StateTable(model.manifest.layers, 1, 10))
     want = {}
     for i in range(n):

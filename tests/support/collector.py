@@ -14,11 +14,12 @@ afterwards is missed.  ``retained`` messages delivered at subscribe time are kep
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,3 +149,16 @@ class Collector:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def publisher(host: str, port: int) -> Iterator[paho.Client]:
+    """A connected paho client with its network thread running (``publish(...).wait_for_publish()`` works)."""
+    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+    client.connect(host, port)
+    client.loop_start()
+    try:
+        yield client
+    finally:
+        client.disconnect()
+        client.loop_stop()
