@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from converter.prepare import Split
 from converter.report import Pairs, PerHorizon, network_outputs
-from edge_lstm.features import FeaturePipeline
+from edge_lstm.features import FeaturePipeline, seasonally_differenced
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -90,7 +90,9 @@ class OutOfSample(PerHorizon):
 
     def lean(self, k: int, differenced: bool) -> F64:
         """At horizon index ``k``: the seasonal forecast minus the last reading (0 where it is missing)."""
-        sea = self.last[k] + (self.seasonal[k] - self.reference[k]) if differenced else self.seasonal[k]
+        sea = self.seasonal[k]
+        if differenced:
+            sea = seasonally_differenced(sea, self.reference[k], self.last[k])
         return np.where(np.isnan(sea), 0.0, sea - self.last[k])
 
     def forecasts(self, blend: Blend | None = None) -> list[F64]:
@@ -222,13 +224,7 @@ def fit_blend(
             ]
             if not w_axis.size or not folds:
                 continue
-            cost = np.median(np.stack([r for r, _ in folds]), axis=0)  # [W, G]
-            best = (math.inf, 0, 0)  # cost, weight index, gain index
-            for iw in range(len(w_axis)):
-                i = int(np.argmin(cost[iw]))
-                if cost[iw, i] < best[0] - 1e-12:
-                    best = (float(cost[iw, i]), iw, i)
-            c, iw, ig = best
+            c, iw, ig = _cheapest(np.median(np.stack([r for r, _ in folds]), axis=0))
             if not math.isfinite(c):
                 continue
             trusted = True
@@ -241,7 +237,7 @@ def fit_blend(
             continue
         # The differenced search's best counts only where it is clearly cheaper than seasonal naive's (it
         # needs more history, and where r_k is missing its candidates are seasonal naive's own at weight 0).
-        if len(bests) == 2 and not (bests[0][1] is False and bests[1][0] < bests[0][0] - 1e-12):
+        if len(bests) == 2 and not bests[1][0] < bests[0][0] - 1e-12:  # [seasonal naive's, differenced]
             bests = bests[:1]
         trusted = [b for b in bests if b[4]]
         if not trusted:  # nothing beats the better naive forecast clearly enough: that forecast
@@ -250,6 +246,17 @@ def fit_blend(
         _, anchor, w, g, _ = min(trusted, key=lambda b: b[0])
         gains[k], weights[k], diffs[k] = g, w, anchor
     return Blend(gains=gains, weights=weights, differenced=diffs if diffs.any() else None)
+
+
+def _cheapest(cost: F64) -> tuple[float, int, int]:
+    """The cheapest candidate of a ``[W, G]`` cost grid: (cost, weight index, gain index); a tie (within
+    1e-12) goes to the smaller weight, then the smaller gain (the simpler forecast)."""
+    best = (math.inf, 0, 0)
+    for iw in range(cost.shape[0]):
+        i = int(np.argmin(cost[iw]))
+        if cost[iw, i] < best[0] - 1e-12:
+            best = (float(cost[iw, i]), iw, i)
+    return best
 
 
 # The seasonal weights of the two naive forecasts: persistence, seasonal naive.

@@ -208,8 +208,7 @@ class OutputSpec:
     @functools.cached_property
     def differenced_mask(self) -> npt.NDArray[np.bool_]:
         """``[K]``: the horizons whose seasonal forecast is differenced."""
-        flags = self.seasonal_differenced or (False,) * self.horizon
-        return np.asarray(flags, dtype=bool) & self.differenced
+        return np.asarray(self.seasonal_differenced or (False,) * self.horizon, dtype=bool)
 
     def to_dict(self) -> dict[str, object]:
         d: dict[str, object] = {
@@ -519,9 +518,13 @@ def seasonal_forecasts(
     """
     if reference is None or not output.differenced:
         return naive
-    mask = output.differenced_mask
     last_col = np.asarray(last, dtype=np.float64)[..., None]
-    return np.where(mask, last_col + (naive - reference), naive)
+    return np.where(output.differenced_mask, seasonally_differenced(naive, reference, last_col), naive)
+
+
+def seasonally_differenced(naive: FloatArray, reference: FloatArray, last: FloatArray) -> FloatArray:
+    """``y_t + (s_k - r_k)``: the last reading plus the change over the same stretch a season earlier."""
+    return last + (naive - reference)
 
 
 def seasonal_series(target: npt.ArrayLike, output: OutputSpec) -> FloatArray | None:
@@ -562,13 +565,13 @@ def seasonal_from_history(
     size = history.shape[1]
     m, k = output.season_ticks, output.horizon
     tick = np.asarray(tick_index, np.int64)
-    row = np.asarray(rows, np.intp)[..., None]
+    row = np.asarray(rows, np.intp)
 
     def at(lags: npt.NDArray[np.intp]) -> FloatArray:
         idx = tick[..., None] - lags
-        return np.where(idx >= 0, history[row, idx % size], np.nan)
+        return np.where(idx >= 0, history[row[..., None], idx % size], np.nan)
 
     naive = at(seasonal_lags(m, k))
     if not output.differenced:
         return naive
-    return seasonal_forecasts(naive, at(reference_lags(m, k)), history[np.asarray(rows, np.intp), tick % size], output)
+    return seasonal_forecasts(naive, at(reference_lags(m, k)), history[row, tick % size], output)
