@@ -76,7 +76,8 @@ def scored_pairs(
         t = np.arange(run.score_from, run.stop)
         for k in range(1, horizon + 1):
             j = t + k
-            s = j - season * math.ceil(k / season)
+            back = season * math.ceil(k / season)  # seasons before: s_k's from the forecast tick, r_k's from t
+            s = j - back
             ok = (j < run.stop) & (s >= 0)
             tt, jj, ss = t[ok], j[ok], s[ok]
             ok2 = obs[tt] & obs[jj] & (e.part[tt] == part) & (e.part[jj] == part)
@@ -86,7 +87,7 @@ def scored_pairs(
             last[k - 1].append(e.target[tt])
             act[k - 1].append(e.target[jj])
             sea[k - 1].append(e.target[ss])
-            rr = tt - season * math.ceil(k / season)
+            rr = tt - back
             ref[k - 1].append(np.where(rr >= 0, e.target[np.maximum(rr, 0)], np.nan))
 
     def cat(chunks: list[Any], dtype: Any) -> Any:
