@@ -161,3 +161,15 @@ def test_summary_sets_an_older_revision_beside_this_one() -> None:
     assert "| daemon sustained readings/s | 1 stream | 1,500 | 3,000 | +100 % |" in lines
     assert "| daemon CPU s per 1k readings at 1,000/s | 1 stream | 0.800 | 0.500 | -38 % |" in lines
     assert report._before_after(after, {}) == []
+
+
+def test_idlecost_times_the_real_pipeline_one_reading_at_a_time(tmp_path: Path) -> None:
+    from bench.idlecost import measure as idle_measure
+    from bench.pipeline import Whole
+
+    whole = Whole(1, tmp_path)
+    whole.round(20)
+    acks = whole.link.acks
+    times = idle_measure(whole, 0.001, 5)
+    assert len(times) == 5 and all(_finite(t) and t > 0 for t in times)
+    assert whole.link.acks == acks + 5  # each round took one reading through to its acknowledgement
