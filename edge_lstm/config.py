@@ -22,6 +22,7 @@ import math
 import os
 import re
 import socket
+import ssl
 import stat
 import sys
 import types
@@ -35,6 +36,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from edge_lstm.payload import MAX_STREAM_ID_LEN
 from edge_lstm.runtime import Runtime
 
 _LOG = logging.getLogger(__name__)
@@ -43,6 +45,16 @@ STREAM_PLACEHOLDER = "{stream}"
 REDACTED = "***"
 _CRED_VAR = re.compile(r"\$(?:\{CREDENTIALS_DIRECTORY\}|CREDENTIALS_DIRECTORY\b)")
 _HOST_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+MAX_TOPIC_BYTES = 65_535  # MQTT: a topic is a UTF-8 string of at most 65,535 bytes
+MAX_SESSION_EXPIRY_S = 0xFFFF_FFFF  # MQTT 5: a four-byte interval (this value: the session never expires)
+MAX_DRAIN_TIMEOUT_S = 86_400.0
+MAX_THREADS = 256
+# Characters a broker refuses in a topic or client id: MQTT forbids U+0000; Mosquitto (2.0) also drops a client
+# that sends a control character, a Unicode non-character or a lone surrogate in one ("Malformed packet").
+_NONCHARACTERS = "".join(chr(plane << 16 | low) for plane in range(17) for low in (0xFFFE, 0xFFFF))
+_REFUSED_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef\ud800-\udfff" + _NONCHARACTERS + "]")
+# Discovery topics add to their prefix: /<component>/<client id, reduced>/<stream id>_<key>/config.
+_DISCOVERY_TOPIC_RESERVE = 300
 
 
 class ConfigError(Exception):
@@ -94,7 +106,9 @@ class ModelConfig:
             "Interpreter package: `auto` (ai-edge-litert, else tflite-runtime), `ai-edge-litert` or `tflite-runtime`."
         ),
     )
-    threads: int = dataclasses.field(default=1, metadata=_doc("Interpreter threads for one batched model step."))
+    threads: int = dataclasses.field(
+        default=1, metadata=_doc("Interpreter threads for one batched model step (1..256).")
+    )
 
 
 @dataclasses.dataclass
@@ -116,7 +130,10 @@ class MqttConfig:
     keepalive: int = dataclasses.field(default=30, metadata=_doc("Keepalive interval in seconds."))
     session_expiry_s: int = dataclasses.field(
         default=86400,
-        metadata=_doc("MQTT 5 session expiry interval: how long the broker keeps the session while disconnected."),
+        metadata=_doc(
+            "MQTT 5 session expiry interval: how long the broker keeps the session while disconnected "
+            "(0..4294967295; the largest: never expires)."
+        ),
     )
     username: str = dataclasses.field(default="", metadata=_doc("User name; empty for anonymous access."))
     password: str = dataclasses.field(
@@ -166,7 +183,8 @@ class InputConfig:
         default_factory=lambda: ["sensors/{stream}/value"],
         metadata=_doc(
             "Topic filters to subscribe to (QoS 1). `{stream}` marks the level holding the stream id; "
-            "`+` and `#` are allowed elsewhere."
+            "`+` and `#` are allowed elsewhere. Filters that overlap make the broker deliver a message once per "
+            "filter it matches, and each copy is counted (a copy of a timestamped reading as `duplicate`)."
         ),
     )
     stream_field: str = dataclasses.field(
@@ -297,7 +315,8 @@ class EngineConfig:
         default=10.0,
         metadata=_doc(
             "On shutdown, how long to wait for the broker to acknowledge forecasts already published; readings "
-            "not yet processed count as `shutdown` and stay unacknowledged, so the broker delivers them again."
+            "not yet processed count as `shutdown` and stay unacknowledged, so the broker delivers them again "
+            "(0..86400)."
         ),
     )
 
@@ -546,6 +565,35 @@ def _resolve_secret(m: MqttConfig, source: Path | None, environ: Mapping[str, st
         raise ConfigError("mqtt: a password is set but mqtt.username is empty")
 
 
+def topic_problem(topic: str) -> str | None:
+    """Why a broker would refuse ``topic`` (a topic name, filter or client id), or None when it would not."""
+    if not topic:
+        return "is empty"
+    bad = _REFUSED_CHAR.search(topic)
+    if bad is not None:
+        return f"contains U+{ord(bad.group()):04X}, which brokers refuse (NUL, control characters, non-characters)"
+    size = len(topic.encode("utf-8"))
+    if size > MAX_TOPIC_BYTES:
+        return f"is {size:,} bytes long in UTF-8; MQTT allows {MAX_TOPIC_BYTES:,}"
+    return None
+
+
+def _check_tls_files(m: MqttConfig) -> None:
+    """Load the certificate files as the connection will, so that a wrong file is refused here, not at start."""
+    try:
+        ctx = ssl.create_default_context(cafile=m.ca_file or None)
+        if m.cert_file:
+            ctx.load_cert_chain(m.cert_file, m.key_file or None, password=lambda: b"")
+    except (ssl.SSLError, OSError) as e:
+        files = ", ".join(f"{k} = {getattr(m, k)}" for k in ("ca_file", "cert_file", "key_file") if getattr(m, k))
+        hint = " (a key file with a pass phrase is not supported)" if "decrypt" in str(e).lower() else ""
+        raise ConfigError(f"mqtt: the TLS files cannot be loaded ({files}): {e}{hint}") from None
+
+
+def _shown(topic: str) -> str:
+    return repr(topic) if len(topic) <= 80 else repr(topic[:60]) + f"... ({len(topic):,} characters)"
+
+
 def _validate(c: Config) -> None:
     """Rules on single values and across fields."""
     m = c.mqtt
@@ -554,14 +602,23 @@ def _validate(c: Config) -> None:
         if not cond:
             raise ConfigError(msg)
 
-    need(c.model.threads >= 1, "model.threads must be >= 1")
+    def topic_ok(key: str, topic: str, shown: str | None = None) -> None:
+        problem = topic_problem(topic)
+        need(problem is None, f"{key} {shown or _shown(topic)} {problem}")
+
+    need(1 <= c.model.threads <= MAX_THREADS, f"model.threads must be 1..{MAX_THREADS}, got {c.model.threads}")
     need(bool(c.model.path), "model.path must not be empty")
     need(bool(m.host), "mqtt.host must not be empty")
     need(1 <= m.port <= 65535, f"mqtt.port must be 1..65535, got {m.port}")
     need(bool(m.client_id) and len(m.client_id) <= 128, "mqtt.client_id must be 1..128 characters")
     need(not any(ch in m.client_id for ch in "+#/"), f"mqtt.client_id {m.client_id!r} must not contain + # /")
+    topic_ok("mqtt.client_id", m.client_id)
     need(5 <= m.keepalive <= 65535, f"mqtt.keepalive must be 5..65535 s, got {m.keepalive}")
-    need(m.session_expiry_s >= 0, "mqtt.session_expiry_s must be >= 0")
+    need(
+        0 <= m.session_expiry_s <= MAX_SESSION_EXPIRY_S,
+        f"mqtt.session_expiry_s must be 0..{MAX_SESSION_EXPIRY_S} (the largest: never expires), "
+        f"got {m.session_expiry_s}",
+    )
     need(1 <= m.reconnect_min_s <= m.reconnect_max_s, "mqtt: need 1 <= reconnect_min_s <= reconnect_max_s")
     need(bool(m.cert_file) == bool(m.key_file), "mqtt: cert_file and key_file go together")
     if not m.tls:
@@ -571,8 +628,11 @@ def _validate(c: Config) -> None:
     for key in ("ca_file", "cert_file", "key_file"):
         value = getattr(m, key)
         need(not value or Path(value).is_file(), f"mqtt.{key}: file not found: {value}")
+    if m.tls:
+        _check_tls_files(m)
     st = c.status_topic
     need(bool(st) and "+" not in st and "#" not in st, f"mqtt.status_topic {st!r} must be a topic without wildcards")
+    topic_ok("mqtt.status_topic", st)
 
     i = c.input
     need(bool(i.topics), "input.topics must list at least one topic")
@@ -582,6 +642,8 @@ def _validate(c: Config) -> None:
             f.stream_level is not None or bool(i.stream_field),
             f"input.topics: {f.template!r} has no {STREAM_PLACEHOLDER} level and input.stream_field is empty",
         )
+    for f in filters:
+        topic_ok("input.topics:", f.filter, _shown(f.template))
     need(len({f.filter for f in filters}) == len(filters), "input.topics lists the same filter twice")
     need(1 <= i.max_payload_bytes <= 16 << 20, "input.max_payload_bytes must be 1..16777216")
     need(1 <= i.max_array_len <= 100_000, "input.max_array_len must be 1..100000")
@@ -593,6 +655,8 @@ def _validate(c: Config) -> None:
     need(o.qos in (0, 1, 2), f"output.qos must be 0, 1 or 2, got {o.qos}")
     need("+" not in o.topic and "#" not in o.topic, f"output.topic {o.topic!r} must not contain wildcards")
     need(bool(o.topic.replace(STREAM_PLACEHOLDER, "")), "output.topic must not be empty")
+    longest = o.topic.replace(STREAM_PLACEHOLDER, "x" * MAX_STREAM_ID_LEN)
+    topic_ok("output.topic", longest, f"{_shown(o.topic)} (with a stream id of {MAX_STREAM_ID_LEN} characters)")
     need(0 <= o.precision <= 17, "output.precision must be 0..17")
 
     s = c.state
@@ -605,7 +669,10 @@ def _validate(c: Config) -> None:
     need(1 <= e.max_batch <= 65536, "engine.max_batch must be 1..65536")
     need(0 <= e.max_wait_ms <= 1000, "engine.max_wait_ms must be 0..1000")
     need(e.queue_size >= e.max_batch, "engine.queue_size must be >= engine.max_batch")
-    need(e.drain_timeout_s >= 0, "engine.drain_timeout_s must be >= 0")
+    need(
+        0 <= e.drain_timeout_s <= MAX_DRAIN_TIMEOUT_S,
+        f"engine.drain_timeout_s must be 0..{MAX_DRAIN_TIMEOUT_S:.0f} s, got {e.drain_timeout_s}",
+    )
 
     mt = c.metrics
     need(0 <= mt.port <= 65535, f"metrics.port must be 0..65535, got {mt.port}")
@@ -616,6 +683,11 @@ def _validate(c: Config) -> None:
     need(
         bool(prefix) and not any(ch in prefix for ch in "+#") and prefix.strip("/") == prefix,
         f"homeassistant.discovery_prefix {prefix!r} must be a topic without wildcards or leading/trailing '/'",
+    )
+    topic_ok(
+        "homeassistant.discovery_prefix",
+        prefix + "x" * _DISCOVERY_TOPIC_RESERVE,
+        f"{_shown(prefix)} (with the ~{_DISCOVERY_TOPIC_RESERVE} characters its discovery topics add)",
     )
 
 
@@ -655,6 +727,8 @@ def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> C
         raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}): TOML files are UTF-8") from None
     return parse_config(data, source=p.resolve(), environ=environ)
 
 

@@ -199,6 +199,8 @@ class MqttLink:
         self.hold = False  # set by the owner inside on_message to end the current read early
         self._wrapped: BufferedSocket | None = None
         self._fail_logged_at = -REFUSAL_LOG_EVERY_S
+        self.unsendable = 0  # publishes paho refused to send (counted by the owner as failures)
+        self._unsendable_logged_at = -REFUSAL_LOG_EVERY_S
         v5 = cfg.protocol is MqttProtocol.V5
         self._v5 = v5
         share_property_tables()
@@ -373,7 +375,15 @@ class MqttLink:
         With a ``token``, ``on_published(token, ok)`` follows once the broker
         acknowledged it (QoS 1) or it was written (QoS 0).
         """
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        try:
+            info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        except ValueError as e:  # what MQTT cannot carry (a topic over 65,535 bytes): paho refuses before sending
+            self.unsendable += 1
+            now = self._clock()
+            if now - self._unsendable_logged_at >= REFUSAL_LOG_EVERY_S:
+                self._unsendable_logged_at = now
+                _LOG.error("cannot publish to %.80r: %s (%d such publishes so far)", topic, e, self.unsendable)
+            return False
         ok = info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0)
         if not ok:
             _LOG.debug("publish to %s failed: %s", topic, paho.error_string(info.rc))

@@ -302,6 +302,9 @@ class PayloadDecoder:
     def _bare_number(self, text: str) -> float:
         if not self._single:
             raise PayloadError(Outcome.MISSING_FIELD, f"a bare number cannot feed the columns {list(self.columns)}")
+        # Stripped first: the pattern's ``\s`` is str.isspace(), which float() does not all skip
+        # (the separators U+001C-U+001F).
+        text = text.strip()
         if _NUMBER.fullmatch(text):
             return self._check_value(float(text))
         if _NON_FINITE_WORD.fullmatch(text):

@@ -70,6 +70,7 @@ _LOG = logging.getLogger(__name__)
 CARRY_DIGESTS = 4096  # digests of the latest messages a new journal carries (to recognise their redelivery)
 ERROR_LOG_EVERY_S = 10.0
 IDLE_WAIT_S = 0.5  # longest poll without work (the watchdog and timers run after each)
+HA_REANNOUNCE_EVERY_S = 5.0  # Home Assistant's `online` answered at most this often (the rest at the end)
 BARRIER_TIMEOUT_S = 5.0  # how long a checkpoint may hold intake back waiting for a quiescent point
 STATUS_EVERY_S = 10.0
 TRIM_AFTER_IDLE_S = 1.0  # after work and this long without a step, hand the freed heap pages back
@@ -156,6 +157,8 @@ class Pipeline:
         self.metrics = metrics
         self.journal = journal
         self.clock = clock
+        self._ha_announced_at = -HA_REANNOUNCE_EVERY_S  # monotonic time of the last answer to Home Assistant
+        self._ha_announce_due: float | None = None
         self.seq = seq  # last journal sequence number used
         self._route = routes_of(cfg)
         self.process_retained = cfg.input.retained == "process"
@@ -231,7 +234,7 @@ class Pipeline:
             return  # else the first copy is still on its way; its acknowledgement covers both
         if self.discovery is not None and m.topic == self.discovery.ha_status_topic:
             if m.payload == b"online":  # Home Assistant (re)started: announce every stream again
-                self._announce(self.discovery.on_ha_online())
+                self._ha_online()
             self._hold(m.mid, m.qos, self.enqueued, topic, None, 0.0, digest)
             return
         now = self.clock()
@@ -353,6 +356,27 @@ class Pipeline:
         for topic, payload, retain in messages:
             if not self.link.publish(topic, payload, 1, retain):
                 self.metrics.publish_failures.inc()
+
+    def _ha_online(self) -> None:
+        """Answer Home Assistant's ``online``: at once, or, within ``HA_REANNOUNCE_EVERY_S`` of the last answer,
+        once at the end of that time (a burst of ``online``s would otherwise resend every config per message)."""
+        now = time.monotonic()
+        if now - self._ha_announced_at >= HA_REANNOUNCE_EVERY_S:
+            self._ha_announced_at = now
+            assert self.discovery is not None
+            self._announce(self.discovery.on_ha_online())
+        elif self._ha_announce_due is None:
+            self._ha_announce_due = self._ha_announced_at + HA_REANNOUNCE_EVERY_S
+
+    def announce_due(self) -> bool:
+        """Send the answer to Home Assistant that :meth:`_ha_online` put off, once it is due; True when sent."""
+        due = self._ha_announce_due
+        if due is None or time.monotonic() < due:
+            return False
+        self._ha_announce_due = None
+        self._ha_announced_at = -HA_REANNOUNCE_EVERY_S
+        self._ha_online()
+        return True
 
     def on_published(self, token: object, ok: bool) -> None:
         """The broker acknowledged (or refused) one forecast of a batch."""
@@ -559,6 +583,8 @@ class Loop:
                     self._worked = True
                     self._last_step = time.monotonic()
                     link.flush()
+            if p.announce_due():
+                link.flush()
             if p.commit():
                 link.flush()
                 if p.journal.reopened != self._journal_reopened:

@@ -84,6 +84,19 @@ def test_example_config_in_deploy_is_valid_and_complete(monkeypatch: pytest.Monk
         ("mqtt = 3\n", "[mqtt] must be a table"),
         ("[input]\ntimestamp_fields = ['ts', '']\n", "input.timestamp_fields must not hold an empty name"),
         ("[input]\ntimestamp_field = 'ts'\ntimestamp_fields = ['t']\n", "sets both 'timestamp_field'"),
+        # Values the broker, the MQTT encoding or the machine cannot take: refused here, not at run time.
+        ("[mqtt]\nsession_expiry_s = 1099511627776\n", "mqtt.session_expiry_s must be 0..4294967295"),
+        ("[engine]\ndrain_timeout_s = 1e300\n", "engine.drain_timeout_s must be 0..86400"),
+        ("[model]\nthreads = 100000\n", "model.threads must be 1..256"),
+        ("[input]\ntopics = ['']\nstream_field = 'id'\n", "input.topics: '' is empty"),
+        ("[input]\ntopics = [\"sensors/\\u0000/{stream}\"]\n", "contains U+0000"),
+        ("[input]\ntopics = [\"sensors/\\u0085/{stream}\"]\n", "contains U+0085"),
+        ("[input]\ntopics = ['s/" + "x" * 70_000 + "/{stream}']\n", "bytes long in UTF-8; MQTT allows 65,535"),
+        ("[output]\ntopic = '" + "f" * 65_500 + "/{stream}'\n", "(with a stream id of 64 characters) is 65,565"),
+        ("[mqtt]\nstatus_topic = \"st\\u0001\"\n", "mqtt.status_topic 'st\\x01' contains U+0001"),
+        ("[mqtt]\nclient_id = \"a\\ufdd0\"\n", "mqtt.client_id 'a\\ufdd0' contains U+FDD0"),
+        ("[homeassistant]\ndiscovery_prefix = \"ha\\u0000x\"\n", "homeassistant.discovery_prefix 'ha\\x00x'"),
+        ("[mqtt]\ntls = true\nca_file = 'config.toml'\n", "mqtt: the TLS files cannot be loaded (ca_file = "),
     ],
 )
 def test_bad_configs_name_the_key_and_problem(tmp_path: Path, text: str, message: str) -> None:
@@ -97,6 +110,10 @@ def test_not_toml_and_missing_file(tmp_path: Path) -> None:
         load_config(write(tmp_path, "[mqtt\nhost = 1"))
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(b"[mqtt]\nhost = 'caf\xe9'\n")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(bad)
 
 
 def test_password_from_env_is_resolved_and_never_shown(tmp_path: Path) -> None:

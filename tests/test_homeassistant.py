@@ -190,6 +190,12 @@ def test_daemon_announces_streams_removes_evicted_ones_and_answers_home_assistan
             while len(configs("garage")) < 5 and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert len(configs("garage")) == 5 and not configs("kitchen")
+            # A burst of `online`s right after: answered once more, when the last answer is 5 s old, not per message.
+            for _ in range(20):
+                pub.publish("homeassistant/status", "online", qos=1).wait_for_publish(10)
+            time.sleep(7)
+            sent = [m for m in col.select() if f"/{node}/garage_" in m.topic]
+            assert len(sent) == 10, len(sent)
             assert d.terminate() == 0
         # The retained configs stay on the broker for Home Assistant, the evicted stream's are gone.
         with Collector(broker.host, broker.port, ["homeassistant/#"]) as col:

@@ -278,6 +278,22 @@ def test_publishing_never_blocks_and_every_publish_is_reported_once_acknowledged
     assert queued_s < 30  # queued without waiting for the broker (a generous bound, not a benchmark)
 
 
+def test_a_publish_mqtt_cannot_carry_is_refused_and_counted_not_raised(broker: Broker) -> None:
+    with Collector(broker.host, broker.port, ["ok/#"]) as col:
+        link = MqttLink(link_config(broker), "t/status")
+        d = Driver(link).start()
+        try:
+            assert d.wait_connected()
+            too_long = "x/" + "y" * 65_535  # over MQTT's 65,535 bytes: paho raises ValueError before sending
+            assert d.call(lambda: link.publish(too_long, b"1", 1, False, "long")) is False
+            assert link.unsendable == 1 and link.outstanding == 0
+            assert d.call(lambda: link.publish("ok/after", b"2", 1, False, "after")) is True
+            assert d.wait(lambda: d.published == [("after", True)])
+            assert [m.payload for m in col.wait_for(1, "ok/#")] == [b"2"]
+        finally:
+            d.stop()
+
+
 def _make_pki(d: Path) -> dict[str, Path]:
     """A test CA, a broker certificate for 127.0.0.1 and a client certificate (openssl)."""
 

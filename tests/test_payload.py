@@ -196,6 +196,12 @@ def test_missing_stream() -> None:
     assert outcome_of(single(stream_field="id"), b'{"id": 5.5, "value": 1}', None) is Outcome.BAD_STREAM
 
 
+@pytest.mark.parametrize("body", ["\x1c5", "5\x1d", "\x1e5\x1f", "\xa05", " 5\u3000"])
+def test_bare_number_with_any_whitespace_around_it(body: str) -> None:
+    res = single().decode(body.encode(), "s1", NOW, 1.0)
+    assert [r.values for r in res.readings] == [(5.0,)] and not res.rejected
+
+
 def test_bare_number_for_multi_column_model_is_missing_fields() -> None:
     assert outcome_of(multi(), b"21.5") is Outcome.MISSING_FIELD
     assert outcome_of(multi(), b'{"temp": 1}') is Outcome.MISSING_FIELD
@@ -281,8 +287,15 @@ _element = st.one_of(
     st.dictionaries(st.sampled_from(["value", "ts", "temp", "hum", "id", "x"]), _json_scalar, max_size=5),
     st.lists(_json_scalar, max_size=3),
 )
+# A number with whitespace around it, Unicode's included (float() itself skips only some of it).
+_padded_number = st.tuples(
+    st.text(alphabet=" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0\u2000\u2028\u3000", max_size=3),
+    st.from_regex(r"[-+]?(\d{1,4}(\.\d{0,3})?|\.\d{1,3})([eE][-+]?\d{1,3})?", fullmatch=True),
+    st.text(alphabet=" \t\n\x1c\x1f\x85\xa0\u3000", max_size=3),
+).map(lambda t: "".join(t).encode())
 _body = st.one_of(
     st.binary(max_size=200),
+    _padded_number,
     _element.map(lambda e: json.dumps(e).encode()),
     st.lists(_element, max_size=12).map(lambda e: json.dumps(e).encode()),
 )
