@@ -38,6 +38,7 @@ else:  # pragma: no cover - Python 3.10
 
 from edge_lstm.payload import MAX_STREAM_ID_LEN
 from edge_lstm.runtime import Runtime
+from edge_lstm.ticks import MAX_GAP_TICKS
 
 _LOG = logging.getLogger(__name__)
 
@@ -168,7 +169,9 @@ class MqttConfig:
     reconnect_min_s: int = dataclasses.field(
         default=1, metadata=_doc("First reconnect delay in seconds; doubles on each failure.")
     )
-    reconnect_max_s: int = dataclasses.field(default=30, metadata=_doc("Longest reconnect delay in seconds."))
+    reconnect_max_s: int = dataclasses.field(
+        default=30, metadata=_doc("Longest reconnect delay in seconds (at most 3600).")
+    )
     status_topic: str = dataclasses.field(
         default="edge-lstm/{client_id}/status",
         metadata=_doc("Retained status topic: `online` once ready, `offline` on exit and as the last will."),
@@ -277,7 +280,7 @@ class StateConfig:
         default=0,
         metadata=_doc(
             "Gaps up to this many ticks are filled by interpolation, longer ones reset the stream; "
-            "0 uses the model's own (manifest `max_gap_ticks`)."
+            "0 uses the model's own (manifest `max_gap_ticks`). At most 10000: each filled tick is a model step."
         ),
     )
 
@@ -619,7 +622,10 @@ def _validate(c: Config) -> None:
         f"mqtt.session_expiry_s must be 0..{MAX_SESSION_EXPIRY_S} (the largest: never expires), "
         f"got {m.session_expiry_s}",
     )
-    need(1 <= m.reconnect_min_s <= m.reconnect_max_s, "mqtt: need 1 <= reconnect_min_s <= reconnect_max_s")
+    need(
+        1 <= m.reconnect_min_s <= m.reconnect_max_s <= 3600,
+        "mqtt: need 1 <= reconnect_min_s <= reconnect_max_s <= 3600",
+    )
     need(bool(m.cert_file) == bool(m.key_file), "mqtt: cert_file and key_file go together")
     if not m.tls:
         for key in ("ca_file", "cert_file", "key_file"):
@@ -663,7 +669,10 @@ def _validate(c: Config) -> None:
     need(bool(s.dir), "state.dir must not be empty")
     need(s.checkpoint_interval_s > 0, "state.checkpoint_interval_s must be > 0")
     need(s.capacity >= 1, "state.capacity must be >= 1")
-    need(s.max_gap_ticks >= 0, "state.max_gap_ticks must be >= 0 (0 = the model's own)")
+    need(
+        0 <= s.max_gap_ticks <= MAX_GAP_TICKS,
+        f"state.max_gap_ticks must be 0..{MAX_GAP_TICKS} (0 = the model's own; each filled tick is a model step)",
+    )
 
     e = c.engine
     need(1 <= e.max_batch <= 65536, "engine.max_batch must be 1..65536")

@@ -174,16 +174,18 @@ class Daemon:
         restored = len(table)
         self.engine = Engine(self.model, table, max_gap_ticks=cfg.state.max_gap_ticks or None)
         try:
-            journal, records = open_journal(Path(cfg.state.dir), manifest.sha256, cfg.state.journal_sync)
+            journal, records, dropped = open_journal(Path(cfg.state.dir), manifest.sha256, cfg.state.journal_sync)
         except OSError as e:
             raise StartError(f"cannot open the journal in state.dir {cfg.state.dir}: {e.strerror or e}") from None
         self.link = MqttLink(cfg.mqtt, cfg.status_topic)
         self.pipeline = Pipeline(
             cfg, self.engine, decoder, encoder, self.link, self.metrics, journal, clock=self.clock, seq=journal_seq
         )
+        self.metrics.journal_dropped_bytes.inc(dropped)
         replayed = self.pipeline.replay(records, after=journal_seq)
         if replayed:
             _LOG.info("state: %d journaled message(s) after the checkpoint stepped again", replayed)
+        restored = len(self.engine.table)
         self.link.on_message = self.pipeline.accept
         self.link.on_published = self.pipeline.on_published
         self.link.on_connection = self._on_connection
@@ -305,7 +307,7 @@ class Daemon:
         if kept:
             _LOG.info("model reloaded: %s -> %s, stream state kept", old, model.manifest.model_id)
         else:
-            _LOG.warning("model reloaded: %s -> %s, layer sizes differ: all stream state reset",
+            _LOG.warning("model reloaded: %s -> %s, layers, columns or tick policy differ: all stream state reset",
                          old, model.manifest.model_id)  # fmt: skip
         self.notifier.status(f"serving {model.manifest.model_id}")
 

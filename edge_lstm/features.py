@@ -326,6 +326,8 @@ class FeaturePipeline:
     timezone: str | None = None  # IANA zone of the calendar inputs; None: the fixed utc_offset_s
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.utc_offset_s) and abs(self.utc_offset_s) <= DAY_SECONDS):
+            raise ValueError(f"utc_offset_seconds must be a finite offset within a day, got {self.utc_offset_s}")
         if self.timezone is not None:
             time_zone(self.timezone)  # ValueError when unknown
             if self.utc_offset_s:

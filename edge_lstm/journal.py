@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import struct
 import threading
 import zlib
@@ -44,6 +45,7 @@ from edge_lstm.checkpoint import fsync_dir
 _LOG = logging.getLogger(__name__)
 
 JOURNAL_NAME = "journal.wal"
+DAMAGED_SUFFIX = ".damaged"  # the journal as found, when bytes of it could not be replayed
 MAGIC = b"ELSTMWAL"
 FORMAT_VERSION = 1
 _HEADER = struct.Struct(">8sI64s")
@@ -110,6 +112,7 @@ class ReadResult:
     records: list[Record]
     valid_bytes: int  # length of the file up to the end of the last good record
     status: str  # "ok", "missing", "torn" (a bad tail was found), "foreign" (other model or format)
+    file_bytes: int = 0  # length of the file as found
 
 
 def read_journal(directory: Path | str, fingerprint: str) -> ReadResult:
@@ -123,10 +126,10 @@ def read_journal(directory: Path | str, fingerprint: str) -> ReadResult:
         _LOG.error("cannot read the journal %s: %s", path, e)
         return ReadResult([], 0, "foreign")
     if len(data) < _HEADER.size:
-        return ReadResult([], 0, "torn")
+        return ReadResult([], 0, "torn", len(data))
     magic, version, fp = _HEADER.unpack_from(data)
     if magic != MAGIC or version != FORMAT_VERSION or fp.rstrip(b"\0").decode("ascii", "replace") != fingerprint:
-        return ReadResult([], 0, "foreign")
+        return ReadResult([], 0, "foreign", len(data))
     records: list[Record] = []
     pos = _HEADER.size
     status = "ok"
@@ -146,7 +149,7 @@ def read_journal(directory: Path | str, fingerprint: str) -> ReadResult:
             break
         records.append(rec)
         pos = end
-    return ReadResult(records, pos, status)
+    return ReadResult(records, pos, status, len(data))
 
 
 class Journal:
@@ -186,21 +189,51 @@ class Journal:
     def _header(self) -> bytes:
         return _HEADER.pack(MAGIC, FORMAT_VERSION, self.fingerprint.encode("ascii").ljust(64, b"\0"))
 
-    def open(self, found: ReadResult) -> None:
-        """Prepare for appending after :func:`read_journal`: cut a torn tail, start afresh on a foreign file."""
+    def open(self, found: ReadResult) -> int:
+        """Prepare for appending after :func:`read_journal`: cut a bad tail, start afresh on a foreign file.
+
+        Returns the bytes of the file that are not replayed (0 normally).  A write cut short by a
+        crash leaves a bad tail; so does damage anywhere in the file, which also loses every record
+        after it.  The two cannot be told apart, so whenever bytes are dropped the file as found is
+        first copied to ``journal.wal.damaged`` (the last such copy), for an operator to inspect.
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
-        if found.status in ("missing", "foreign") or found.valid_bytes < _HEADER.size:
+        if found.status == "missing":
             self.reset([])
-            return
+            return 0
+        if found.status == "foreign" or found.valid_bytes < _HEADER.size:
+            kept = self._keep_aside() if found.file_bytes else None
+            if found.file_bytes:
+                _LOG.warning("journal %s (%d bytes) belongs to another model or format, or its header is damaged: "
+                             "its records are not replayed; %s; starting a new one",
+                             self.path, found.file_bytes, kept)  # fmt: skip
+            self.reset([])
+            return found.file_bytes
         fd = os.open(self.path, os.O_WRONLY)
         try:
-            if os.fstat(fd).st_size != found.valid_bytes:
-                _LOG.warning("journal %s: cutting a torn tail at byte %d", self.path, found.valid_bytes)
+            size = os.fstat(fd).st_size
+            if size != found.valid_bytes:
+                kept = self._keep_aside()
+                _LOG.error(
+                    "journal %s: %d byte(s) from byte %d on are unreadable (a write cut short by a crash, or damage): "
+                    "the %d record(s) before are replayed, the rest cannot be; %s",
+                    self.path, size - found.valid_bytes, found.valid_bytes, len(found.records), kept,
+                )  # fmt: skip
                 os.ftruncate(fd, found.valid_bytes)
                 os.fsync(fd)
         finally:
             os.close(fd)
         self.size = found.valid_bytes
+        return size - found.valid_bytes
+
+    def _keep_aside(self) -> str:
+        """Copy the journal as found to ``journal.wal.damaged``; says where it went (or why not)."""
+        aside = self.path.with_name(JOURNAL_NAME + DAMAGED_SUFFIX)
+        try:
+            shutil.copyfile(self.path, aside)
+        except OSError as e:
+            return f"it could not be copied aside ({e.strerror or e})"
+        return f"a copy is kept in {aside}"
 
     def append(self, record: Record) -> None:
         self._buf.append(record.encode())

@@ -112,6 +112,13 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        self.journal_dropped_bytes = Counter(
+            "journal_dropped_bytes",
+            "Bytes of the journal found at start that could not be replayed (a write cut short by a crash, damage, "
+            "or another model's journal; the file as found is kept as journal.wal.damaged)",
+            namespace=ns,
+            registry=r,
+        )
         # The histograms the worker updates for every batch take a batch of values at once.
         self.latency = BatchHistogram(
             "latency_seconds",

@@ -23,7 +23,7 @@ from typing import Any
 
 from edge_lstm.features import FeaturePipeline
 from edge_lstm.intervals import Intervals
-from edge_lstm.ticks import TickPolicy
+from edge_lstm.ticks import MAX_CADENCE_S, MAX_GAP_TICKS, MIN_CADENCE_S, TickPolicy
 
 FORMAT = "edge-lstm-model"
 FORMAT_VERSION = 2
@@ -151,14 +151,14 @@ class Manifest:
             if not layers or min(layers) < 1:
                 raise ValueError("'layers' must list at least one positive size")
             cadence = float(d["cadence_seconds"])
-            if not cadence > 0:
-                raise ValueError("'cadence_seconds' must be positive")
+            if not MIN_CADENCE_S <= cadence <= MAX_CADENCE_S:  # NaN fails too
+                raise ValueError(f"'cadence_seconds' must be {MIN_CADENCE_S:g}..{MAX_CADENCE_S:g}, got {cadence}")
             sha = str(d["sha256"])
             if len(sha) != 64:
                 raise ValueError("'sha256' must be 64 hex digits")
             max_gap = int(d.get("max_gap_ticks", 4))
-            if max_gap < 1:
-                raise ValueError(f"'max_gap_ticks' must be at least 1, got {max_gap}")
+            if not 1 <= max_gap <= MAX_GAP_TICKS:
+                raise ValueError(f"'max_gap_ticks' must be 1..{MAX_GAP_TICKS}, got {max_gap}")
             pipeline = FeaturePipeline.from_dict(d)
             if pipeline.output.differenced and version < 2:
                 raise ValueError("output.seasonal_differenced needs format_version 2")

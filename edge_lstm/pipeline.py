@@ -799,13 +799,12 @@ def routes_of(cfg: Config) -> Callable[[str | None], TopicFilter | None]:
     return route
 
 
-def open_journal(directory: Path, fingerprint: str, sync: bool) -> tuple[Journal, list[Record]]:
-    """Open the state directory's journal for a model; returns it with the records it holds."""
+def open_journal(directory: Path, fingerprint: str, sync: bool) -> tuple[Journal, list[Record], int]:
+    """Open the state directory's journal for a model; returns it with the records it holds and the bytes
+    of the file that could not be replayed (see :meth:`Journal.open`)."""
     from edge_lstm.journal import read_journal
 
     found = read_journal(directory, fingerprint)
-    if found.status == "foreign":
-        _LOG.warning("journal in %s belongs to another model or format: starting a new one", directory)
     journal = Journal(directory, fingerprint, sync=sync)
-    journal.open(found)
-    return journal, found.records if found.status != "foreign" else []
+    dropped = journal.open(found)
+    return journal, found.records if found.status != "foreign" else [], dropped

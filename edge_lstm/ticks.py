@@ -38,6 +38,10 @@ from typing import Any
 from edge_lstm.outcomes import Outcome
 
 OPEN_SLOTS = 2  # buckets of one stream open at once (lateness < cadence)
+MIN_CADENCE_S = 1e-3
+MAX_CADENCE_S = 1e9  # ~32 years
+# A gap is filled tick by tick, one model step each (~50 us): this many hold the daemon's loop ~0.5 s.
+MAX_GAP_TICKS = 10_000
 _NAN = math.nan
 
 
@@ -107,16 +111,16 @@ class TickPolicy:
     max_gap_ticks: int = 4
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.cadence_s) and self.cadence_s > 0):
-            raise ValueError(f"cadence must be a positive number of seconds, got {self.cadence_s}")
+        if not MIN_CADENCE_S <= self.cadence_s <= MAX_CADENCE_S:  # NaN fails too
+            raise ValueError(f"cadence must be {MIN_CADENCE_S:g}..{MAX_CADENCE_S:g} s, got {self.cadence_s}")
         if not math.isfinite(self.origin_s):
             raise ValueError("tick origin must be finite")
         if not (math.isfinite(self.lateness_s) and 0 <= self.lateness_s < self.cadence_s):
             raise ValueError(f"lateness must be at least 0 and below the cadence ({self.cadence_s:g} s)")
         if self.aggregate is Aggregate.FIRST and self.lateness_s:
             raise ValueError("aggregate 'first' closes a tick at its first reading: lateness must be 0")
-        if self.max_gap_ticks < 1:
-            raise ValueError(f"max_gap_ticks must be at least 1, got {self.max_gap_ticks}")
+        if not 1 <= self.max_gap_ticks <= MAX_GAP_TICKS:
+            raise ValueError(f"max_gap_ticks must be 1..{MAX_GAP_TICKS}, got {self.max_gap_ticks}")
         # Normalise the origin into [0, cadence): same grid, smaller numbers.
         object.__setattr__(self, "origin_s", math.fmod(self.origin_s, self.cadence_s) % self.cadence_s)
 

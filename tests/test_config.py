@@ -88,6 +88,8 @@ def test_example_config_in_deploy_is_valid_and_complete(monkeypatch: pytest.Monk
         ("[mqtt]\nsession_expiry_s = 1099511627776\n", "mqtt.session_expiry_s must be 0..4294967295"),
         ("[engine]\ndrain_timeout_s = 1e300\n", "engine.drain_timeout_s must be 0..86400"),
         ("[model]\nthreads = 100000\n", "model.threads must be 1..256"),
+        ("[state]\nmax_gap_ticks = 200000\n", "state.max_gap_ticks must be 0..10000"),
+        ("[mqtt]\nreconnect_max_s = 4611686018427387904\n", "reconnect_min_s <= reconnect_max_s <= 3600"),
         ("[input]\ntopics = ['']\nstream_field = 'id'\n", "input.topics: '' is empty"),
         ("[input]\ntopics = [\"sensors/\\u0000/{stream}\"]\n", "contains U+0000"),
         ("[input]\ntopics = [\"sensors/\\u0085/{stream}\"]\n", "contains U+0085"),

@@ -24,7 +24,7 @@ from edge_lstm.journal import Journal, read_journal
 from edge_lstm.metrics import Metrics
 from edge_lstm.mqtt import Inbound
 from edge_lstm.payload import PayloadDecoder
-from edge_lstm.pipeline import Pipeline, replay_journal, routes_of
+from edge_lstm.pipeline import Pipeline, open_journal, replay_journal, routes_of
 from edge_lstm.state import StateTable
 from tests.support.broker import Broker
 from tests.support.collector import Collector, publisher
@@ -214,6 +214,33 @@ def test_journal_replay_rebuilds_the_state_the_messages_built(
         assert a is not None and b is not None
         for x, y in zip(p.engine.table.gather(np.array([a])), fresh.table.gather(np.array([b])), strict=True):
             np.testing.assert_array_equal(x, y)
+
+
+def test_a_damaged_journal_is_kept_aside_and_its_unreadable_bytes_reported(tmp_path: Path) -> None:
+    p, link = _pipeline(tmp_path)
+    for i in range(30):
+        p.accept(_msg(i + 1, _reading(1e9 + 1800 * i, 25000 + i)))
+    while p.queue:
+        p.step(5)
+    for _, _, batch in link.published:
+        while batch.outstanding > 0:  # type: ignore[attr-defined]
+            p.on_published(batch, True)
+    p.commit()
+    state, fp = tmp_path / "state", p.engine.model.manifest.sha256
+    path = state / "journal.wal"
+    data = bytearray(path.read_bytes())
+    assert len(read_journal(state, fp).records) == 30
+    data[len(data) // 3] ^= 0xFF  # a flipped byte a third of the way in: every record from there on is lost
+    path.write_bytes(bytes(data))
+    journal, records, dropped = open_journal(state, fp, sync=False)
+    assert 0 < len(records) < 30
+    assert dropped == len(data) - journal.size > 0 and path.stat().st_size == journal.size
+    assert (state / "journal.wal.damaged").read_bytes() == bytes(data)  # the evidence, as found
+    # Another model's journal: nothing replayed, all of it reported and kept.
+    _, records, dropped = open_journal(state, "0" * 64, sync=False)
+    assert records == [] and dropped == journal.size
+    # An intact journal: nothing dropped.
+    assert open_journal(state, "0" * 64, sync=False)[2] == 0
 
 
 def test_retained_messages_are_left_out_and_counted_unless_asked_for(tmp_path: Path) -> None:

@@ -144,7 +144,7 @@ def test_sighup_swap_to_other_layer_sizes_resets_state_and_a_broken_file_keeps_s
             assert all(len(doc["forecasts"]) == new.horizon and doc["warming_up"] for doc in docs)
             resets = d.wait_metric("edge_lstm_state_resets_total", len(STREAMS), reason="model_change")
             assert resets == len(STREAMS)
-            assert "layer sizes differ" in d.log()
+            assert "layers, columns or tick policy differ" in d.log()
 
             # a broken file on the next SIGHUP: refused, the running model keeps serving
             _truncate(model_dir)
