@@ -15,9 +15,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import platform
+import socket
+import socketserver
 import threading
 from collections.abc import Iterable, Sequence
-from wsgiref.simple_server import WSGIServer
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -25,7 +28,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -315,20 +318,85 @@ def trained_mae(manifest: Manifest) -> float | None:
     return None
 
 
+class _QuietHandler(WSGIRequestHandler):
+    """A request handler that logs nothing and gives up on a client silent for ``timeout`` seconds."""
+
+    timeout = 10.0  # socket timeout while reading a request: a client that never finishes it frees its thread
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most ``max_connections`` at once: a connection beyond them is closed at once.
+
+    prometheus-client's own server starts a thread for every connection without a bound, so
+    idle or half-sent requests (300 idle connections: 305 threads) pile up in the daemon.
+    """
+
+    daemon_threads = True
+    max_connections = 64
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        self.refused = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that timed out or hung up: nothing to report (the base class prints a traceback).
+        _LOG.debug("metrics request from %s failed", client_address, exc_info=True)
+
+
 class MetricsServer:
     """The HTTP endpoint serving ``registry`` at ``http://BIND:PORT/metrics``."""
 
-    def __init__(self, registry: CollectorRegistry, bind: str, port: int) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, bind: str, port: int, *, max_connections: int = 64, timeout: float = 10.0
+    ) -> None:
         self._registry = registry
         self._bind = bind
         self._port = port
-        self._server: WSGIServer | None = None
+        self._max_connections = max_connections
+        self._timeout = timeout
+        self._server: _BoundedServer | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._server, self._thread = start_http_server(self._port, addr=self._bind, registry=self._registry)
-        self._thread.name = "metrics-http"
+        infos = socket.getaddrinfo(self._bind, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family = infos[0][0] if infos else socket.AF_INET
+        server_class = type(
+            "MetricsHttpServer", (_BoundedServer,), {"address_family": family, "max_connections": self._max_connections}
+        )
+        handler = type("MetricsHandler", (_QuietHandler,), {"timeout": self._timeout})
+        server: _BoundedServer = make_server(
+            self._bind, self._port, make_wsgi_app(self._registry), server_class, handler
+        )  # type: ignore[assignment]
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
         _LOG.info("metrics at %s", self.url)
+
+    @property
+    def refused(self) -> int:
+        """Connections closed at once because ``max_connections`` were open."""
+        return self._server.refused if self._server is not None else 0
 
     @property
     def port(self) -> int:

@@ -87,3 +87,32 @@ def test_stream_error_labels_are_capped_and_rolling() -> None:
     assert reg.get_sample_value("edge_lstm_stream_abs_error", {"stream": "b"}) == 2.0
     assert reg.get_sample_value("edge_lstm_stream_abs_error", {"stream": "c"}) is None  # beyond the cap
     assert reg.get_sample_value("edge_lstm_forecast_abs_error_count", {"model": "mdl"}) == 3 + STREAM_ERROR_WINDOW
+
+
+def test_the_metrics_server_bounds_its_connections_and_drops_silent_clients() -> None:
+    import socket
+    import time
+    import urllib.request
+
+    from edge_lstm.metrics import MetricsServer
+
+    registry = CollectorRegistry()
+    Metrics(registry)
+    server = MetricsServer(registry, "127.0.0.1", 0, max_connections=3, timeout=0.5)
+    server.start()
+    try:
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
+        time.sleep(0.1)  # the three hold every slot, sending nothing
+        extra = socket.create_connection(("127.0.0.1", server.port))
+        extra.settimeout(2)
+        assert extra.recv(1) == b""  # closed at once, not queued behind them
+        assert server.refused == 1
+        for s in idle:  # each is dropped once silent for the timeout, which frees its thread and slot
+            s.settimeout(3)
+            assert s.recv(1) == b""
+        with urllib.request.urlopen(server.url, timeout=5) as r:
+            assert b"edge_lstm_readings_received_total" in r.read()
+        for s in [*idle, extra]:
+            s.close()
+    finally:
+        server.stop()
