@@ -383,6 +383,7 @@ ALERT_EXPECTATIONS: dict[str, tuple[bool, str]] = {
     "EdgeLstmCheckpointStale": (False, "time() - edge_lstm_checkpoint_last_success_timestamp_seconds < 60"),
     "EdgeLstmCheckpointFailing": (False, "edge_lstm_checkpoint_failures_total == 0"),
     "EdgeLstmModelReloadFailed": (False, 'edge_lstm_model_reloads_total{result="failed"} == 0'),
+    "EdgeLstmJournalDamaged": (False, "edge_lstm_journal_dropped_bytes_total == 0"),
 }
 
 
