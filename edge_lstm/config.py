@@ -648,7 +648,6 @@ def _validate(c: Config) -> None:
             f.stream_level is not None or bool(i.stream_field),
             f"input.topics: {f.template!r} has no {STREAM_PLACEHOLDER} level and input.stream_field is empty",
         )
-    for f in filters:
         topic_ok("input.topics:", f.filter, _shown(f.template))
     need(len({f.filter for f in filters}) == len(filters), "input.topics lists the same filter twice")
     need(1 <= i.max_payload_bytes <= 16 << 20, "input.max_payload_bytes must be 1..16777216")

@@ -171,7 +171,6 @@ class Daemon:
         _LOG.info("model %s (%s %s)", manifest.model_id, self.model.runtime_name, self.model.runtime_version)
 
         table, journal_seq = self._restore_state(manifest)
-        restored = len(table)
         self.engine = Engine(self.model, table, max_gap_ticks=cfg.state.max_gap_ticks or None)
         try:
             journal, records, dropped = open_journal(Path(cfg.state.dir), manifest.sha256, cfg.state.journal_sync)

@@ -202,8 +202,8 @@ class Journal:
             self.reset([])
             return 0
         if found.status == "foreign" or found.valid_bytes < _HEADER.size:
-            kept = self._keep_aside() if found.file_bytes else None
             if found.file_bytes:
+                kept = self._keep_aside()
                 _LOG.warning("journal %s (%d bytes) belongs to another model or format, or its header is damaged: "
                              "its records are not replayed; %s; starting a new one",
                              self.path, found.file_bytes, kept)  # fmt: skip

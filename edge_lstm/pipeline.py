@@ -362,21 +362,23 @@ class Pipeline:
         once at the end of that time (a burst of ``online``s would otherwise resend every config per message)."""
         now = time.monotonic()
         if now - self._ha_announced_at >= HA_REANNOUNCE_EVERY_S:
-            self._ha_announced_at = now
-            assert self.discovery is not None
-            self._announce(self.discovery.on_ha_online())
+            self._ha_answer(now)
         elif self._ha_announce_due is None:
             self._ha_announce_due = self._ha_announced_at + HA_REANNOUNCE_EVERY_S
 
     def announce_due(self) -> bool:
         """Send the answer to Home Assistant that :meth:`_ha_online` put off, once it is due; True when sent."""
-        due = self._ha_announce_due
-        if due is None or time.monotonic() < due:
+        due, now = self._ha_announce_due, time.monotonic()
+        if due is None or now < due:
             return False
         self._ha_announce_due = None
-        self._ha_announced_at = -HA_REANNOUNCE_EVERY_S
-        self._ha_online()
+        self._ha_answer(now)
         return True
+
+    def _ha_answer(self, now: float) -> None:
+        assert self.discovery is not None
+        self._ha_announced_at = now
+        self._announce(self.discovery.on_ha_online())
 
     def on_published(self, token: object, ok: bool) -> None:
         """The broker acknowledged (or refused) one forecast of a batch."""

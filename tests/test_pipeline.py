@@ -186,6 +186,16 @@ def test_a_redelivered_message_is_recognised_and_not_processed_twice(tmp_path: P
     assert len(p.queue) == 1
 
 
+def _step_and_settle_all(p: Pipeline, link: FakeLink, max_batch: int) -> None:
+    """Step everything queued, let the broker acknowledge every forecast, commit."""
+    while p.queue:
+        p.step(max_batch)
+    for _, _, batch in link.published:
+        while batch.outstanding > 0:  # type: ignore[attr-defined]
+            p.on_published(batch, True)
+    p.commit()
+
+
 def test_journal_replay_rebuilds_the_state_the_messages_built(
     tmp_path: Path, taylor_series: tuple[np.ndarray, np.ndarray]
 ) -> None:
@@ -198,12 +208,7 @@ def test_journal_replay_rebuilds_the_state_the_messages_built(
             if batch.outstanding:  # type: ignore[attr-defined]
                 p.on_published(batch, True)
         p.commit()
-    while p.queue:
-        p.step(7)
-    for _, _, batch in link.published:
-        while batch.outstanding > 0:  # type: ignore[attr-defined]
-            p.on_published(batch, True)
-    p.commit()
+    _step_and_settle_all(p, link, 7)
     assert len(link.acks) == 60
     m = p.engine.model.manifest
     fresh = Engine(p.engine.model, StateTable(m.layers, 1, 100))
@@ -220,12 +225,7 @@ def test_a_damaged_journal_is_kept_aside_and_its_unreadable_bytes_reported(tmp_p
     p, link = _pipeline(tmp_path)
     for i in range(30):
         p.accept(_msg(i + 1, _reading(1e9 + 1800 * i, 25000 + i)))
-    while p.queue:
-        p.step(5)
-    for _, _, batch in link.published:
-        while batch.outstanding > 0:  # type: ignore[attr-defined]
-            p.on_published(batch, True)
-    p.commit()
+    _step_and_settle_all(p, link, 5)
     state, fp = tmp_path / "state", p.engine.model.manifest.sha256
     path = state / "journal.wal"
     data = bytearray(path.read_bytes())
