@@ -150,6 +150,7 @@ class _RecordingLink:
         self.acks = 0
         self.outstanding = 0
         self.hold = False
+        self.connects = 1  # the link's connection number
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, token: object = None) -> bool:
         self.tokens.append(token)

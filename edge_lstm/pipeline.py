@@ -119,6 +119,7 @@ class _Message:
     payload: bytes | None  # None: nothing to journal (rejected, ignored, or already in the state)
     arrival: float  # epoch seconds (the decoder's "now")
     digest: int
+    connection: int  # the link's connection it came on (its packet id means nothing on another)
 
 
 @dataclasses.dataclass(slots=True)
@@ -229,9 +230,12 @@ class Pipeline:
         if m.dup and m.qos > 0 and self._digest[m.mid] == digest:
             # Delivered again: after a reconnect, the broker resends what it has no PUBACK for.
             metrics.messages_redelivered.inc()
-            if m.mid not in self._window:  # already in the state: acknowledge it again, in order
+            first = self._window.get(m.mid)
+            if first is None:  # already in the state: acknowledge it again, in order
                 self._hold(m.mid, m.qos, self.enqueued, topic, None, 0.0, digest)
-            return  # else the first copy is still on its way; its acknowledgement covers both
+            else:  # the first copy is still on its way: its acknowledgement covers both, on this connection
+                first.connection = self.link.connects
+            return
         if self.discovery is not None and m.topic == self.discovery.ha_status_topic:
             if m.payload == b"online":  # Home Assistant (re)started: announce every stream again
                 self._ha_online()
@@ -285,7 +289,7 @@ class Pipeline:
     def _hold(
         self, mid: int, qos: int, start: int, topic: str, payload: bytes | None, arrival: float, digest: int
     ) -> None:
-        msg = _Message(mid, qos, start, self.enqueued, topic, payload, arrival, digest)
+        msg = _Message(mid, qos, start, self.enqueued, topic, payload, arrival, digest, self.link.connects)
         self.messages.append(msg)
         if qos > 0:
             self._window[mid] = msg
@@ -426,13 +430,18 @@ class Pipeline:
             self._sync_failures_seen += failed_syncs
             self.metrics.journal_failures.inc(failed_syncs)
             self._log_error(f"syncing the journal ({journal.sync_error}); acknowledgements wait", exc=False)
-        # Acknowledge, in order, the groups the disk holds now.
+        # Acknowledge, in order, the groups the disk holds now.  A message that came on an earlier connection
+        # is not acknowledged: on this one its packet id may name another message (the broker restarted, or
+        # the session is new), and a PUBACK would settle that one unread.  A broker that kept the session
+        # sends the message again, and the copy is acknowledged (see accept).
         n = 0
         link, window, synced, syncing = self.link, self._window, journal.synced, self._syncing
+        connection = link.connects
         while syncing and syncing[0][0] <= synced:
             for m in syncing.popleft()[1]:
                 if m.qos > 0:
-                    link.ack(m.mid, m.qos)
+                    if m.connection == connection:
+                        link.ack(m.mid, m.qos)
                     if window.get(m.mid) is m:
                         del window[m.mid]
                 n += 1

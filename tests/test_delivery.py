@@ -29,7 +29,7 @@ from edge_lstm.engine import Engine
 from edge_lstm.payload import Reading
 from edge_lstm.state import StateTable
 from tests.support.broker import Broker
-from tests.support.collector import Collector
+from tests.support.collector import Collector, publisher
 from tests.support.daemon import TAYLOR_MODEL, DaemonProcess
 from tests.support.faults import record, reliability_report  # noqa: F401
 from tests.support.offline import open_model
@@ -234,6 +234,81 @@ def test_sigterm_with_a_backlog_leaves_the_rest_with_the_broker(
            int(shutdown), "delivered again to the next run")  # fmt: skip
     record("9", "SIGTERM with a backlog: readings / without a forecast after the restart",
            f"{load.total} / 0", "0 lost")  # fmt: skip
+
+
+def test_a_broker_restart_cannot_turn_an_old_acknowledgement_into_a_lost_reading(
+    broker_factory: Callable[..., Broker],
+    daemon_factory: Callable[..., DaemonProcess],
+    taylor_series: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """The broker restarts (no persistence) while the daemon works through a backlog it has not yet
+    acknowledged; the new session gives the old messages' packet ids to new readings.  An acknowledgement of
+    an old message sent on the new connection would settle a new reading unread, and a SIGKILL before its
+    forecast would lose it for good.  Killed at the first such collision (or once the readings are in),
+    restarted: every new reading has its forecast, equal to an uninterrupted run's."""
+    ts, values = taylor_series
+    broker = broker_factory(extra_config=["log_type all"]).start()
+    d = daemon_factory(broker)
+    d.start()
+    cid = d.client_id
+    with publisher(broker.host, broker.port) as pub:
+        for k in range(5):  # packet ids of the first session: used and acknowledged
+            pub.publish("sensors/pre/value", _body(ts[k], values[k]), qos=1).wait_for_publish(10)
+        d.wait_metric("edge_lstm_readings_total", 5, outcome="processed")
+        for i in range(10):  # a backlog of 10 messages of 1,000 readings the daemon holds unacknowledged
+            batch = [{"ts": float(ts[j]), "demand_mw": float(values[j])} for j in range(100, 1100)]
+            pub.publish(f"sensors/old{i}/value", json.dumps(batch).encode(), qos=1).wait_for_publish(10)
+    d.wait_metric("edge_lstm_readings_received_total", 1000)
+    mark = len(broker.log())
+    with Collector(broker.host, broker.port, [d.status_topic]) as status:
+        broker.stop()
+        broker.start()  # a new broker: no session, packet ids start again
+        assert status.wait_payload(d.status_topic, b"online", timeout=30, retained=False)  # subscribed again
+    sent = [(float(ts[j]), float(values[j])) for j in range(2000, 2060)]
+    published = re.compile(rf"Sending PUBLISH to {re.escape(cid)} \(d0, q1, r0, m(\d+), 'sensors/z/value'")
+    acked = re.compile(rf"Received PUBACK from {re.escape(cid)} \(Mid: (\d+)")
+
+    def collided() -> bool:
+        """The daemon acknowledged a packet id after the broker had given it to a new reading, while the
+        new readings still waited behind the backlog (an old message's acknowledgement, on the new
+        connection); read before the daemon's counters move past the backlog."""
+        given: set[int] = set()
+        for line in broker.log()[mark:].splitlines():
+            if (m := published.search(line)) is not None:
+                given.add(int(m.group(1)))
+            elif (m := acked.search(line)) is not None and int(m.group(1)) in given:
+                return True
+        return False
+
+    with Collector(broker.host, broker.port, ["forecasts/z"]) as col, publisher(broker.host, broker.port) as pub:
+        infos = [pub.publish("sensors/z/value", _body(t, v), qos=1) for t, v in sent]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not collided():
+            if d.metric("edge_lstm_readings_total", outcome="processed") >= 5 + 10_000 + len(sent) // 2:
+                break  # no collision: killed half way through the new readings instead
+            time.sleep(0.01)
+        d.kill()
+        for info in infos:
+            info.wait_for_publish(10)
+        assert all(info.is_published() for info in infos)  # every new reading is with the broker
+        d.start()
+        model = open_model(TAYLOR_MODEL)
+        m = model.manifest
+        engine = Engine(model, StateTable(m.layers, len(m.pipeline.columns), 10))
+        want = {f.ts: f.values for t, v in sent for f in engine.process([Reading("z", (v,), t, 0.0)]).forecasts}
+        assert col.wait_for(len(want), timeout=60)
+        time.sleep(0.5)
+        got = {msg.json()["ts_epoch"]: msg.json() for msg in col.select("forecasts/z", retained=False)}
+        assert sorted(got) == sorted(want), f"{len(set(want) - set(got))} of {len(want)} readings never forecast"
+        for t, doc in got.items():
+            np.testing.assert_allclose([f["value"] for f in doc["forecasts"]], want[t], rtol=1e-5)
+    assert d.terminate() == 0
+    record("9", "broker restarted under a backlog, then SIGKILL: new readings / without a forecast",
+           f"{len(sent)} / 0", "0 lost")  # fmt: skip
+
+
+def _body(t: float, v: float) -> bytes:
+    return json.dumps({"ts": float(t), "demand_mw": float(v)}).encode()
 
 
 def test_retained_readings_are_left_out_by_default_and_counted(

@@ -124,6 +124,7 @@ class FakeLink:
         self.acks: list[int] = []
         self.outstanding = 0
         self.hold = False
+        self.connects = 1  # the link's connection number
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, token: object = None) -> bool:
         self.published.append((topic, payload, token))
@@ -184,6 +185,33 @@ def test_a_redelivered_message_is_recognised_and_not_processed_twice(tmp_path: P
     assert p.metrics.messages_redelivered._value.get() == 2  # type: ignore[attr-defined]
     p.accept(_msg(7, _reading(1e9 + 1800, 25100), dup=True))  # same id, other content: a new message
     assert len(p.queue) == 1
+
+
+def test_a_message_from_an_earlier_connection_is_not_acknowledged_on_a_new_one(tmp_path: Path) -> None:
+    """After a reconnect a packet id may name another message (the broker restarted, or the session is new):
+    the PUBACK of a message read on the old connection would settle the new one unread, and a kill before
+    its forecast would lose it."""
+    p, link = _pipeline(tmp_path)
+    p.accept(_msg(6, _reading(1e9, 25000)))  # connection 1
+    p.step(10)
+    link.connects = 2  # the broker came back without the session, and gives packet id 6 to a new message
+    p.accept(_msg(6, _reading(1e9, 26000), stream="z"))
+    _step_and_settle_all(p, link, 10)
+    assert link.acks == [6]  # once: the new message's
+    assert p.quiescent and len(link.published) == 2
+    found = read_journal(tmp_path / "state", p.engine.model.manifest.sha256)
+    assert [r.mid for r in found.records] == [6, 6]  # both are in the state
+
+
+def test_a_message_the_broker_sends_again_on_a_new_connection_is_acknowledged_there(tmp_path: Path) -> None:
+    p, link = _pipeline(tmp_path)
+    p.accept(_msg(7, _reading(1e9, 25000)))  # connection 1
+    p.step(10)
+    link.connects = 2  # the broker kept the session and sends message 7 again
+    p.accept(_msg(7, _reading(1e9, 25000), dup=True))
+    _step_and_settle_all(p, link, 10)
+    assert link.acks == [7] and len(link.published) == 1  # processed once, acknowledged on this connection
+    assert p.metrics.messages_redelivered._value.get() == 1  # type: ignore[attr-defined]
 
 
 def _step_and_settle_all(p: Pipeline, link: FakeLink, max_batch: int) -> None:
