@@ -104,7 +104,10 @@ SCENARIOS: dict[str, tuple[str, str, str]] = {
         "random points (0.05-0.8 s apart, checkpoints every 0.3 s, so kills land in journal commits and "
         "checkpoints alike) and restarted, against Mosquitto with its default max_inflight_messages (20) and "
         "with 1000; then SIGTERM with the broker down (persistent broker and subscriber), and SIGTERM with a "
-        "backlog of 2400 readings. Every reading published must get a forecast, and every forecast "
+        "backlog of 2400 readings; then the broker restarted without persistence while the daemon works "
+        "through a backlog it has not acknowledged, new readings published, and the daemon SIGKILLed at the "
+        "first acknowledgement of a packet id the new session had given to a new reading (or half way through "
+        "them). Every reading published must get a forecast, and every forecast "
         "(duplicates included) must equal that of an engine fed each reading once, in order.",
         "16 kills per broker setting in CI (EDGE_LSTM_KILLS raises it).",
     ),
