@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import fcntl
 import hashlib
 import io
 import logging
@@ -39,6 +40,7 @@ from edge_lstm.state import StateTable
 _LOG = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "state.ckpt"
+LOCK_NAME = "daemon.lock"
 MAGIC = b"ELSTMCK\x00"
 FORMAT_VERSION = 1
 _HEADER = struct.Struct(">8sI64sQ")
@@ -249,3 +251,32 @@ def load_checkpoint(
     _LOG.info("restored the state of %d stream(s) from %s", len(table), path)
     seq = int(np.asarray(arrays[JOURNAL_SEQ])) if JOURNAL_SEQ in arrays else 0
     return LoadResult(table, LoadStatus.RESTORED, "restored", path, None, len(data), clock() - t0, seq)
+
+
+class StateDirBusy(Exception):
+    """Another process holds the state directory's lock."""
+
+
+def lock_state_dir(directory: Path) -> int:
+    """Take the state directory for this process: an exclusive ``flock`` on ``daemon.lock``, which holds the pid.
+
+    Returns the lock's file descriptor (closing it lets go).  Two daemons on one directory would write
+    one journal and overwrite each other's checkpoints, and a start would restore the other's state:
+    :class:`StateDirBusy` names the holder instead.  A file system without ``flock`` gives no lock
+    (logged), as before.
+    """
+    path = directory / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise StateDirBusy(f"another process holds {path} (pid {holder})") from None
+    except OSError as e:
+        _LOG.warning("cannot lock %s (%s): not guarding the state directory against a second daemon",
+                     path, e.strerror or e)  # fmt: skip
+        return fd
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import signal
 import threading
 import time
@@ -136,6 +137,7 @@ class Daemon:
         self.link: MqttLink | None = None
         self.metrics_server: MetricsServer | None = None
         self._thread: threading.Thread | None = None
+        self._state_lock: int | None = None  # the state directory's lock (see checkpoint.lock_state_dir)
         self.failed = False  # the serving loop died: exit non-zero so a supervisor restarts the daemon
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -261,6 +263,9 @@ class Daemon:
             self.loop.close()
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        if self._state_lock is not None:
+            os.close(self._state_lock)
+            self._state_lock = None
         self.notifier.close()
         self.phase = Phase.STOPPED
         _LOG.info("stopped")
@@ -321,6 +326,9 @@ class Daemon:
         directory = Path(cfg.state.dir)
         try:
             directory.mkdir(parents=True, exist_ok=True)
+            self._state_lock = ckpt.lock_state_dir(directory)
+        except ckpt.StateDirBusy as e:
+            raise StartError(f"state.dir {directory} is in use by another daemon: {e}") from None
         except OSError as e:
             raise StartError(f"cannot create state.dir {directory}: {e.strerror or e}") from None
         res = ckpt.load_checkpoint(

@@ -13,7 +13,7 @@ import pytest
 
 from tests.support.broker import Broker
 from tests.support.collector import Collector
-from tests.support.daemon import TAYLOR_MODEL, DaemonProcess
+from tests.support.daemon import TAYLOR_MODEL, DaemonError, DaemonProcess
 from tests.support.offline import open_model, stream_forecasts
 from tests.test_daemon import assert_equal_forecasts, forecasts_by_ts, publish_series, publisher, stretch
 
@@ -102,6 +102,22 @@ def test_json_logs_one_object_per_line(broker: Broker, daemon_factory: Callable[
     assert {"ts", "level", "logger", "msg"} <= set(docs[0])
     messages = [doc["msg"] for doc in docs]
     assert any(m.startswith("ready:") for m in messages) and "stopped" in messages
+
+
+def test_a_second_daemon_on_the_same_state_directory_is_refused(
+    broker: Broker, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    """Two daemons on one state directory would write one journal and overwrite each other's checkpoints."""
+    first = daemon_factory(broker).start()
+    second = daemon_factory(broker, overrides={"state": first.config["state"]})
+    with pytest.raises(DaemonError):
+        second.start(timeout=15)
+    assert second.wait(15) == 1
+    assert "is in use by another daemon: another process holds" in second.log()
+    assert f"(pid {first.pid})" in second.log()
+    assert first.running and first.terminate() == 0
+    second.start()  # the directory is free again
+    assert second.terminate() == 0
 
 
 def test_sigint_stops_like_sigterm(broker: Broker, daemon_factory: Callable[..., DaemonProcess]) -> None:

@@ -217,7 +217,7 @@ def test_hostile_stream_ids_cannot_inject_topics_escape_the_state_dir_or_grow_la
     assert all(SAFE_TOPIC.fullmatch(t) and ".." not in t for t in forecast_topics), forecast_topics
     assert not other_topics, other_topics
     assert max(len(t) for t in forecast_topics) <= len("forecasts/") + 64
-    assert sorted(p.name for p in state_dir.iterdir()) == [JOURNAL_NAME, ckpt.CHECKPOINT_NAME]
+    assert sorted(p.name for p in state_dir.iterdir()) == sorted([JOURNAL_NAME, ckpt.CHECKPOINT_NAME, ckpt.LOCK_NAME])
     assert not list(state_dir.parent.parent.glob("etc*")) and not Path("/etc/passwd.ckpt").exists()
     arrays = ckpt.decode_checkpoint((state_dir / ckpt.CHECKPOINT_NAME).read_bytes(), _sha())
     assert {str(s) for s in arrays["streams"].tolist()} == expected
