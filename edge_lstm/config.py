@@ -36,7 +36,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from edge_lstm.payload import MAX_STREAM_ID_LEN
+from edge_lstm.payload import DEFAULT_MAX_ABS_VALUE, MAX_STREAM_ID_LEN
 from edge_lstm.runtime import Runtime
 from edge_lstm.ticks import MAX_GAP_TICKS
 
@@ -215,7 +215,7 @@ class InputConfig:
     )
     max_array_len: int = dataclasses.field(default=1024, metadata=_doc("Most readings in one JSON array body."))
     max_abs_value: float = dataclasses.field(
-        default=1e12, metadata=_doc("Values of larger magnitude are rejected (`non_finite`).")
+        default=DEFAULT_MAX_ABS_VALUE, metadata=_doc("Values of larger magnitude are rejected (`non_finite`).")
     )
     retained: RetainedPolicy = dataclasses.field(
         default=RetainedPolicy.IGNORE,
