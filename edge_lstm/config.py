@@ -686,7 +686,9 @@ def _validate(c: Config) -> None:
     longest = o.topic.replace(STREAM_PLACEHOLDER, "x" * MAX_STREAM_ID_LEN)
     topic_ok("output.topic", longest, f"{_shown(o.topic)} (with a stream id of {MAX_STREAM_ID_LEN} characters)")
     need(0 <= o.precision <= 17, "output.precision must be 0..17")
-    forecasts = "/".join("+" if STREAM_PLACEHOLDER in level else level for level in o.topic.split("/"))
+    # A stream's level of the output topic matches an input filter's wildcard, never one of its words: a
+    # filter that catches forecasts only of a stream with one particular id is not refused.
+    forecasts = "/".join("\0" if STREAM_PLACEHOLDER in level else level for level in o.topic.split("/"))
     own = (("output.topic", o.topic, forecasts), ("mqtt.status_topic", st, st))
     for f in filters:
         for key, shown, topic in own:

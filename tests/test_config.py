@@ -165,6 +165,9 @@ def test_filters_that_share_no_topic_are_accepted(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, "[input]\ntopics = ['sensors/{stream}/value', 'sensors/{stream}/temp', "
                                       "'plant/+/{stream}']\n"))  # fmt: skip
     assert [f.filter for f in cfg.subscriptions()] == ["sensors/+/value", "sensors/+/temp", "plant/+/+"]
+    # Forecasts of a stream named "reading" would match this filter, but no other stream's would: accepted.
+    load_config(write(tmp_path, "[input]\ntopics = ['home/{stream}/reading']\n"
+                                "[output]\ntopic = 'home/forecasts/{stream}'\n"))  # fmt: skip
 
 
 def test_topic_filters_and_stream_level() -> None:
