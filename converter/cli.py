@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("data", type=Path, metavar="DATA.csv")
     t.add_argument("--out", required=True, type=Path, metavar="DIR", help="model directory to write")
-    t.add_argument("--time-col", required=True, help="timestamp column: ISO 8601, date, epoch s or epoch ms")
+    t.add_argument("--time-col", required=True,
+                   help="timestamp column: ISO 8601, date, or epoch s/ms/us/ns (by magnitude)")
     t.add_argument("--target", required=True, help="column to forecast")
     t.add_argument("--features", default="", help="more value columns as inputs, comma-separated")
     t.add_argument("--horizon", type=int, default=16, help="forecast ticks ahead, K (default 16)")
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quantize", type=Quantization, default=Quantization.DYNAMIC, metavar="MODE",
                    help=f"quantization of the written model: {modes} (default dynamic)")  # fmt: skip
     t.add_argument("--cadence", type=_positive_float, default=None, metavar="SECONDS",
-                   help="tick length; default: the median spacing of the timestamps")  # fmt: skip
+                   help="tick length; default: the period the timestamps show (docs/converter.md)")  # fmt: skip
     t.add_argument("--units-label", default="", metavar="LABEL", help="units of the target, e.g. MW")
     t.add_argument("--name", default=None, help="model name (default: the --out directory's name)")
     t.add_argument("--max-gap-ticks", type=int, default=4,

@@ -695,7 +695,7 @@ def calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
     training = man.extra.get("training", {})
     split = Split(float(training.get("split", {}).get("train", 0.7)), float(training.get("split", {}).get("val", 0.15)))
     season = int(training.get("season_ticks", 0)) or season_ticks(man.cadence_s)
-    grid = data_mod.load(cfg.data, str(time_col), man.pipeline.columns, man.cadence_s, man.max_gap_ticks)
+    grid = data_mod.load(cfg.data, str(time_col), man.pipeline.columns, policy=man.ticks)
     encoded = encode(grid, man.pipeline, split)
     _check_length(encoded, man.horizon, man.warmup_ticks)
     args = (bundle.content, man.layers, man.pipeline, encoded)

@@ -34,13 +34,12 @@ import numpy.typing as npt
 
 from converter.errors import ConvertError
 from edge_lstm.outcomes import Outcome
+from edge_lstm.payload import DEFAULT_MAX_ABS_VALUE, MAX_EPOCH_S, MIN_EPOCH_S, epoch_scale
 from edge_lstm.ticks import Aggregate, Align, TickPolicy, ticks_of
 
 _LOG = logging.getLogger(__name__)
 
 _MISSING = frozenset({"", "nan", "na", "n/a", "null", "none"})
-# Numbers above this are taken as epoch milliseconds (1e11 s is the year 5138).
-_EPOCH_MS_THRESHOLD = 1e11
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +91,13 @@ class GridSeries:
 
 
 def parse_timestamp(text: str) -> float:
-    """Epoch seconds from ISO 8601 (date or date-time; naive means UTC), epoch s or epoch ms."""
+    """Epoch seconds from ISO 8601 (date or date-time; naive means UTC) or an epoch number.
+
+    An epoch number is seconds, milliseconds, microseconds or nanoseconds by its magnitude, by the
+    daemon's rule (:func:`edge_lstm.payload.epoch_scale`).  Times from the year 5138 on (1e11 s)
+    are refused, as the daemon refuses them; times before 1970 are read (history), though the
+    daemon refuses those in live readings.
+    """
     s = text.strip()
     if not s:
         raise ValueError("empty timestamp")
@@ -103,14 +108,23 @@ def parse_timestamp(text: str) -> float:
     else:
         if not math.isfinite(num):
             raise ValueError(f"timestamp {s!r} is not finite")
-        return num / 1000.0 if abs(num) >= _EPOCH_MS_THRESHOLD else num
+        return _in_range(num * epoch_scale(abs(num)), s)
     try:
         stamp = dt.datetime.fromisoformat(s.replace("Z", "+00:00") if s.endswith(("Z", "z")) else s)
-    except ValueError:
-        raise ValueError(f"timestamp {s!r} is neither ISO 8601 nor epoch seconds/milliseconds") from None
-    if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=dt.timezone.utc)
-    return stamp.timestamp()
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=dt.timezone.utc)
+        epoch = stamp.timestamp()
+    except (ValueError, OverflowError):  # OverflowError: an offset pushing year 1 or 9999 out of range
+        raise ValueError(
+            f"timestamp {s!r} is neither ISO 8601 nor an epoch number (seconds, ms, us or ns)"
+        ) from None
+    return _in_range(epoch, s)
+
+
+def _in_range(epoch: float, text: str) -> float:
+    if not abs(epoch) < MAX_EPOCH_S:
+        raise ValueError(f"timestamp {text!r} is {epoch:.4g} s from 1970, beyond the year 5138 the daemon accepts")
+    return epoch
 
 
 def _parse_value(text: str) -> float:
@@ -146,6 +160,9 @@ def read_csv(path: Path | str, time_col: str, columns: Sequence[str]) -> RawSeri
         missing = [c for c in (time_col, *columns) if c not in header]
         if missing:
             raise ConvertError(f"{p}: column(s) {', '.join(map(repr, missing))} not found (the file has {header})")
+        twice = sorted({c for c in (time_col, *columns) if header.count(c) > 1})
+        if twice:
+            raise ConvertError(f"{p}: the header names column(s) {', '.join(map(repr, twice))} more than once")
         ti = header.index(time_col)
         vi = [header.index(c) for c in columns]
         times: list[float] = []
@@ -175,16 +192,114 @@ def read_csv(path: Path | str, time_col: str, columns: Sequence[str]) -> RawSeri
     if not times:
         raise ConvertError(f"{p}: no data rows")
     ts = np.asarray(times, dtype=np.float64)
-    return RawSeries(timestamps=ts, values=np.asarray(rows, dtype=np.float64).reshape(len(rows), len(columns)),
-                     columns=tuple(columns))  # fmt: skip
+    values = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(columns))
+    _warn_unlike_daemon(p, ts, values)
+    return RawSeries(timestamps=ts, values=values, columns=tuple(columns))
+
+
+def _warn_unlike_daemon(path: Path, ts: npt.NDArray[np.float64], values: npt.NDArray[np.float64]) -> None:
+    """Say so when rows hold what the daemon's defaults refuse in live readings (fine for training)."""
+    early = int(np.count_nonzero(ts < MIN_EPOCH_S))
+    if early:
+        _LOG.warning(
+            "%s: %d of %d rows are from before 1970; fine for training on history, but the daemon refuses "
+            "live readings that old (outcome bad_timestamp)", path, early, ts.shape[0],
+        )  # fmt: skip
+    big = int(np.count_nonzero(np.abs(values) > DEFAULT_MAX_ABS_VALUE))
+    if big:
+        _LOG.warning(
+            "%s: %d value(s) beyond +-%g, which the daemon refuses unless input.max_abs_value is raised "
+            "(outcome non_finite)", path, big, DEFAULT_MAX_ABS_VALUE,
+        )  # fmt: skip
 
 
 def infer_cadence(timestamps: npt.NDArray[np.float64]) -> float:
-    """The median spacing of the (distinct, sorted) timestamps, in seconds."""
+    """The readings' cadence in seconds, as a sensor's configured period would be.
+
+    The median spacing of jittered readings is only near the true cadence
+    (60.6 s for 50 readings every 60 s +- 8 s; more with gaps), and a grid that
+    is off drifts through the readings: after some ticks every reading lands in
+    a neighbouring bucket, and a device would lose readings as late for as long
+    as it runs.  So the median spacing is only a start.  From it and from the
+    tenth percentile of the spacings (the one-tick spacings, when gaps are
+    common):
+
+    1. the median of the spacings within half of it either way;
+    2. the period, within 10 % of that, on whose grid the first readings sit
+       most tightly (:func:`_grid_fit`, a periodogram of their times);
+    3. the slope of a least-squares line through the readings' (tick number,
+       time), numbered on that grid, over the first 16, 32, 64, ... readings
+       and then all of them (:func:`_refine_cadence`).
+
+    Of these periods, their roundings to whole seconds, tenths, hundredths and
+    milliseconds and the median spacing itself, those on whose grid all the
+    readings sit as tightly as on the best one (within ``_FIT_TOLERANCE``)
+    qualify; the longest of them wins (readings on a grid of 60 s sit as
+    tightly on one of 30 s), and of what lies within 1 % of it, the roundest.
+    So readings every 60 s +- 8 s give 60 s, with or without gaps, and a sensor
+    that reads every 59.5 s gives 59.5 s.  Readings that sit on no grid at all
+    (irregular events) keep the median spacing.
+    """
     t = np.unique(timestamps)
     if t.shape[0] < 2:
         raise ConvertError("cannot infer a cadence from fewer than two distinct timestamps")
-    return float(np.median(np.diff(t)))
+    gaps = np.diff(t)
+    spacing = float(np.median(gaps))
+    candidates = [spacing]
+    for anchor in (spacing, float(np.quantile(gaps, 0.1))):
+        near = gaps[(gaps > 0.5 * anchor) & (gaps < 1.5 * anchor)]
+        start = float(np.median(near)) if near.size else anchor
+        period = _refine_cadence(t, _best_period(t[:_PERIODOGRAM_READINGS], start))
+        candidates += [*(round(period, d) for d in (0, 1, 2, 3)), period]
+    fits = [_grid_fit(t, c) if c > 0 else -1.0 for c in candidates]
+    best = max(fits)
+    if best < min(0.9, 2.5 / math.sqrt(t.shape[0])):  # no grid: as tight as random times on the best of many
+        return spacing
+    good = [c for c, f in zip(candidates, fits, strict=True) if f >= best - _FIT_TOLERANCE]
+    longest = max(good)
+    return float(min((c for c in good if c >= 0.99 * longest), key=_decimals))
+
+
+# How much looser a rounder cadence may fit the readings and still be taken (mean resultant length, 0..1).
+_FIT_TOLERANCE = 0.01
+# Readings the period search of infer_cadence looks at (it costs ~8 * n^2 operations).
+_PERIODOGRAM_READINGS = 256
+
+
+def _decimals(c: float) -> int:
+    """How many decimals of a second ``c`` needs (0 for whole seconds; 4: more than 3)."""
+    return next((d for d in range(4) if round(c, d) == c), 4)
+
+
+def _best_period(t: npt.NDArray[np.float64], start: float) -> float:
+    """The period within 10 % of ``start`` whose grid the readings fit most tightly."""
+    trial = start * np.linspace(0.9, 1.1, 8 * t.shape[0] + 1)
+    return float(trial[int(np.argmax([_grid_fit(t, c) for c in trial]))])
+
+
+def _refine_cadence(t: npt.NDArray[np.float64], cadence: float) -> float:
+    """The least-squares cadence of sorted readings numbered on a grid of ``cadence``, over doubling stretches."""
+    n = t.shape[0]
+    m = 8
+    while m < n:
+        m = min(2 * m, n)
+        k = np.round((t[:m] - t[0]) / cadence)
+        kc = k - k.mean()
+        denom = float(np.dot(kc, kc))
+        if denom <= 0:
+            continue
+        slope = float(np.dot(kc, t[:m] - t[:m].mean()) / denom)
+        if not slope > 0:
+            break
+        cadence = slope
+    return cadence
+
+
+def _grid_fit(t: npt.NDArray[np.float64], cadence: float) -> float:
+    """How tightly the readings sit on a grid of ``cadence``: the length of the mean of their phases as unit
+    vectors (1: every reading at the same offset from its grid point; near 0: offsets all round the cycle)."""
+    phase = 2 * np.pi * np.mod(t - t[0], cadence) / cadence
+    return float(np.hypot(np.mean(np.cos(phase)), np.mean(np.sin(phase))))
 
 
 def choose_policy(

@@ -36,7 +36,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from edge_lstm.payload import MAX_STREAM_ID_LEN
+from edge_lstm.payload import DEFAULT_MAX_ABS_VALUE, MAX_STREAM_ID_LEN
 from edge_lstm.runtime import Runtime
 from edge_lstm.ticks import MAX_GAP_TICKS
 
@@ -186,8 +186,9 @@ class InputConfig:
         default_factory=lambda: ["sensors/{stream}/value"],
         metadata=_doc(
             "Topic filters to subscribe to (QoS 1). `{stream}` marks the level holding the stream id; "
-            "`+` and `#` are allowed elsewhere. Filters that overlap make the broker deliver a message once per "
-            "filter it matches, and each copy is counted (a copy of a timestamped reading as `duplicate`)."
+            "`+` and `#` are allowed elsewhere. Filters must not overlap (the broker would deliver a message once "
+            "per filter it matches, and its readings would count twice) nor match `output.topic` or "
+            "`mqtt.status_topic` (the daemon would read its own messages): both are refused at start."
         ),
     )
     stream_field: str = dataclasses.field(
@@ -215,14 +216,15 @@ class InputConfig:
     )
     max_array_len: int = dataclasses.field(default=1024, metadata=_doc("Most readings in one JSON array body."))
     max_abs_value: float = dataclasses.field(
-        default=1e12, metadata=_doc("Values of larger magnitude are rejected (`non_finite`).")
+        default=DEFAULT_MAX_ABS_VALUE, metadata=_doc("Values of larger magnitude are rejected (`non_finite`).")
     )
     retained: RetainedPolicy = dataclasses.field(
         default=RetainedPolicy.IGNORE,
         metadata=_doc(
             "Retained input messages (the broker sends them again on every subscribe and reconnect): "
             '`"ignore"` counts them (`retained`) and leaves them out; `"process"` treats them as readings '
-            "(a reading with the timestamp of one already stepped is then a `duplicate`)."
+            "by the tick policy (one with the timestamp of the stream's newest reading is then a `duplicate`, "
+            "an older one `late` or `aggregated`)."
         ),
     )
     @property
@@ -568,6 +570,20 @@ def _resolve_secret(m: MqttConfig, source: Path | None, environ: Mapping[str, st
         raise ConfigError("mqtt: a password is set but mqtt.username is empty")
 
 
+def filters_overlap(a: str, b: str) -> bool:
+    """Whether some topic matches both MQTT filters (or topics): level by level, ``+`` matches any one
+    level and ``#`` the rest, its parent level included (``a/#`` matches ``a``)."""
+    la, lb = a.split("/"), b.split("/")
+    for i in range(max(len(la), len(lb))):
+        x = la[i] if i < len(la) else None
+        y = lb[i] if i < len(lb) else None
+        if x == "#" or y == "#":
+            return True
+        if x is None or y is None or (x != y and "+" not in (x, y)):
+            return False
+    return True
+
+
 def topic_problem(topic: str) -> str | None:
     """Why a broker would refuse ``topic`` (a topic name, filter or client id), or None when it would not."""
     if not topic:
@@ -650,6 +666,13 @@ def _validate(c: Config) -> None:
         )
         topic_ok("input.topics:", f.filter, _shown(f.template))
     need(len({f.filter for f in filters}) == len(filters), "input.topics lists the same filter twice")
+    for n, f in enumerate(filters):
+        for g in filters[n + 1 :]:
+            need(
+                not filters_overlap(f.filter, g.filter),
+                f"input.topics: {_shown(f.template)} and {_shown(g.template)} overlap: the broker delivers a message "
+                "that matches both once for each, and its readings would count twice",
+            )
     need(1 <= i.max_payload_bytes <= 16 << 20, "input.max_payload_bytes must be 1..16777216")
     need(1 <= i.max_array_len <= 100_000, "input.max_array_len must be 1..100000")
     need(i.max_abs_value > 0, "input.max_abs_value must be > 0")
@@ -663,6 +686,17 @@ def _validate(c: Config) -> None:
     longest = o.topic.replace(STREAM_PLACEHOLDER, "x" * MAX_STREAM_ID_LEN)
     topic_ok("output.topic", longest, f"{_shown(o.topic)} (with a stream id of {MAX_STREAM_ID_LEN} characters)")
     need(0 <= o.precision <= 17, "output.precision must be 0..17")
+    # A stream's level of the output topic matches an input filter's wildcard, never one of its words: a
+    # filter that catches forecasts only of a stream with one particular id is not refused.
+    forecasts = "/".join("\0" if STREAM_PLACEHOLDER in level else level for level in o.topic.split("/"))
+    own = (("output.topic", o.topic, forecasts), ("mqtt.status_topic", st, st))
+    for f in filters:
+        for key, shown, topic in own:
+            need(
+                not filters_overlap(f.filter, topic),
+                f"input.topics: {_shown(f.template)} matches the daemon's own {key} {_shown(shown)}: it would read "
+                "what it publishes",
+            )
 
     s = c.state
     need(bool(s.dir), "state.dir must not be empty")

@@ -57,6 +57,8 @@ _NS = 1e-9
 # Representable instants: from the epoch up to where the magnitude rule turns to milliseconds.
 MIN_EPOCH_S = 0.0
 MAX_EPOCH_S = 1e11
+# Readings further from 0 are refused (`non_finite`) unless input.max_abs_value says otherwise.
+DEFAULT_MAX_ABS_VALUE = 1e12
 
 
 class PayloadError(ValueError):
@@ -168,6 +170,16 @@ def _nesting_exceeds_vector(data: bytes, limit: int) -> bool:
     return bool(np.cumsum(np.where(outside, step, 0), dtype=np.int32).max() > limit)
 
 
+def epoch_scale(magnitude: float) -> float:
+    """Seconds per unit of an epoch number of this magnitude: seconds below 1e11 (the year 5138),
+    milliseconds below 1e14, microseconds below 1e17, else nanoseconds (the converter reads its CSV
+    files by the same rule)."""
+    for limit, factor in _EPOCH_SCALES:
+        if magnitude < limit:
+            return factor
+    return _NS
+
+
 def _instant(t: float) -> float:
     if not MIN_EPOCH_S <= t < MAX_EPOCH_S:  # False for NaN
         raise PayloadError(Outcome.BAD_TIMESTAMP, f"timestamp {t!r} is outside 1970-01-01 .. the year 5138")
@@ -204,10 +216,7 @@ def parse_timestamp(raw: object) -> float:
             raise PayloadError(Outcome.BAD_TIMESTAMP, "timestamp out of range") from None
         if not math.isfinite(v) or v < 0:
             raise PayloadError(Outcome.BAD_TIMESTAMP, f"timestamp {v!r} is not a valid epoch time")
-        for limit, factor in _EPOCH_SCALES:
-            if v < limit:
-                return _instant(v * factor)
-        return _instant(v * _NS)
+        return _instant(v * epoch_scale(v))
     raise PayloadError(Outcome.BAD_TIMESTAMP, f"timestamp of type {type(raw).__name__}")
 
 
@@ -229,7 +238,7 @@ class PayloadDecoder:
         max_payload_bytes: int = 65_536,
         max_array_len: int = 1_024,
         max_depth: int = 4,
-        max_abs_value: float = 1e12,
+        max_abs_value: float = DEFAULT_MAX_ABS_VALUE,
         max_clock_skew_s: float | None = 7 * 86_400.0,
     ) -> None:
         if not columns:

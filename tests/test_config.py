@@ -99,6 +99,12 @@ def test_example_config_in_deploy_is_valid_and_complete(monkeypatch: pytest.Monk
         ("[mqtt]\nclient_id = \"a\\ufdd0\"\n", "mqtt.client_id 'a\\ufdd0' contains U+FDD0"),
         ("[homeassistant]\ndiscovery_prefix = \"ha\\u0000x\"\n", "homeassistant.discovery_prefix 'ha\\x00x'"),
         ("[mqtt]\ntls = true\nca_file = 'config.toml'\n", "mqtt: the TLS files cannot be loaded (ca_file = "),
+        # Filters a message can match twice, or that catch the daemon's own messages.
+        ("[input]\ntopics = ['sensors/{stream}/value', 'sensors/{stream}/#']\n", "overlap: the broker delivers"),
+        ("[input]\ntopics = ['s/{stream}', '+/{stream}']\n", "'s/{stream}' and '+/{stream}' overlap"),
+        ("[input]\ntopics = ['#']\nstream_field = 'id'\n", "matches the daemon's own output.topic"),
+        ("[input]\ntopics = ['forecasts/{stream}']\n", "matches the daemon's own output.topic 'forecasts/{stream}'"),
+        ("[input]\ntopics = ['edge-lstm/{stream}/status']\n", "matches the daemon's own mqtt.status_topic"),
     ],
 )
 def test_bad_configs_name_the_key_and_problem(tmp_path: Path, text: str, message: str) -> None:
@@ -153,6 +159,15 @@ def test_world_readable_config_with_password_warns(tmp_path: Path, caplog: pytes
     with caplog.at_level(logging.WARNING, logger="edge_lstm.config"):
         load_config(write(tmp_path, text, mode=0o600))
     assert not caplog.records
+
+
+def test_filters_that_share_no_topic_are_accepted(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "[input]\ntopics = ['sensors/{stream}/value', 'sensors/{stream}/temp', "
+                                      "'plant/+/{stream}']\n"))  # fmt: skip
+    assert [f.filter for f in cfg.subscriptions()] == ["sensors/+/value", "sensors/+/temp", "plant/+/+"]
+    # Forecasts of a stream named "reading" would match this filter, but no other stream's would: accepted.
+    load_config(write(tmp_path, "[input]\ntopics = ['home/{stream}/reading']\n"
+                                "[output]\ntopic = 'home/forecasts/{stream}'\n"))  # fmt: skip
 
 
 def test_topic_filters_and_stream_level() -> None:

@@ -284,6 +284,43 @@ def test_intervals_are_calibrated_on_validation_and_scored_on_the_hold_out(
     np.testing.assert_array_equal(hi, cal.upper)
 
 
+def test_calibrate_puts_the_data_on_the_models_ticks(
+    trained: Path, holey_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """calibrate reads the CSV with the manifest's tick policy, not one guessed again from the data."""
+    import shutil
+
+    from converter.calibrate import score_part
+    from edge_lstm.intervals import conformal_offsets
+    from edge_lstm.ticks import Align
+
+    copy = tmp_path / "shifted"
+    shutil.copytree(trained, copy)
+    manifest_path = copy / "manifest.json"
+    doc = json.loads(manifest_path.read_text())
+    # Buckets that start a quarter of an hour after the readings: each tick is stamped 15 min later.
+    doc["ticks"] = {**doc["ticks"], "align": Align.START.value, "origin_seconds": 900.0 - doc["cadence_seconds"]}
+    manifest_path.write_text(json.dumps(doc))
+    man = load_model(copy).manifest
+    assert main(["-q", "calibrate", str(copy), str(holey_csv)]) == 0
+    capsys.readouterr()
+    cal = load_model(copy).manifest.intervals
+    assert cal is not None
+
+    def offsets(grid_kwargs: dict[str, object]) -> tuple[np.ndarray, np.ndarray]:
+        grid = load(holey_csv, "timestamp", man.pipeline.columns, **grid_kwargs)  # type: ignore[arg-type]
+        enc = encode(grid, man.pipeline, Split())
+        val = score_part((copy / "model.tflite").read_bytes(), man.layers, man.pipeline, enc, Part.VAL,
+                         man.warmup_ticks, man.extra["training"]["season_ticks"])  # fmt: skip
+        return conformal_offsets(val.residuals, man.intervals.levels if man.intervals else (0.8, 0.95))
+
+    lo, hi = offsets({"policy": man.ticks})
+    np.testing.assert_array_equal(lo, cal.lower)
+    np.testing.assert_array_equal(hi, cal.upper)
+    guessed_lo, _ = offsets({"cadence_s": man.cadence_s, "max_gap_ticks": man.max_gap_ticks})
+    assert not np.array_equal(guessed_lo, cal.lower)  # the two grids give different intervals
+
+
 def test_classic_shape_10_features_32_outputs(tmp_path: Path) -> None:
     """LSTM(64) on (None, 10) + Dense(32): trains, exports, and streams a batch through LiteRT."""
     rng = np.random.default_rng(0)

