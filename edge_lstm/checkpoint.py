@@ -266,7 +266,8 @@ def lock_state_dir(directory: Path) -> int:
     (logged), as before.
     """
     path = directory / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    # Held open read-only: a file open for writing would keep the disk from being remounted read-only.
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -277,6 +278,6 @@ def lock_state_dir(directory: Path) -> int:
         _LOG.warning("cannot lock %s (%s): not guarding the state directory against a second daemon",
                      path, e.strerror or e)  # fmt: skip
         return fd
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    with contextlib.suppress(OSError):  # only for the message a second daemon gives
+        path.write_text(f"{os.getpid()}\n")
     return fd
