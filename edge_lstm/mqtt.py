@@ -60,6 +60,7 @@ MAX_INFLIGHT = 1000  # outgoing QoS 1 messages paho keeps unacknowledged on the 
 CONNACK_TIMEOUT_S = 10.0  # a TCP connection without a CONNACK this long is dropped and retried
 REFUSAL_LOG_EVERY_S = 60.0  # a broker refusing every forecast logs once a minute, not per forecast
 READ_BUDGET = 4096  # most packets one poll reads before it returns to its owner
+TAKEOVER_HINT_S = 10.0  # a connection lost this soon after its CONNACK is logged with the client-id hint
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -190,6 +191,7 @@ class MqttLink:
         self._closing = False
         self._began = False
         self.connects = 0
+        self._connected_at = 0.0  # clock time of the last CONNACK
         self.last_error: str = ""
         self.publish_refusals = 0  # QoS 1 publishes the broker acknowledged with a failure (MQTT 5)
         self._refusal_logged_at = -REFUSAL_LOG_EVERY_S
@@ -459,6 +461,7 @@ class MqttLink:
             return
         self.last_error = ""
         self.connects += 1
+        self._connected_at = self._clock()
         self._delay = float(self.cfg.reconnect_min_s)
         _LOG.info("MQTT connected to %s:%d as %s (session present: %s)",
                   self.cfg.host, self.cfg.port, self.cfg.client_id, flags.session_present)  # fmt: skip
@@ -489,7 +492,13 @@ class MqttLink:
             return
         if was and not self._closing:
             if reason_code.is_failure:
-                _LOG.warning("MQTT connection lost (%s); reconnecting", reason_code)
+                lasted = self._clock() - self._connected_at
+                hint = ""
+                if lasted < TAKEOVER_HINT_S:
+                    # Brokers close the older of two connections with one client id, often without a reason.
+                    hint = (f" {lasted:.1f} s after connecting: if this repeats, another client may be using "
+                            f"client id {self.cfg.client_id!r}")  # fmt: skip
+                _LOG.warning("MQTT connection lost (%s)%s; reconnecting", reason_code, hint)
             else:
                 _LOG.info("MQTT disconnected")
 

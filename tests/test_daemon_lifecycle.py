@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -118,6 +119,21 @@ def test_a_second_daemon_on_the_same_state_directory_is_refused(
     assert first.running and first.terminate() == 0
     second.start()  # the directory is free again
     assert second.terminate() == 0
+
+
+def test_two_daemons_with_one_client_id_are_named_in_the_log(
+    broker: Broker, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    """The broker closes the older of two connections with one client id, without a reason Mosquitto
+    tells; the daemon that keeps losing its connection right after connecting says what may cause it."""
+    first = daemon_factory(broker).start()
+    second = daemon_factory(broker, client_id=first.client_id).start(wait_online=False)
+    hint = f"another client may be using client id {first.client_id!r}"
+    deadline = time.monotonic() + 20
+    while hint not in first.log() + second.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert second.terminate() == 0 and first.terminate() == 0
+    assert hint in first.log() + second.log()
 
 
 def test_sigint_stops_like_sigterm(broker: Broker, daemon_factory: Callable[..., DaemonProcess]) -> None:
