@@ -170,7 +170,17 @@ def build_pipeline(
     vals = np.concatenate([v for v in train_vals if v.size]) if any(v.size for v in train_vals) else None
     diffs = np.concatenate([d for d in train_diffs if d.size]) if any(d.size for d in train_diffs) else None
     if vals is None or diffs is None or diffs.shape[0] < 2:
-        raise ConvertError("the training part of the series is too short")
+        lengths = [len(seg) for seg in grid.segments]
+        where = (f"{grid.n_ticks} ticks in {len(lengths)} stretch(es), the longest {max(lengths)}" if lengths else
+                 "no two readings are within --max-gap-ticks of each other")  # fmt: skip
+        raise ConvertError(
+            f"the training part of the series is too short: {where} (a gap longer than --max-gap-ticks "
+            f"{grid.max_gap_ticks} ticks of {grid.cadence_s:g} s splits the series; check --cadence and "
+            "--max-gap-ticks)"
+        )
+    if not np.isfinite(diffs).all():
+        big = float(np.max(np.abs(vals)))
+        raise ConvertError(f"values up to {big:.3g} are too large: their changes overflow; rescale the column")
 
     def positive(s: float) -> float:
         return float(s) if math.isfinite(s) and s > 1e-12 else 1.0

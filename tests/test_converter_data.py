@@ -271,6 +271,10 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
         ("ts,v\n" + "".join(f"{i * 60},{i % 7}\n" for i in range(40)), ["--target", "v"], "series too short"),
         ("", ["--target", "v"], "empty"),
         ("ts,v,v\n0,1,2\n60,2,3\n", ["--target", "v"], "names column(s) 'v' more than once"),
+        ("ts,v\n" + "".join(f"{i * 60},{(-1) ** i * 1e308}\n" for i in range(400)), ["--target", "v"],
+         "too large: their changes overflow"),
+        ("ts,v\n" + "".join(f"{i * 600},{i % 7}\n" for i in range(400)), ["--target", "v", "--cadence", "60"],
+         "no two readings are within --max-gap-ticks"),
         ("ts,v\n1700000000000000,1\n1700000060000000,2\n3e20,3\n", ["--target", "v"], "beyond the year 5138"),
     ],
 )
