@@ -187,8 +187,9 @@ class InputConfig:
         metadata=_doc(
             "Topic filters to subscribe to (QoS 1). `{stream}` marks the level holding the stream id; "
             "`+` and `#` are allowed elsewhere. Filters must not overlap (the broker would deliver a message once "
-            "per filter it matches, and its readings would count twice) nor match `output.topic` or "
-            "`mqtt.status_topic` (the daemon would read its own messages): both are refused at start."
+            "per filter it matches, and its readings would count twice) nor match `output.topic` (for every stream), "
+            "`mqtt.status_topic` or, with discovery on, topics under the discovery prefix (the daemon would read its "
+            "own messages): both are refused at start."
         ),
     )
     stream_field: str = dataclasses.field(
@@ -574,6 +575,8 @@ def filters_overlap(a: str, b: str) -> bool:
     """Whether some topic matches both MQTT filters (or topics): level by level, ``+`` matches any one
     level and ``#`` the rest, its parent level included (``a/#`` matches ``a``)."""
     la, lb = a.split("/"), b.split("/")
+    if (la[0].startswith("$") and lb[0] in ("+", "#")) or (lb[0].startswith("$") and la[0] in ("+", "#")):
+        return False  # a filter that starts with a wildcard matches no topic that starts with "$"
     for i in range(max(len(la), len(lb))):
         x = la[i] if i < len(la) else None
         y = lb[i] if i < len(lb) else None
@@ -689,7 +692,10 @@ def _validate(c: Config) -> None:
     # A stream's level of the output topic matches an input filter's wildcard, never one of its words: a
     # filter that catches forecasts only of a stream with one particular id is not refused.
     forecasts = "/".join("\0" if STREAM_PLACEHOLDER in level else level for level in o.topic.split("/"))
-    own = (("output.topic", o.topic, forecasts), ("mqtt.status_topic", st, st))
+    own = [("output.topic", o.topic, forecasts), ("mqtt.status_topic", st, st)]
+    if c.homeassistant.enabled:  # its discovery configs (retained) and Home Assistant's status
+        prefix = c.homeassistant.discovery_prefix
+        own.append(("homeassistant.discovery_prefix", prefix, f"{prefix}/#"))
     for f in filters:
         for key, shown, topic in own:
             need(

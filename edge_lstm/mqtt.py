@@ -405,8 +405,13 @@ class MqttLink:
         return len(self._tokens)
 
     def ack(self, mid: int, qos: int) -> None:
-        """Acknowledge a received QoS 1 message (written at the next flush)."""
-        if qos > 0:
+        """Acknowledge a received QoS 1 message (written at the next flush).
+
+        Only while connected: between a lost connection and the next CONNACK, paho may already have a new
+        socket, and a PUBACK of the old connection's packet id written there would belong to a session that
+        may have given the id to another message.  A broker that kept the session sends the message again.
+        """
+        if qos > 0 and self._connected:
             self.client.ack(mid, qos)
 
     def close(self, timeout: float = 5.0) -> None:

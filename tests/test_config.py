@@ -105,6 +105,8 @@ def test_example_config_in_deploy_is_valid_and_complete(monkeypatch: pytest.Monk
         ("[input]\ntopics = ['#']\nstream_field = 'id'\n", "matches the daemon's own output.topic"),
         ("[input]\ntopics = ['forecasts/{stream}']\n", "matches the daemon's own output.topic 'forecasts/{stream}'"),
         ("[input]\ntopics = ['edge-lstm/{stream}/status']\n", "matches the daemon's own mqtt.status_topic"),
+        ("[input]\ntopics = ['homeassistant/{stream}/#']\n[homeassistant]\nenabled = true\n",
+         "matches the daemon's own homeassistant.discovery_prefix"),
     ],
 )
 def test_bad_configs_name_the_key_and_problem(tmp_path: Path, text: str, message: str) -> None:
@@ -165,6 +167,9 @@ def test_filters_that_share_no_topic_are_accepted(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, "[input]\ntopics = ['sensors/{stream}/value', 'sensors/{stream}/temp', "
                                       "'plant/+/{stream}']\n"))  # fmt: skip
     assert [f.filter for f in cfg.subscriptions()] == ["sensors/+/value", "sensors/+/temp", "plant/+/+"]
+    # A filter that starts with a wildcard matches no "$" topic.
+    load_config(write(tmp_path, "[input]\ntopics = ['#']\nstream_field = 'id'\n[output]\ntopic = '$fc/{stream}'\n"
+                                "[mqtt]\nstatus_topic = '$st'\n"))  # fmt: skip
     # Forecasts of a stream named "reading" would match this filter, but no other stream's would: accepted.
     load_config(write(tmp_path, "[input]\ntopics = ['home/{stream}/reading']\n"
                                 "[output]\ntopic = 'home/forecasts/{stream}'\n"))  # fmt: skip

@@ -347,6 +347,22 @@ def test_daemon_over_tls_with_client_certificate(
     assert d.terminate() == 0
 
 
+def test_no_acknowledgement_is_written_while_no_connection_is_up() -> None:
+    """Between a lost connection and the next CONNACK paho may already hold a new socket: a PUBACK of the
+    old connection's packet id must not be written there."""
+    from edge_lstm.config import MqttConfig
+
+    link = MqttLink(MqttConfig(host="127.0.0.1", port=1), "t/status")
+    written: list[int] = []
+    link.client.ack = lambda mid, qos: written.append(mid)  # type: ignore[method-assign,assignment,misc]
+    link.ack(5, 1)
+    assert written == []
+    link._connected = True  # as after a CONNACK
+    link.ack(6, 1)
+    link.ack(7, 0)  # QoS 0 has no acknowledgement
+    assert written == [6]
+
+
 def test_each_topic_goes_to_the_input_filter_it_matches() -> None:
     from edge_lstm.config import parse_config
     from edge_lstm.pipeline import routes_of
