@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as dt
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -228,47 +229,53 @@ def infer_cadence(timestamps: npt.NDArray[np.float64]) -> float:
     2. the period, within 10 % of that, on whose grid the first readings sit
        most tightly (:func:`_grid_fit`, a periodogram of their times);
     3. the slope of a least-squares line through the readings' (tick number,
-       time), numbered on that grid, over the first 16, 32, 64, ... readings
-       and then all of them (:func:`_refine_cadence`).
+       time), numbered on that grid within each stretch between long gaps (so a
+       stray reading far from the rest, a device whose clock was unset, has no
+       leverage), over the first 16, 32, 64, ... readings and then all of them
+       (:func:`_refine_cadence`), with its standard error.
 
-    Of these periods, their roundings to whole seconds, tenths, hundredths and
-    milliseconds and the median spacing itself, those on whose grid all the
+    Of these periods and the median spacing, those on whose grid all the
     readings sit as tightly as on the best one (within ``_FIT_TOLERANCE``)
-    qualify; the longest of them wins (readings on a grid of 60 s sit as
-    tightly on one of 30 s), and of what lies within 1 % of it, the roundest.
-    So readings every 60 s +- 8 s give 60 s, with or without gaps, and a sensor
-    that reads every 59.5 s gives 59.5 s.  Readings that sit on no grid at all
-    (irregular events) keep the median spacing.
+    qualify, and the longest wins (readings on a grid of 60 s sit as tightly
+    on one of 30 s; of estimates within 1 % of it, the one with the smallest
+    standard error).  Its roundest rounding (whole seconds, tenths, hundredths,
+    milliseconds) within three standard errors is the cadence: readings every
+    60 s +- 8 s give 60 s, with or without gaps, exact readings every 59.95 s
+    give 59.95 s.  Readings that sit on no grid at all (irregular events) keep
+    the median spacing.
     """
     t = np.unique(timestamps)
     if t.shape[0] < 2:
         raise ConvertError("cannot infer a cadence from fewer than two distinct timestamps")
     gaps = np.diff(t)
     spacing = float(np.median(gaps))
-    candidates = [spacing]
+    periods = {spacing: math.inf}  # period: its standard error (the median spacing is not rounded)
     for anchor in (spacing, float(np.quantile(gaps, 0.1))):
         near = gaps[(gaps > 0.5 * anchor) & (gaps < 1.5 * anchor)]
         start = float(np.median(near)) if near.size else anchor
-        period = _refine_cadence(t, _best_period(t[:_PERIODOGRAM_READINGS], start))
-        candidates += [*(round(period, d) for d in (0, 1, 2, 3)), period]
-    fits = [_grid_fit(t, c) if c > 0 else -1.0 for c in candidates]
-    best = max(fits)
+        period, se = _refine_cadence(t, _best_period(t[:_PERIODOGRAM_READINGS], start))
+        periods[period] = se
+    fits = {c: _grid_fit(t, c) for c in periods if c > 0}
+    best = max(fits.values())
     if best < min(0.9, 2.5 / math.sqrt(t.shape[0])):  # no grid: as tight as random times on the best of many
         return spacing
-    good = [c for c, f in zip(candidates, fits, strict=True) if f >= best - _FIT_TOLERANCE]
+    good = [c for c, f in fits.items() if f >= best - _FIT_TOLERANCE]
     longest = max(good)
-    return float(min((c for c in good if c >= 0.99 * longest), key=_decimals))
+    chosen = min((c for c in good if c >= 0.99 * longest), key=lambda c: periods[c])  # the best-known of it
+    # Within three standard errors, and never closer than the timestamps' own float resolution allows.
+    se = periods[chosen]
+    tolerance = (3 * se if math.isfinite(se) else 0.0) + _CADENCE_RESOLUTION  # no error known: no rounding
+    return next((r for d in range(4) if abs((r := round(chosen, d)) - chosen) <= tolerance and r > 0), chosen)
 
 
-# How much looser a rounder cadence may fit the readings and still be taken (mean resultant length, 0..1).
+# How much looser another period may fit the readings and still be taken if longer (mean resultant length, 0..1).
 _FIT_TOLERANCE = 0.01
 # Readings the period search of infer_cadence looks at (it costs ~8 * n^2 operations).
 _PERIODOGRAM_READINGS = 256
-
-
-def _decimals(c: float) -> int:
-    """How many decimals of a second ``c`` needs (0 for whole seconds; 4: more than 3)."""
-    return next((d for d in range(4) if round(c, d) == c), 4)
+# Spacings (in periods) that split the readings into stretches numbered on their own.
+_STRETCH_GAP = 100
+# Epoch seconds of today carry ~2e-7 s of float resolution; a fitted cadence is no finer than this.
+_CADENCE_RESOLUTION = 1e-6
 
 
 def _best_period(t: npt.NDArray[np.float64], start: float) -> float:
@@ -277,22 +284,48 @@ def _best_period(t: npt.NDArray[np.float64], start: float) -> float:
     return float(trial[int(np.argmax([_grid_fit(t, c) for c in trial]))])
 
 
-def _refine_cadence(t: npt.NDArray[np.float64], cadence: float) -> float:
-    """The least-squares cadence of sorted readings numbered on a grid of ``cadence``, over doubling stretches."""
+def _refine_cadence(t: npt.NDArray[np.float64], cadence: float) -> tuple[float, float]:
+    """The least-squares cadence of sorted readings and its standard error.
+
+    The readings are numbered on a grid of ``cadence`` within each stretch between gaps of more than
+    ``_STRETCH_GAP`` periods (each stretch its own intercept), over doubling prefixes of the readings.
+    """
     n = t.shape[0]
+    cuts = [0, *(np.flatnonzero(np.diff(t) > _STRETCH_GAP * cadence) + 1).tolist(), n]
     m = 8
-    while m < n:
+    while True:
         m = min(2 * m, n)
-        k = np.round((t[:m] - t[0]) / cadence)
-        kc = k - k.mean()
-        denom = float(np.dot(kc, kc))
-        if denom <= 0:
-            continue
-        slope = float(np.dot(kc, t[:m] - t[:m].mean()) / denom)
-        if not slope > 0:
+        kcs, tcs = _stretches(t, cuts, m, cadence)
+        den = sum(float(np.dot(k, k)) for k in kcs)
+        if den > 0:
+            slope = sum(float(np.dot(k, x)) for k, x in zip(kcs, tcs, strict=True)) / den
+            if not slope > 0:
+                return cadence, math.inf
+            cadence = slope
+        if m >= n:
             break
-        cadence = slope
-    return cadence
+    kcs, tcs = _stretches(t, cuts, n, cadence)
+    den = sum(float(np.dot(k, k)) for k in kcs)
+    dof = sum(k.size for k in kcs) - len(kcs) - 1
+    if den <= 0 or dof < 1:
+        return cadence, math.inf
+    resid = sum(float(np.sum((x - cadence * k) ** 2)) for k, x in zip(kcs, tcs, strict=True))
+    return cadence, math.sqrt(resid / dof / den)
+
+
+def _stretches(
+    t: npt.NDArray[np.float64], cuts: list[int], m: int, cadence: float
+) -> tuple[list[npt.NDArray[np.float64]], list[npt.NDArray[np.float64]]]:
+    """Per stretch of the first ``m`` readings with 2 or more: tick numbers and times, both centred."""
+    kcs, tcs = [], []
+    for a, b in itertools.pairwise(cuts):
+        seg = t[a : min(b, m)]
+        if seg.shape[0] < 2:
+            continue
+        k = np.round((seg - seg[0]) / cadence)
+        kcs.append(k - k.mean())
+        tcs.append(seg - seg.mean())
+    return kcs, tcs
 
 
 def _grid_fit(t: npt.NDArray[np.float64], cadence: float) -> float:

@@ -110,6 +110,18 @@ def test_cadence_of_jittered_readings_is_the_sensors_period(n: int, cadence: flo
     assert infer_cadence(t) == cadence
 
 
+@pytest.mark.parametrize(("n", "cadence"), [(50, 59.95), (200, 59.99), (50, 60.05), (2, 61.37)])
+def test_exact_readings_keep_their_cadence_unrounded(n: int, cadence: float) -> None:
+    """Rounding is taken only within the fit's own uncertainty: exact readings every 59.95 s are not 60 s."""
+    assert infer_cadence(1_700_000_000.0 + np.arange(n) * cadence) == pytest.approx(cadence, abs=1e-6)
+
+
+def test_a_stray_reading_far_from_the_rest_does_not_bend_the_cadence() -> None:
+    """A device whose clock was unset sent one reading at epoch 0: it has no leverage on the fit."""
+    t = _jittered(3000, 12.345, 1.2)
+    assert infer_cadence(np.concatenate(([0.0], t))) == infer_cadence(t) == 12.345
+
+
 def test_a_grid_inferred_from_jittered_readings_does_not_drift_through_a_week() -> None:
     """A policy inferred from a day of readings every 60 +- 8 s keeps every reading of the next week on
     its own tick: none late, none filled (a grid 0.03 s off lost 4.5 % of them as late)."""
