@@ -328,11 +328,16 @@ def _stretches(
     return kcs, tcs
 
 
+def _mean_phase(t: npt.NDArray[np.float64], cadence: float) -> complex:
+    """The mean of the readings' phases on a grid of ``cadence`` (from the epoch) as unit vectors: its angle is
+    where in the cycle they sit, its length how tightly (1: all at one offset; near 0: all round the cycle)."""
+    phase = 2 * np.pi * np.mod(t, cadence) / cadence
+    return complex(float(np.mean(np.cos(phase))), float(np.mean(np.sin(phase))))
+
+
 def _grid_fit(t: npt.NDArray[np.float64], cadence: float) -> float:
-    """How tightly the readings sit on a grid of ``cadence``: the length of the mean of their phases as unit
-    vectors (1: every reading at the same offset from its grid point; near 0: offsets all round the cycle)."""
-    phase = 2 * np.pi * np.mod(t - t[0], cadence) / cadence
-    return float(np.hypot(np.mean(np.cos(phase)), np.mean(np.sin(phase))))
+    """How tightly the readings sit on a grid of ``cadence`` (see :func:`_mean_phase`)."""
+    return abs(_mean_phase(t, cadence))
 
 
 def choose_policy(
@@ -367,8 +372,8 @@ def choose_policy(
         if sub:
             origin_s = 0.0
         else:
-            phase = 2 * np.pi * np.mod(timestamps, cadence) / cadence
-            angle = math.atan2(float(np.mean(np.sin(phase))), float(np.mean(np.cos(phase))))
+            mean = _mean_phase(timestamps, cadence)
+            angle = math.atan2(mean.imag, mean.real)
             origin_s = round((angle / (2 * np.pi)) * cadence % cadence, 3)
     try:
         return TickPolicy(cadence, origin_s, al, agg, lateness_s, max_gap_ticks)
