@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     try:
-        args.settings = _settings(args.set)
+        args.settings = parse_settings(args.set)
     except ValueError as e:
         p.error(str(e))
     if args.repeat < 1:
@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _settings(items: list[str]) -> dict[str, dict[str, Any]]:
+def parse_settings(items: list[str]) -> dict[str, dict[str, Any]]:
     """``["engine.max_wait_ms=2", ...]`` -> ``{"engine": {"max_wait_ms": 2}}`` (values read as TOML)."""
     import tomllib
 

@@ -173,3 +173,19 @@ def test_idlecost_times_the_real_pipeline_one_reading_at_a_time(tmp_path: Path) 
     times = idle_measure(whole, 0.001, 5)
     assert len(times) == 5 and all(_finite(t) and t > 0 for t in times)
     assert whole.link.acks == acks + 5  # each round took one reading through to its acknowledgement
+
+
+def test_steady_runs_long_paced_steps_and_reports_every_output(tmp_path: Path) -> None:
+    assert find_mosquitto() is not None, "mosquitto is not installed: apt-get install mosquitto"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.steady", "--rate", "200", "--seconds", "1", "--repeat", "2",
+         "--set", "engine.max_wait_ms=0"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert [s.split(":")[1].strip().split(";")[0] for s in steps] == ["200/200 received"] * 2, proc.stdout
+    assert all("p99.9" in s and "max" in s for s in steps)
+    bad = subprocess.run([sys.executable, "-m", "bench.steady", "--set", "nodot"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "SECTION.KEY=VALUE" in bad.stderr

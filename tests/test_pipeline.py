@@ -7,8 +7,10 @@ published and acknowledged (which acknowledgements go out, and when, is what the
 
 from __future__ import annotations
 
+import gc
 import json
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from edge_lstm.journal import Journal, read_journal
 from edge_lstm.metrics import Metrics
 from edge_lstm.mqtt import Inbound
 from edge_lstm.payload import PayloadDecoder
-from edge_lstm.pipeline import Pipeline, open_journal, replay_journal, routes_of
+from edge_lstm.pipeline import Pipeline, open_journal, replay_journal, routes_of, settle_heap
 from edge_lstm.state import StateTable
 from tests.support.broker import Broker
 from tests.support.collector import Collector, publisher
@@ -393,3 +395,36 @@ def test_the_loop_steps_at_once_when_a_stream_repeats_and_waits_for_other_stream
             assert [m.json()["ts_epoch"] for m in got] == [float(ts[0]), float(ts[1])]
     finally:
         daemon.stop()
+
+
+def test_the_heap_is_settled_so_collections_while_serving_skip_what_start_up_built(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Once serving, the objects start-up made are frozen (a full collection does not scan them); a reference
+    cycle among frozen objects is still freed by the next settling (the loop's idle trim)."""
+
+    class Node:
+        other: object = None
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    gone = weakref.ref(a)
+    cfg = _config(tmp_path, broker)
+    daemon = Daemon(cfg, registry=CollectorRegistry(), handle_signals=False)
+    try:
+        daemon.start()
+        deadline = time.monotonic() + 10
+        while gc.get_freeze_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        frozen = gc.get_freeze_count()
+        assert frozen > 10_000  # the modules, the model, the configuration
+        assert len(gc.get_objects()) < frozen  # what the collections still scan
+        del a, b
+        gc.collect()
+        assert gone() is not None  # frozen: the cycle outlives a full collection
+        settle_heap()
+        assert gone() is None
+        assert gc.get_freeze_count() > 10_000
+    finally:
+        daemon.stop()
+        gc.unfreeze()

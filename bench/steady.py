@@ -1,0 +1,56 @@
+"""``python -m bench.steady``: the daemon's latency over long steps at one fixed rate.
+
+The latency benchmark (``python -m bench latency``) paces each level for 4 s, too short to
+meet a pause that comes every 15-20 s, such as a full collection of Python's cyclic garbage
+collector; its p99 then depends on whether one happened to fall inside the step.  This runs
+the daemon (the checkout's code, the benchmark's configuration and broker) for ``--seconds``
+per step at ``--rate`` readings/s, ``--repeat`` times, and prints each step's latency
+percentiles and maximum.  Compare two revisions by running it in each checkout, alternating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+from pathlib import Path
+
+from bench.cli import Session, parse_settings
+from bench.throughput import prefix_for, warm_up
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.steady", description=__doc__.splitlines()[0])
+    p.add_argument("--rate", type=float, default=1000.0, help="readings per second (default 1000)")
+    p.add_argument("--seconds", type=float, default=30.0, help="length of each step (default 30)")
+    p.add_argument("--streams", type=int, default=1, help="streams, visited round robin (default 1)")
+    p.add_argument("--repeat", type=int, default=2, help="steps, one after the other (default 2)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a configuration setting of the daemon, as for python -m bench")  # fmt: skip
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="edge-lstm-steady-") as tmp:
+        try:
+            settings = parse_settings(args.set)
+        except ValueError as e:
+            p.error(str(e))
+        s = Session(Path(tmp), 1, settings=settings)
+        try:
+            d = s.daemon()
+            with s.load(d) as load:
+                warm_up(load, d, args.streams, quick=False)
+                print(f"{args.streams} stream(s) at {args.rate:g} readings/s, {args.seconds:g} s per step")
+                for i in range(args.repeat):
+                    count = int(args.rate * args.seconds)
+                    r = load.step(prefix_for(d.name, args.streams), args.streams, args.rate, count,
+                                  {d.name: d.pid}, d.drops)  # fmt: skip
+                    lat = r.latency_ms
+                    cols = ", ".join(f"{k} {lat[k]:.2f}" for k in ("p50", "p99", "p99.9", "max") if k in lat)
+                    print(f"step {i + 1}: {r.received}/{count} received; latency ms: {cols}", flush=True)
+        finally:
+            s.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
