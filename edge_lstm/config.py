@@ -304,10 +304,11 @@ class EngineConfig:
         metadata=_doc(
             "How long the loop may hold the oldest queued reading back (ms) while fewer than `max_batch` are "
             "queued, to take more readings per wake-up: fewer, larger model steps and publish bursts for at most "
-            "this much added latency (see docs/performance.md). It stops waiting when every reading queued since "
-            "the last step is of one stream and that stream has sent twice (one stream's run, where a wait "
-            "gathers no other stream and holds the acknowledgements back). 0: run whatever is queued as soon as "
-            "the loop is free."
+            "this much added latency (see docs/performance.md). It does not wait when the latest message came "
+            "longer than this after the one before (readings that far apart: a wait would gather none), and it "
+            "stops waiting when every reading queued since the last step is of one stream and that stream has "
+            "sent twice (one stream's run, where a wait gathers no other stream and holds the acknowledgements "
+            "back). 0: run whatever is queued as soon as the loop is free."
         ),
     )
     queue_size: int = dataclasses.field(

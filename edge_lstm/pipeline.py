@@ -46,6 +46,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -174,6 +175,11 @@ class Pipeline:
         self._run_stream: str | None = None  # the one stream queued since the last step, if only one
         self._mixed = False  # a second stream came since the last step: tracking stops
         self.repeated = False
+        # Whether the latest message with readings came longer than the wait after the one before it: at
+        # that rate a wait would most likely gather nothing, and only add its length to the latency.
+        self._linger = cfg.engine.max_wait_ms / 1000.0
+        self._last_arrival = -math.inf
+        self.sparse = True
         self.messages: collections.deque[_Message] = collections.deque()
         self.batches: collections.deque[_Batch] = collections.deque()
         self.enqueued = 0  # readings ever put in the queue
@@ -258,6 +264,9 @@ class Pipeline:
                 for outcome in result.rejected:
                     metrics.outcome(outcome)
                 if result.readings:
+                    if self._track_repeats:
+                        self.sparse = m.arrived - self._last_arrival >= self._linger
+                        self._last_arrival = m.arrived
                     if self._track_repeats and not self.repeated and not self._mixed:
                         for r in result.readings:
                             if self._run_stream is None:
@@ -594,7 +603,7 @@ class Loop:
             timeout = IDLE_WAIT_S
             if p.queue and not barrier and not starved:
                 timeout = 0.0
-                if linger > 0 and len(p.queue) < max_batch and not p.repeated:
+                if linger > 0 and len(p.queue) < max_batch and not (p.repeated or p.sparse):
                     timeout = max(0.0, p.queue[0].received + linger - time.monotonic())
             if link.poll(timeout, read=read, wake=self._wake_r):
                 self._drain_wake()
@@ -608,6 +617,7 @@ class Loop:
                     linger <= 0
                     or len(p.queue) >= max_batch
                     or p.repeated  # one stream's run: waiting would gather no other stream
+                    or p.sparse  # readings further apart than the wait: it would gather none
                     or time.monotonic() - p.queue[0].received >= linger
                 )
                 if limit > 0 and (ready or barrier):

@@ -371,28 +371,51 @@ def test_one_streams_run_ends_the_wait_for_a_wider_batch(tmp_path: Path) -> None
     assert not q.repeated and q._run_stream is None
 
 
+def test_readings_further_apart_than_the_wait_are_stepped_without_it(tmp_path: Path) -> None:
+    """A wait for other streams pays off only when readings come closer together than the wait: a
+    message that came longer than engine.max_wait_ms (2 ms) after the one before is stepped at once."""
+    p, _ = _pipeline(tmp_path)
+    t = time.monotonic()
+    for mid, stream, at, sparse in ((1, "a", t, True), (2, "b", t + 0.0005, False), (3, "c", t + 0.0105, True)):
+        p.accept(Inbound(f"sensors/{stream}/value", _reading(1e9, 25000), mid, 1, False, False, at))
+        assert p.sparse is sparse, (stream, p.sparse)
+    p.accept(_msg(4, b"not json"))  # rejected: brings no reading, says nothing of the rate
+    assert p.sparse
+
+
 def test_the_loop_steps_at_once_when_a_stream_repeats_and_waits_for_other_streams(
     broker: Broker, tmp_path: Path, taylor_series: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    """With a long engine.max_wait_ms (1 s), a lone reading waits for company; when a lone stream sends
-    a second reading the wait ends (one stream's run: no other stream to share the step), so both
-    forecasts come out at once."""
+    """With a long engine.max_wait_ms (1 s), a lone reading that follows another within the second waits
+    for company; when a lone stream sends a second reading the wait ends (one stream's run: no other
+    stream to share the step), so both forecasts come out at once; and a reading that comes after more
+    than a second of quiet (readings further apart than the wait) is stepped at once."""
     ts, values = taylor_series
     cfg = _config(tmp_path, broker, engine={"max_wait_ms": 1000})
     daemon = Daemon(cfg, registry=CollectorRegistry(), handle_signals=False)
     try:
         with publisher(broker.host, broker.port) as pub, Collector(broker.host, broker.port, ["forecasts/#"]) as col:
             daemon.start()
+            pub.publish("sensors/c/value", _reading(float(ts[0]), float(values[0])), qos=1).wait_for_publish(10)
+            col.wait_for(1, "forecasts/c", timeout=20, retained=False)
             t0 = time.monotonic()
             pub.publish("sensors/b/value", _reading(float(ts[0]), float(values[0])), qos=1).wait_for_publish(10)
             col.wait_for(1, "forecasts/b", timeout=20, retained=False)
-            assert time.monotonic() - t0 >= 0.9  # alone: held back for up to a second
+            assert time.monotonic() - t0 >= 0.9  # alone, within a second of c's: held back for up to a second
+            # c again, a second after b (stepped at once), so that a's run starts within the second.
+            pub.publish("sensors/c/value", _reading(float(ts[1]), float(values[1])), qos=1).wait_for_publish(10)
+            col.wait_for(2, "forecasts/c", timeout=20, retained=False)
             t0 = time.monotonic()
             for i in (0, 1):
                 pub.publish("sensors/a/value", _reading(float(ts[i]), float(values[i])), qos=1).wait_for_publish(10)
             got = col.wait_for(2, "forecasts/a", timeout=20, retained=False)
             assert time.monotonic() - t0 < 0.6  # the repeat ended the wait
             assert [m.json()["ts_epoch"] for m in got] == [float(ts[0]), float(ts[1])]
+            time.sleep(1.5)
+            t0 = time.monotonic()
+            pub.publish("sensors/d/value", _reading(float(ts[0]), float(values[0])), qos=1).wait_for_publish(10)
+            col.wait_for(1, "forecasts/d", timeout=20, retained=False)
+            assert time.monotonic() - t0 < 0.6  # after 1.5 s of quiet: no wait
     finally:
         daemon.stop()
 
