@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry
 from edge_lstm.config import ConfigError, parse_config
 from edge_lstm.intervals import bound_keys, level_label
 from edge_lstm.modelspec import ModelError, load_manifest
+from edge_lstm.ticks import StreamTicks
 
 _LOG = logging.getLogger(__name__)
 INTERRUPT_POLL_S = 0.1  # how often the replay looks for a Ctrl-C
@@ -153,6 +154,7 @@ def load_csv(path: Path) -> tuple[list[str], list[float], list[list[float]]]:
 @dataclasses.dataclass
 class _StreamStats:
     readings: int = 0
+    ticks: int = 0  # ticks the readings closed (each one forecast, unless filled across a gap)
     forecasts: int = 0
     model_err: list[float] = dataclasses.field(default_factory=list)
     persist_err: list[float] = dataclasses.field(default_factory=list)
@@ -249,6 +251,29 @@ def run_demo(opts: DemoOptions, out: TextIO | None = None) -> int:
     target = columns.index(target_name)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+    on_main = threading.current_thread() is threading.main_thread()
+    # `kill` (SIGTERM) stops the demo as Ctrl-C does, so that the private broker is stopped too.
+    original_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler) if on_main else None
+    try:
+        return _run(opts, out, model_dir, data_path, binary, manifest, stamps, rows, col_idx, target)
+    finally:
+        if original_sigterm is not None:
+            signal.signal(signal.SIGTERM, original_sigterm)
+
+
+def _run(
+    opts: DemoOptions,
+    out: TextIO,
+    model_dir: Path,
+    data_path: Path,
+    binary: str,
+    manifest: Any,
+    stamps: list[float],
+    rows: list[list[float]],
+    col_idx: list[int],
+    target: int,
+) -> int:
     from edge_lstm.daemon import Daemon, StartError  # after the cheap checks: loads the runtime
 
     with tempfile.TemporaryDirectory(prefix="edge-lstm-demo-") as tmp:
@@ -309,12 +334,15 @@ def run_demo(opts: DemoOptions, out: TextIO | None = None) -> int:
             interrupt = _Interrupt()
             if threading.current_thread() is threading.main_thread():
                 original_sigint = signal.signal(signal.SIGINT, interrupt)
+                signal.signal(signal.SIGTERM, interrupt)
             stats = _replay(opts, pub, book, stamps, rows, col_idx, target, manifest, out, interrupt)
         except KeyboardInterrupt:
             print("\ninterrupted: stopping", file=out)
         finally:
             # A second Ctrl-C must not leave the broker behind: cleanup takes a few seconds at most.
-            old_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            on_main = threading.current_thread() is threading.main_thread()
+            old_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN) if on_main else None
+            old_sigterm = signal.signal(signal.SIGTERM, signal.SIG_IGN) if on_main else None
             if original_sigint is not None:
                 old_sigint = original_sigint
             for c in clients:
@@ -323,7 +351,9 @@ def run_demo(opts: DemoOptions, out: TextIO | None = None) -> int:
             if daemon is not None:
                 daemon.stop()
             broker.stop()
-            signal.signal(signal.SIGINT, old_sigint)
+            if on_main:
+                signal.signal(signal.SIGINT, old_sigint)
+                signal.signal(signal.SIGTERM, old_sigterm)
         _summary(stats, manifest.target_units, out)
         if daemon is not None:
             reg = daemon.registry
@@ -353,17 +383,25 @@ def _replay(
         print("edge-lstm demo: the data is too short for that many streams", file=sys.stderr)
         return {}
     n_ticks = min(available, opts.ticks) if opts.ticks else available
-    names = [f"s{k}" for k in range(n_streams)] if n_streams > 1 else ["taylor"]
+    names = [f"s{k}" for k in range(n_streams)] if n_streams > 1 else [manifest.name]
     stats = {n: _StreamStats() for n in names}
+    # The readings go through the model's own tick policy here too, so the table waits for exactly the
+    # forecasts the daemon makes: one per tick a reading closes, stamped with the tick's time (a reading
+    # off the grid, or aggregated with others, closes its tick only when a later one arrives).
+    policy = manifest.ticks
+    open_ticks = {n: StreamTicks.empty(len(columns)) for n in names}
+    target_col = manifest.pipeline.target_index
     last_actual: dict[str, float] = {}
+    last_index: dict[str, int] = {}
     last_fc: dict[str, list[float]] = {}
+    fmt = _number_format([r[target] for r in rows])
     warm = manifest.warmup_ticks
     units = manifest.target_units
     iv = manifest.intervals
     band_keys = bound_keys(iv.check_level) if iv is not None else None
     last_band: dict[str, tuple[float, float]] = {}
     if not opts.quiet:
-        band = f"  {level_label(iv.check_level) + ' % interval':>17}" if iv is not None else ""
+        band = f"  {level_label(iv.check_level) + ' % interval':>19}" if iv is not None else ""
         print(f"{'stream':<8} {'time (UTC)':<15} {'actual':>9} {'forecast':>9} {'error':>8} "
               f"{'+' + str(manifest.horizon) + ' ticks':>10}{band}  {units}", file=out)  # fmt: skip
 
@@ -379,19 +417,25 @@ def _replay(
                 values = rows[j]
                 if any(math.isnan(values[c]) for c in col_idx):
                     continue
-                doc = {"ts": stamps[j], **{c: values[ci] for c, ci in zip(columns, col_idx, strict=True)}}
+                model_values = [values[ci] for ci in col_idx]
+                doc = {"ts": stamps[j], **dict(zip(columns, model_values, strict=True))}
                 pub.publish(TOPIC_IN.replace("{stream}", name), json.dumps(doc), qos=1)
                 stats[name].readings += 1
-                sent.append((name, stamps[j], values[target]))
-            for name, ts, actual in sent:
+                _outcome, closed = policy.push(open_ticks[name], stamps[j], model_values)
+                sent += [(name, tick) for tick in closed if tick.observed]
+            for name, tick in sent:
+                ts, actual = tick.ts, tick.values[target_col]
                 fc = book.get(name, ts, max(2.0, 5.0 / opts.rate), interrupt)
                 st = stats[name]
+                st.ticks += 1
                 prev_fc = last_fc.get(name)
-                one_step = prev_fc[0] if prev_fc else None
+                # The forecast made one tick before this one (none across a gap or a reset).
+                follows = last_index.get(name) == tick.index - 1 and not tick.reset
+                one_step = prev_fc[0] if prev_fc and follows else None
                 band_text = ""
-                if band_keys is not None and name in last_band:
+                if band_keys is not None and name in last_band and follows:
                     lo, hi = last_band[name]
-                    band_text = f"  {lo:8.0f}..{hi:<8.0f}"
+                    band_text = f"  {fmt(lo, 9)}..{fmt(hi, 8, left=True)}"
                 if fc is not None:
                     st.forecasts += 1
                     last_fc[name] = [f["value"] for f in fc["forecasts"]]
@@ -401,24 +445,45 @@ def _replay(
                     if fc.get("anomaly") is not None:
                         st.checked += 1
                         st.anomalies += bool(fc["anomaly"])
-                if one_step is not None and name in last_actual and st.readings > warm:
+                if one_step is not None and name in last_actual and st.ticks > warm:
                     st.model_err.append(abs(one_step - actual))
                     st.persist_err.append(abs(last_actual[name] - actual))
                 last_actual[name] = actual
+                last_index[name] = tick.index
                 if not opts.quiet and names.index(name) < TABLE_STREAMS:
-                    err = f"{one_step - actual:+8.0f}" if one_step is not None else f"{'':>8}"
-                    ahead = f"{last_fc[name][-1]:10.0f}" if fc is not None else f"{'-':>10}"
-                    fcs = f"{one_step:9.0f}" if one_step is not None else f"{'-':>9}"
+                    err = fmt(one_step - actual, 8, sign=True) if one_step is not None else f"{'':>8}"
+                    ahead = fmt(last_fc[name][-1], 10) if fc is not None else f"{'-':>10}"
+                    fcs = fmt(one_step, 9) if one_step is not None else f"{'-':>9}"
                     flag = "  (warming up)" if fc is not None and fc.get("warming_up") else ""
                     if fc is not None and fc.get("anomaly"):
                         flag = f"  ANOMALY ({fc['anomaly_score'] or math.inf:.1f} widths out)"
-                    print(f"{name:<8} {_fmt_time(ts):<15} {actual:9.0f} {fcs} {err} {ahead}{band_text}{flag}",
+                    print(f"{name:<8} {_fmt_time(ts):<15} {fmt(actual, 9)} {fcs} {err} {ahead}{band_text}{flag}",
                           file=out)  # fmt: skip
     except KeyboardInterrupt:
         interrupt.requested = True
     if interrupt.requested:
         print("\ninterrupted: stopping", file=out)
     return stats
+
+
+def _number_format(values: list[float]) -> Any:
+    """A formatter with as many decimals as the series' magnitude needs for about four significant digits
+    (electricity demand in MW: none; a temperature of 23.18 °C: two)."""
+    finite = [abs(v) for v in values if math.isfinite(v)]
+    top = max(finite, default=0.0)
+    decimals = max(0, min(4, 3 - math.floor(math.log10(top)))) if top > 0 else 0
+
+    def fmt(v: float, width: int, *, sign: bool = False, left: bool = False) -> str:
+        text = f"{v:+.{decimals}f}" if sign else f"{v:.{decimals}f}"
+        return f"{text:<{width}}" if left else f"{text:>{width}}"
+
+    return fmt
+
+
+def _fixed(v: float, width: int = 10) -> str:
+    """``v`` with about four significant digits and at least one decimal (169.1; 0.06411)."""
+    decimals = max(1, min(6, 3 - math.floor(math.log10(abs(v))))) if v and math.isfinite(v) else 1
+    return f"{v:{width}.{decimals}f}"
 
 
 def _summary(stats: dict[str, _StreamStats], units: str, out: TextIO) -> None:
@@ -433,8 +498,8 @@ def _summary(stats: dict[str, _StreamStats], units: str, out: TextIO) -> None:
         mae_m = sum(model) / len(model)
         mae_p = sum(persist) / len(persist)
         ratio = mae_m / mae_p if mae_p else math.nan
-        print(f"  1-step MAE, model        {mae_m:10.1f} {units}  (after warm-up, {len(model)} forecasts)", file=out)
-        print(f"  1-step MAE, persistence  {mae_p:10.1f} {units}  (model/persistence = {ratio:.2f})", file=out)
+        print(f"  1-step MAE, model        {_fixed(mae_m)} {units}  (after warm-up, {len(model)} forecasts)", file=out)
+        print(f"  1-step MAE, persistence  {_fixed(mae_p)} {units}  (model/persistence = {ratio:.2f})", file=out)
     else:
         print("  (too few ticks after warm-up for an error estimate)", file=out)
     checked = sum(s.checked for s in stats.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import signal
 import subprocess
@@ -42,7 +43,31 @@ def test_demo_replays_and_summarises() -> None:
     assert not _demo_brokers()
 
 
-def test_demo_stops_cleanly_on_ctrl_c() -> None:
+def test_demo_follows_the_models_ticks_for_readings_off_its_grid(tmp_path: Path) -> None:
+    """Readings a minute after the model's half-hour grid: the daemon stamps each forecast with its
+    tick's time, not the reading's, and the table still finds every one."""
+    src = (REPO / "data" / "taylor.csv").read_text().splitlines()
+    shifted = tmp_path / "shifted.csv"
+    rows = [src[0]]
+    for line in src[1:41]:
+        stamp, value = line.split(",", 1)
+        t = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")) + dt.timedelta(minutes=1)
+        rows.append(f"{t.strftime('%Y-%m-%dT%H:%M:%SZ')},{value}")
+    shifted.write_text("\n".join(rows) + "\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "edge_lstm", "demo", "--data", str(shifted), "--ticks", "30", "--rate", "50"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "readings published   30" in r.stdout
+    assert "forecasts received   30" in r.stdout
+    table = [line for line in r.stdout.splitlines() if line.startswith("taylor ")]
+    assert len(table) == 30
+    assert not _demo_brokers()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_demo_stops_cleanly_on_ctrl_c(sig: signal.Signals) -> None:
     p = subprocess.Popen(
         [sys.executable, "-m", "edge_lstm", "demo", "--rate", "20"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
@@ -55,7 +80,7 @@ def test_demo_stops_cleanly_on_ctrl_c() -> None:
             line = p.stdout.readline()
             seen += line.startswith("taylor ")
         assert seen == 5
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         out, err = p.communicate(timeout=30)
     finally:
         if p.poll() is None:
