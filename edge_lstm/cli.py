@@ -138,10 +138,25 @@ def cmd_check_config(path: Path, out: TextIO) -> int:
     if cfg.metrics.enabled:
         print(f"  metrics     http://{cfg.metrics.bind}:{cfg.metrics.port}/metrics", file=out)
     state_dir = Path(cfg.state.dir)
-    writable = os.access(state_dir if state_dir.exists() else state_dir.parent, os.W_OK)
-    print(f"  state       {state_dir} ({'writable' if writable else 'NOT writable by this user'})", file=out)
+    print(f"  state       {state_dir} ({_state_dir_check(state_dir)})", file=out)
     print("# ok: nothing was started", file=out)
     return EXIT_OK
+
+
+def _state_dir_check(state_dir: Path) -> str:
+    """Whether the daemon can use (or create) its state directory, as one phrase."""
+    if state_dir.exists():
+        if not state_dir.is_dir():
+            return "NOT a directory"
+        return "writable" if os.access(state_dir, os.W_OK | os.X_OK) else "NOT writable by this user"
+    parent = state_dir.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"CANNOT be created: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"CANNOT be created by this user (in {parent})"
+    return "will be created"
 
 
 def cmd_run(path: Path) -> int:

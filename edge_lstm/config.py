@@ -251,7 +251,12 @@ class OutputConfig:
     qos: int = dataclasses.field(default=1, metadata=_doc("QoS of forecast messages (0, 1 or 2)."))
     retain: bool = dataclasses.field(default=False, metadata=_doc("Publish forecasts retained."))
     precision: int = dataclasses.field(
-        default=0, metadata=_doc("Significant digits of forecast values; 0 writes the exact float.")
+        default=0,
+        metadata=_doc(
+            "Significant digits of forecast values and bounds (printf `%g`: a value with more integer digits "
+            "than this is written with an exponent, e.g. 3.128e+04 at 4); 0 writes values as the exact float "
+            "and bounds with 7 digits."
+        ),
     )
 
 

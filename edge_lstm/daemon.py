@@ -251,7 +251,9 @@ class Daemon:
         self.phase = Phase.STOPPING
         self.stop_event.set()
         self.notifier.stopping("stopping")
-        _LOG.info("stopping: intake closed, waiting for the broker to acknowledge what was published")
+        serving = self.loop is not None
+        if serving:  # after a failed start there is nothing to wait for: its error says it all
+            _LOG.info("stopping: intake closed, waiting for the broker to acknowledge what was published")
         if self.loop is not None and self._thread is not None:
             self.loop.request_stop()
             self._thread.join(self.cfg.engine.drain_timeout_s + 30)
@@ -268,7 +270,8 @@ class Daemon:
             self._state_lock = None
         self.notifier.close()
         self.phase = Phase.STOPPED
-        _LOG.info("stopped")
+        if serving:
+            _LOG.info("stopped")
 
     def _install_signals(self) -> dict[int, Any]:
         def on_stop(signum: int, _frame: FrameType | None) -> None:

@@ -99,6 +99,22 @@ def test_check_config_rejects_bad_configs(
     assert message in err and err.startswith("edge-lstm: error:")
 
 
+def test_check_config_says_whether_the_state_directory_can_be_used(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "there").mkdir()
+    for state_dir, says in (
+        (tmp_path / "there", "(writable)"),
+        (tmp_path / "new" / "state", "(will be created)"),
+        (tmp_path / "a-file", "(NOT a directory)"),
+        (tmp_path / "a-file" / "state", f"(CANNOT be created: {tmp_path / 'a-file'} is not a directory)"),
+    ):
+        sections = {"model": {"path": str(TAYLOR_MODEL)}, "state": {"dir": str(state_dir)}}
+        assert main(["check-config", str(config_file(tmp_path, sections))]) == 0
+        assert f"state       {state_dir} {says}" in capsys.readouterr().out
+
+
 def test_check_config_rejects_a_tampered_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = tmp_path / "model"
     model.mkdir()
