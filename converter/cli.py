@@ -73,6 +73,15 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _quantization(text: str) -> Quantization:
+    try:
+        return Quantization(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a mode (choose from {', '.join(q.value for q in Quantization)})"
+        ) from None
+
+
 def _levels(text: str) -> tuple[float, ...]:
     if text == "none":
         return ()
@@ -121,15 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--units", type=int, default=64, help="LSTM units per layer (default 64)")
     t.add_argument("--layers", type=int, default=1, help="stacked LSTM layers (default 1)")
     t.add_argument("--epochs", type=int, default=100, help="maximum epochs; early stopping ends sooner (default 100)")
-    t.add_argument("--seed", type=int, default=0, help="random seed: same seed, same data, same model")
-    t.add_argument("--quantize", type=Quantization, default=Quantization.DYNAMIC, metavar="MODE",
+    t.add_argument("--seed", type=int, default=0, help="random seed: same seed, same data, same model (default 0)")
+    t.add_argument("--quantize", type=_quantization, default=Quantization.DYNAMIC, metavar="MODE",
                    help=f"quantization of the written model: {modes} (default dynamic)")  # fmt: skip
     t.add_argument("--cadence", type=_positive_float, default=None, metavar="SECONDS",
                    help="tick length; default: the period the timestamps show (docs/converter.md)")  # fmt: skip
     t.add_argument("--units-label", default="", metavar="LABEL", help="units of the target, e.g. MW")
     t.add_argument("--name", default=None, help="model name (default: the --out directory's name)")
     t.add_argument("--max-gap-ticks", type=int, default=4,
-                   help="gaps up to this many ticks are interpolated, longer ones split the series")  # fmt: skip
+                   help="gaps up to this many ticks are interpolated, longer ones split the series "
+                        "(default 4)")  # fmt: skip
     t.add_argument("--level", type=LevelMode, default=LevelMode.AUTO, choices=list(LevelMode),
                    metavar=_choices(LevelMode),
                    help="columns also fed as a clipped level; auto: the target unless the series trends")  # fmt: skip
@@ -159,12 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ticks a stream needs before its forecasts count (default: one season, 16..96)")  # fmt: skip
     t.add_argument("--season", type=int, default=None, metavar="TICKS",
                    help="seasonal-naive period (default: a day below daily cadence, else a week)")  # fmt: skip
-    t.add_argument("--window", type=int, default=None, metavar="TICKS", help="training window length")
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--learning-rate", type=_positive_float, default=3e-3)
+    t.add_argument("--window", type=int, default=None, metavar="TICKS",
+                   help="training window length (default: 4 warm-ups, at least 2 horizons + warm-up, 64)")  # fmt: skip
+    t.add_argument("--batch-size", type=int, default=16, help="windows per training batch (default 16)")
+    t.add_argument("--learning-rate", type=_positive_float, default=3e-3, help="Adam's learning rate (default 0.003)")
     t.add_argument("--patience", type=int, default=12, help="early-stopping patience in epochs (default 12)")
     t.add_argument("--split", default="0.7,0.15", metavar="TRAIN,VAL",
-                   help="chronological fractions for training and validation; the rest is the hold-out")  # fmt: skip
+                   help="chronological fractions for training and validation; the rest is the hold-out "
+                        "(default 0.7,0.15)")  # fmt: skip
     t.add_argument("--modes", type=_modes, default=tuple(Quantization), metavar="LIST",
                    help="modes to export and score in the report: all (default), none or a list")  # fmt: skip
     t.add_argument("--levels", type=_levels, default=(0.8, 0.95), metavar="LIST",

@@ -339,3 +339,10 @@ def test_help_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
             main(argv)
         assert e.value.code == 0
         assert "usage: edge-lstm-convert" in capsys.readouterr().out
+
+
+def test_an_unknown_quantization_mode_is_refused_with_the_modes_listed(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "x.csv", "--time-col", "t", "--target", "y", "--quantize", "int4"])
+    assert exit_.value.code == 2
+    assert "'int4' is not a mode (choose from float32, dynamic, float16, int8, int16x8)" in capsys.readouterr().err
