@@ -10,6 +10,7 @@ import argparse
 import enum
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -325,6 +326,9 @@ def _calibrate(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # TensorFlow's own C++ info and warning lines (CPU features, SavedModel loading) would bury the
+    # progress lines; its errors still show.  Set TF_CPP_MIN_LOG_LEVEL=0 to see them all.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(message)s",

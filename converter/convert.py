@@ -339,7 +339,7 @@ def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> Train
               [(c.seed, round(c.score, 4)) for c in cands], best.seed)  # fmt: skip
     marked = [f"{w:.2f}{'d' if blend.is_differenced(k) else ''}" for k, w in enumerate(blend.weights.tolist())]
     _LOG.info("per-horizon gains %s, seasonal weights %s (d: seasonally differenced)",
-              np.round(blend.gains, 2).tolist(), marked)  # fmt: skip
+              [f"{g:.2f}" for g in blend.gains.tolist()], marked)  # fmt: skip
     weights = apply_gains(extract_weights(fitted.model), blend.gains)
     if float(np.max(np.abs(blend.weights), initial=0.0)) > 0.0:
         output = dataclasses.replace(
