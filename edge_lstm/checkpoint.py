@@ -253,6 +253,24 @@ def load_checkpoint(
     return LoadResult(table, LoadStatus.RESTORED, "restored", path, None, len(data), clock() - t0, seq)
 
 
+def state_dir_holder(directory: Path) -> str | None:
+    """The pid in ``daemon.lock`` when another process holds the lock (``"unknown"`` without one); None when
+    it is free or there is no lock file.  A probe that creates nothing and lets go at once."""
+    try:
+        fd = os.open(directory / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+    except OSError:  # no flock on this file system: the daemon runs unguarded there too
+        return None
+    finally:
+        os.close(fd)  # and with it the probe's shared lock
+    return None
+
+
 class StateDirBusy(Exception):
     """Another process holds the state directory's lock."""
 

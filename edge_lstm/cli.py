@@ -11,12 +11,14 @@ import datetime as dt
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
 from edge_lstm import __version__
+from edge_lstm import checkpoint as ckpt
 from edge_lstm.config import Config, ConfigError, LogLevel, load_config, reference_markdown, to_toml
 from edge_lstm.modelspec import ModelError
 
@@ -136,27 +138,49 @@ def cmd_check_config(path: Path, out: TextIO) -> int:
     print(f"  broker      {'mqtts' if cfg.mqtt.tls else 'mqtt'}://{cfg.mqtt.host}:{cfg.mqtt.port} "
           f"(MQTT {cfg.mqtt.protocol.value}, client id {cfg.mqtt.client_id})", file=out)  # fmt: skip
     if cfg.metrics.enabled:
-        print(f"  metrics     http://{cfg.metrics.bind}:{cfg.metrics.port}/metrics", file=out)
+        where = f"http://{cfg.metrics.bind}:{cfg.metrics.port}/metrics"
+        print(f"  metrics     {where} ({_port_check(cfg.metrics.bind, cfg.metrics.port)})", file=out)
     state_dir = Path(cfg.state.dir)
-    print(f"  state       {state_dir} ({_state_dir_check(state_dir)})", file=out)
+    usable, state = _state_dir_check(state_dir)
+    print(f"  state       {state_dir} ({state})", file=out)
+    if not usable:
+        print("# not ok: the daemon could not use its state directory; nothing was started", file=out)
+        return EXIT_FAILURE
     print("# ok: nothing was started", file=out)
     return EXIT_OK
 
 
-def _state_dir_check(state_dir: Path) -> str:
-    """Whether the daemon can use (or create) its state directory, as one phrase."""
+def _state_dir_check(state_dir: Path) -> tuple[bool, str]:
+    """Whether the daemon can use (or create) its state directory, and the reason as one phrase."""
     if state_dir.exists():
         if not state_dir.is_dir():
-            return "NOT a directory"
-        return "writable" if os.access(state_dir, os.W_OK | os.X_OK) else "NOT writable by this user"
+            return False, "NOT a directory"
+        if not os.access(state_dir, os.W_OK | os.X_OK):
+            return False, "NOT writable by this user"
+        holder = ckpt.state_dir_holder(state_dir)
+        if holder is not None:  # usable: a restart of that daemon frees it
+            return True, f"writable; held by a running daemon, pid {holder}: a second one would be refused"
+        return True, "writable"
     parent = state_dir.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        return f"CANNOT be created: {parent} is not a directory"
+        return False, f"CANNOT be created: {parent} is not a directory"
     if not os.access(parent, os.W_OK | os.X_OK):
-        return f"CANNOT be created by this user (in {parent})"
-    return "will be created"
+        return False, f"CANNOT be created by this user (in {parent})"
+    return True, "will be created"
+
+
+def _port_check(bind: str, port: int) -> str:
+    """Whether the metrics endpoint could listen now (it binds as the daemon's server does, then lets go)."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(bind, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError as e:
+        return f"NOT free now: {e.strerror or e}; a running daemon's own port is freed by its restart"
+    return "free"
 
 
 def cmd_run(path: Path) -> int:

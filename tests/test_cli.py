@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from edge_lstm import __version__
+from edge_lstm import checkpoint as ckpt
 from edge_lstm.cli import main
 from edge_lstm.config import reference_markdown
 from tests.support.daemon import TAYLOR_MODEL, to_toml
+from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,15 +108,35 @@ def test_check_config_says_whether_the_state_directory_can_be_used(
 ) -> None:
     (tmp_path / "a-file").write_text("")
     (tmp_path / "there").mkdir()
-    for state_dir, says in (
-        (tmp_path / "there", "(writable)"),
-        (tmp_path / "new" / "state", "(will be created)"),
-        (tmp_path / "a-file", "(NOT a directory)"),
-        (tmp_path / "a-file" / "state", f"(CANNOT be created: {tmp_path / 'a-file'} is not a directory)"),
-    ):
-        sections = {"model": {"path": str(TAYLOR_MODEL)}, "state": {"dir": str(state_dir)}}
-        assert main(["check-config", str(config_file(tmp_path, sections))]) == 0
-        assert f"state       {state_dir} {says}" in capsys.readouterr().out
+    (tmp_path / "held").mkdir()
+    lock = ckpt.lock_state_dir(tmp_path / "held")  # as a running daemon holds it
+    try:
+        for state_dir, code, says in (
+            (tmp_path / "there", 0, "(writable)"),
+            (tmp_path / "held", 0, f"(writable; held by a running daemon, pid {os.getpid()}: a second one"),
+            (tmp_path / "new" / "state", 0, "(will be created)"),
+            (tmp_path / "a-file", 1, "(NOT a directory)"),
+            (tmp_path / "a-file" / "state", 1, f"(CANNOT be created: {tmp_path / 'a-file'} is not a directory)"),
+        ):
+            sections = {"model": {"path": str(TAYLOR_MODEL)}, "state": {"dir": str(state_dir)}}
+            assert main(["check-config", str(config_file(tmp_path, sections))]) == code
+            out = capsys.readouterr().out
+            assert f"state       {state_dir} {says}" in out
+            assert out.rstrip().endswith("nothing was started")
+    finally:
+        os.close(lock)
+
+
+def test_check_config_says_whether_the_metrics_port_is_free(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        for port, says in ((free_port(), "(free)"), (taken, "(NOT free now: Address already in use;")):
+            sections = {"model": {"path": str(TAYLOR_MODEL)}, "state": {"dir": str(tmp_path / "state")},
+                        "metrics": {"bind": "127.0.0.1", "port": port}}  # fmt: skip
+            assert main(["check-config", str(config_file(tmp_path, sections))]) == 0
+            assert f"metrics     http://127.0.0.1:{port}/metrics {says}" in capsys.readouterr().out
 
 
 def test_check_config_rejects_a_tampered_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
