@@ -263,12 +263,17 @@ def state_dir_holder(directory: Path) -> str | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        return _holder_pid(fd)
     except OSError:  # no flock on this file system: the daemon runs unguarded there too
         return None
     finally:
         os.close(fd)  # and with it the probe's shared lock
     return None
+
+
+def _holder_pid(fd: int) -> str:
+    """The pid the lock's holder wrote into ``daemon.lock`` (``"unknown"`` before it has)."""
+    return os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
 
 
 class StateDirBusy(Exception):
@@ -289,7 +294,7 @@ def lock_state_dir(directory: Path) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        holder = _holder_pid(fd)
         os.close(fd)
         raise StateDirBusy(f"another process holds {path} (pid {holder})") from None
     except OSError as e:

@@ -11,7 +11,6 @@ import datetime as dt
 import json
 import logging
 import os
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -172,12 +171,13 @@ def _state_dir_check(state_dir: Path) -> tuple[bool, str]:
 
 
 def _port_check(bind: str, port: int) -> str:
-    """Whether the metrics endpoint could listen now (it binds as the daemon's server does, then lets go)."""
+    """Whether the metrics endpoint could listen now (the daemon's own server binds, then lets go)."""
+    from prometheus_client import CollectorRegistry
+
+    from edge_lstm.metrics import MetricsServer
+
     try:
-        family, _, _, _, address = socket.getaddrinfo(bind, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(address)
+        MetricsServer(CollectorRegistry(), bind, port).check_address()
     except OSError as e:
         return f"NOT free now: {e.strerror or e}; a running daemon's own port is freed by its restart"
     return "free"

@@ -276,6 +276,7 @@ def _run(
 ) -> int:
     from edge_lstm.daemon import Daemon, StartError  # after the cheap checks: loads the runtime
 
+    on_main = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
     with tempfile.TemporaryDirectory(prefix="edge-lstm-demo-") as tmp:
         workdir = Path(tmp)
         broker = PrivateBroker(binary, workdir)
@@ -332,7 +333,7 @@ def _run(
             print(f"replaying {data_path.name}: {opts.streams} stream(s) at {opts.rate:g} ticks/s; Ctrl-C stops\n",
                   file=out)  # fmt: skip
             interrupt = _Interrupt()
-            if threading.current_thread() is threading.main_thread():
+            if on_main:
                 original_sigint = signal.signal(signal.SIGINT, interrupt)
                 signal.signal(signal.SIGTERM, interrupt)
             stats = _replay(opts, pub, book, stamps, rows, col_idx, target, manifest, out, interrupt)
@@ -340,7 +341,6 @@ def _run(
             print("\ninterrupted: stopping", file=out)
         finally:
             # A second Ctrl-C must not leave the broker behind: cleanup takes a few seconds at most.
-            on_main = threading.current_thread() is threading.main_thread()
             old_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN) if on_main else None
             old_sigterm = signal.signal(signal.SIGTERM, signal.SIG_IGN) if on_main else None
             if original_sigint is not None:
@@ -466,12 +466,17 @@ def _replay(
     return stats
 
 
+def _decimals(magnitude: float, least: int, most: int) -> int:
+    """Decimals for about four significant digits of numbers of this magnitude, within [least, most]."""
+    if not (magnitude > 0 and math.isfinite(magnitude)):
+        return least
+    return max(least, min(most, 3 - math.floor(math.log10(magnitude))))
+
+
 def _number_format(values: list[float]) -> Any:
     """A formatter with as many decimals as the series' magnitude needs for about four significant digits
     (electricity demand in MW: none; a temperature of 23.18 °C: two)."""
-    finite = [abs(v) for v in values if math.isfinite(v)]
-    top = max(finite, default=0.0)
-    decimals = max(0, min(4, 3 - math.floor(math.log10(top)))) if top > 0 else 0
+    decimals = _decimals(max((abs(v) for v in values if math.isfinite(v)), default=0.0), 0, 4)
 
     def fmt(v: float, width: int, *, sign: bool = False, left: bool = False) -> str:
         text = f"{v:+.{decimals}f}" if sign else f"{v:.{decimals}f}"
@@ -482,8 +487,7 @@ def _number_format(values: list[float]) -> Any:
 
 def _fixed(v: float, width: int = 10) -> str:
     """``v`` with about four significant digits and at least one decimal (169.1; 0.06411)."""
-    decimals = max(1, min(6, 3 - math.floor(math.log10(abs(v))))) if v and math.isfinite(v) else 1
-    return f"{v:{width}.{decimals}f}"
+    return f"{v:{width}.{_decimals(abs(v), 1, 6)}f}"
 
 
 def _summary(stats: dict[str, _StreamStats], units: str, out: TextIO) -> None:

@@ -378,16 +378,24 @@ class MetricsServer:
         self._server: _BoundedServer | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
+    def _listen(self) -> _BoundedServer:
+        """The HTTP server, bound and listening (raises ``OSError`` when the address cannot be taken)."""
         infos = socket.getaddrinfo(self._bind, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family = infos[0][0] if infos else socket.AF_INET
         server_class = type(
             "MetricsHttpServer", (_BoundedServer,), {"address_family": family, "max_connections": self._max_connections}
         )
         handler = type("MetricsHandler", (_QuietHandler,), {"timeout": self._timeout})
-        server: _BoundedServer = make_server(
+        return make_server(  # type: ignore[return-value]
             self._bind, self._port, make_wsgi_app(self._registry), server_class, handler
-        )  # type: ignore[assignment]
+        )
+
+    def check_address(self) -> None:
+        """Bind the address as :meth:`start` would, and let go at once (``OSError`` when it cannot)."""
+        self._listen().server_close()
+
+    def start(self) -> None:
+        server = self._listen()
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
         self._thread.start()

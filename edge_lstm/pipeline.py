@@ -171,13 +171,13 @@ class Pipeline:
         # input looks like one stream's run (a single sensor, or its backlog), where a wait for other
         # streams to share the model step gathers none and holds the acknowledgements back (a heuristic;
         # see Loop.run).  Tracked only while the loop may wait (engine.max_wait_ms > 0).
-        self._track_repeats = cfg.engine.max_wait_ms > 0
+        self._linger = cfg.engine.max_wait_ms / 1000.0
+        self._track_repeats = self._linger > 0
         self._run_stream: str | None = None  # the one stream queued since the last step, if only one
         self._mixed = False  # a second stream came since the last step: tracking stops
         self.repeated = False
         # Whether the latest message with readings came longer than the wait after the one before it: at
         # that rate a wait would most likely gather nothing, and only add its length to the latency.
-        self._linger = cfg.engine.max_wait_ms / 1000.0
         self._last_arrival = -math.inf
         self.sparse = True
         self.messages: collections.deque[_Message] = collections.deque()
@@ -267,16 +267,16 @@ class Pipeline:
                     if self._track_repeats:
                         self.sparse = m.arrived - self._last_arrival >= self._linger
                         self._last_arrival = m.arrived
-                    if self._track_repeats and not self.repeated and not self._mixed:
-                        for r in result.readings:
-                            if self._run_stream is None:
-                                self._run_stream = r.stream
-                            elif r.stream == self._run_stream:  # the only stream so far, a second time
-                                self.repeated = True
-                                break
-                            else:  # streams to share a step: the wait is worth it
-                                self._mixed = True
-                                break
+                        if not self.repeated and not self._mixed:
+                            for r in result.readings:
+                                if self._run_stream is None:
+                                    self._run_stream = r.stream
+                                elif r.stream == self._run_stream:  # the only stream so far, a second time
+                                    self.repeated = True
+                                    break
+                                else:  # streams to share a step: the wait is worth it
+                                    self._mixed = True
+                                    break
                     self.queue.extend(result.readings)
                     self.enqueued += len(result.readings)
                     if len(self.queue) >= self.queue_limit and not self.starved:
@@ -457,6 +457,12 @@ class Pipeline:
         return n
 
     @property
+    def no_wait(self) -> bool:
+        """Waiting for other streams to share the next step would gather none: one stream's run, or
+        readings further apart than the wait."""
+        return self.repeated or self.sparse
+
+    @property
     def starved(self) -> bool:
         """Too many forecasts await the broker: no steps until its PUBACKs are read."""
         return self.link.outstanding >= self.max_outstanding
@@ -603,7 +609,7 @@ class Loop:
             timeout = IDLE_WAIT_S
             if p.queue and not barrier and not starved:
                 timeout = 0.0
-                if linger > 0 and len(p.queue) < max_batch and not (p.repeated or p.sparse):
+                if linger > 0 and len(p.queue) < max_batch and not p.no_wait:
                     timeout = max(0.0, p.queue[0].received + linger - time.monotonic())
             if link.poll(timeout, read=read, wake=self._wake_r):
                 self._drain_wake()
@@ -616,8 +622,7 @@ class Loop:
                 ready = (
                     linger <= 0
                     or len(p.queue) >= max_batch
-                    or p.repeated  # one stream's run: waiting would gather no other stream
-                    or p.sparse  # readings further apart than the wait: it would gather none
+                    or p.no_wait
                     or time.monotonic() - p.queue[0].received >= linger
                 )
                 if limit > 0 and (ready or barrier):
