@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from converter.errors import ConvertError
-from converter.prepare import CalendarMode, LevelMode, Split
+from converter.prepare import CalendarMode, LevelMode, SeasonalInputMode, Split
 from edge_lstm.features import time_zone
 from edge_lstm.modelspec import Quantization
 
@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--calendar", type=CalendarMode, default=CalendarMode.AUTO, choices=list(CalendarMode),
                    metavar=_choices(CalendarMode),
                    help="time-of-day/day-of-week inputs as the cadence allows (auto) or none")  # fmt: skip
+    t.add_argument("--seasonal-input", type=SeasonalInputMode, default=SeasonalInputMode.AUTO,
+                   choices=list(SeasonalInputMode), metavar=_choices(SeasonalInputMode),
+                   help="feed the network last season's change over each coming horizon (auto: when the "
+                        "training part holds two seasons; see --season) or none")  # fmt: skip
     t.add_argument("--utc-offset", type=float, default=None, metavar="HOURS",
                    help="fixed offset from UTC for the calendar inputs (default 0)")  # fmt: skip
     t.add_argument("--timezone", default=None, metavar="ZONE",
@@ -259,6 +263,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         max_gap_ticks=args.max_gap_ticks,
         level=args.level,
         calendar=args.calendar,
+        seasonal_inputs=args.seasonal_input,
         utc_offset_s=utc_offset_s,
         timezone=zone,
         aggregate=args.aggregate,

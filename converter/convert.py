@@ -34,6 +34,7 @@ from converter.prepare import (
     EvalRun,
     LevelMode,
     Part,
+    SeasonalInputMode,
     Split,
     assign_parts,
     build_pipeline,
@@ -85,6 +86,7 @@ class TrainConfig:
     max_gap_ticks: int = 4
     level: LevelMode = LevelMode.AUTO
     calendar: CalendarMode = CalendarMode.AUTO
+    seasonal_inputs: SeasonalInputMode = SeasonalInputMode.AUTO
     utc_offset_s: float = 0.0
     timezone: str | None = None  # IANA zone of the calendar inputs (instead of utc_offset_s)
     aggregate: Aggregate | None = None  # None: chosen from the data (see converter.data.choose_policy)
@@ -279,7 +281,7 @@ def _prepare(cfg: TrainConfig, columns: tuple[str, ...]) -> _Prepared:
     parts = assign_parts(grid, cfg.split)
     pipeline = build_pipeline(
         grid, parts, cfg.target, cfg.horizon, level=cfg.level, calendar=cfg.calendar, utc_offset_s=cfg.utc_offset_s,
-        timezone=cfg.timezone,
+        timezone=cfg.timezone, season=season, seasonal=cfg.seasonal_inputs,
     )  # fmt: skip
     encoded = encode(grid, pipeline, cfg.split)
     _check_length(encoded, cfg.horizon, warmup)

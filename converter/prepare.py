@@ -31,6 +31,7 @@ from edge_lstm.features import (
     FeatureSpec,
     OutputKind,
     OutputSpec,
+    seasonal_changes,
 )
 
 _LOG = logging.getLogger(__name__)
@@ -65,6 +66,18 @@ class CalendarMode(str, enum.Enum):
 
     AUTO = "auto"
     NONE = "none"
+
+
+class SeasonalInputMode(str, enum.Enum):
+    """Seasonal inputs (last season's change over each coming horizon): auto or none."""
+
+    AUTO = "auto"  # when the training part holds at least MIN_SEASONS_FOR_INPUTS seasons
+    NONE = "none"
+
+
+# A seasonal input is 0 for a stream's first season; below this many seasons of training ticks it
+# would be 0 for much of what the network learns from.
+MIN_SEASONS_FOR_INPUTS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,8 +173,15 @@ def build_pipeline(
     calendar: CalendarMode = CalendarMode.AUTO,
     utc_offset_s: float = 0.0,
     timezone: str | None = None,
+    season: int = 0,
+    seasonal: SeasonalInputMode = SeasonalInputMode.AUTO,
 ) -> FeaturePipeline:
-    """Choose the inputs and fit their scaling on the training part only."""
+    """Choose the inputs and fit their scaling on the training part only.
+
+    With a ``season`` of 2 ticks or more, ``seasonal`` inputs (one per horizon up to the season,
+    :class:`FeatureKind` ``seasonal``) join when the training part holds
+    :data:`MIN_SEASONS_FOR_INPUTS` seasons.
+    """
     if horizon < 1:
         raise ConvertError("--horizon must be at least 1")
     cols = grid.columns
@@ -208,13 +228,24 @@ def build_pipeline(
         features += [FeatureSpec(name=k.value, kind=k) for k in calendar_kinds(grid.cadence_s)]
     # The output scale is the RMS change over the horizon, so every horizon's target is O(1).
     ti = cols.index(target)
-    deltas: list[float] = []
+    deltas: dict[int, list[float]] = {}
+    train_ticks = 0
     for s, p in zip(grid.segments, parts, strict=True):
         y = s.values[p == Part.TRAIN, ti]
+        train_ticks += y.shape[0]
         for k in range(1, horizon + 1):
             if y.shape[0] > k:
-                deltas.append(float(np.mean((y[k:] - y[:-k]) ** 2)))
-    out_scale = positive(math.sqrt(float(np.mean(deltas)))) if deltas else 1.0
+                deltas.setdefault(k, []).append(float(np.mean((y[k:] - y[:-k]) ** 2)))
+    every = [d for k in sorted(deltas) for d in deltas[k]]
+    out_scale = positive(math.sqrt(float(np.mean(every)))) if every else 1.0
+    if seasonal is SeasonalInputMode.AUTO and season >= 2 and train_ticks >= MIN_SEASONS_FOR_INPUTS * season:
+        # Lead j's change is scaled as the series' own j-tick changes are (most seasons' shapes are).
+        for j in range(1, min(horizon, season) + 1):
+            scale = positive(math.sqrt(float(np.mean(deltas[j])))) if j in deltas else out_scale
+            features.append(
+                FeatureSpec(f"{target}_season_{j}", FeatureKind.SEASONAL, target, scale=scale, season=season, lead=j)
+            )
+        _LOG.info("seasonal inputs: %d (season %d ticks)", min(horizon, season), season)
     output = OutputSpec(target=target, horizon=horizon, kind=OutputKind.DELTA, scale=out_scale)
     try:
         return FeaturePipeline(
@@ -242,8 +273,8 @@ def trends(grid: GridSeries, parts: Sequence[npt.NDArray[np.int8]], column: str)
 
 def encode_segment(pipeline: FeaturePipeline, seg: Segment, part: npt.NDArray[np.int8]) -> EncodedSegment:
     """Network inputs for every tick and the masked delta targets."""
-    x = pipeline.encode(seg.values, _previous(seg.values), seg.timestamps)
     tgt = seg.values[:, pipeline.target_index]
+    x = pipeline.encode(seg.values, _previous(seg.values), seg.timestamps, seasonal_changes(tgt, pipeline))
     k_max = pipeline.output.horizon
     n = len(seg)
     y = np.full((n, k_max), np.nan, dtype=np.float64)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from edge_lstm.features import record_history, seasonal_from_history
+from edge_lstm.features import record_history, seasonal_changes_from_history, seasonal_from_history
 from edge_lstm.intervals import anomaly_score, anomaly_scores
 from edge_lstm.modelspec import Manifest
 from edge_lstm.outcomes import Outcome
@@ -123,8 +123,11 @@ class Engine:
         self._warmup = m.warmup_ticks
         self._model_id = m.model_id
         self._check = m.intervals.check_offsets if m.intervals is not None else None
-        # A model that blends in a seasonal forecast needs each stream's recent targets (history_ticks).
-        self._history = m.pipeline.output.history_ticks
+        # A model that blends in a seasonal forecast or has seasonal inputs needs each stream's recent
+        # targets (history_ticks).
+        self._history = m.pipeline.history_ticks
+        self._blend = m.pipeline.output.seasonal
+        self._season_inputs = bool(m.pipeline.seasonal_inputs)
         self.table.ensure_history(self._history)
 
     # -- public ---------------------------------------------------------------------------------
@@ -238,7 +241,11 @@ class Engine:
         values = np.array([tk.values for tk, _ in ticks], dtype=np.float64)
         previous = np.array([tk.previous for tk, _ in ticks], dtype=np.float64)
         ts = np.array([tk.ts for tk, _ in ticks], dtype=np.float64)
-        x = self._pipeline.encode(values, previous, ts)
+        changes = None
+        if self._season_inputs:
+            now = t.ticks[rows]
+            changes = seasonal_changes_from_history(t.history, rows, now, values[:, self._target], self._pipeline)
+        x = self._pipeline.encode(values, previous, ts, changes)
         y = self._step(rows, x, result)
         t.ticks[rows] += 1
         if self._history:  # every tick, filled ones too, as the converter's series holds them
@@ -252,7 +259,7 @@ class Engine:
         obs_rows = rows[observed]
         actual = np.array([ticks[i][0].values[target] for i in observed], dtype=np.float64)
         seasonal = None
-        if self._history:
+        if self._blend:
             seasonal = seasonal_from_history(t.history, obs_rows, t.ticks[obs_rows] - 1, self._pipeline.output)
         fc = self._pipeline.decode(y[observed], actual, seasonal)
         # 1-step errors: the pending forecast of a stream whose previous tick was observed and one tick ago
@@ -297,19 +304,23 @@ class Engine:
         of a reading's cost.
         """
         t = self.table
-        x = self._pipeline.encode_row(tick.values, tick.previous, tick.ts)
-        y = self._step(slice(row, row + 1), x, result)
         ticks = t.ticks
+        target = tick.values[self._target]
+        changes = None
+        if self._season_inputs:
+            now = int(ticks[row])
+            changes = seasonal_changes_from_history(t.history, row, now, target, self._pipeline).tolist()
+        x = self._pipeline.encode_row(tick.values, tick.previous, tick.ts, changes)
+        y = self._step(slice(row, row + 1), x, result)
         ticks[row] += 1
         index = int(ticks[row]) - 1
-        target = tick.values[self._target]
         if self._history:
             record_history(t.history, row, index, target)
         if not tick.observed:
             t.pending_value[row] = math.nan
             return
         seasonal = None
-        if self._history:
+        if self._blend:
             seasonal = seasonal_from_history(t.history, row, index, self._pipeline.output)
         fc = self._pipeline.decode(y[0], target, seasonal)
         pending = float(t.pending_value[row])

@@ -16,6 +16,14 @@ Input features (``FeatureSpec.kind``):
     ``(v_t - center) / scale``, clipped to ``[-LEVEL_CLIP, LEVEL_CLIP]`` so that a
     level far outside the training range cannot drive the network into
     saturation.
+``seasonal``
+    ``(y_{t-m+j} - y_{t-m}) / scale`` for the target ``y``, season ``m`` (``FeatureSpec.season``)
+    and lead ``j`` (``FeatureSpec.lead``, ``1..m``): how the target moved over the ``j`` ticks
+    after this one a season earlier, the change a seasonal ARIMA's seasonal difference carries
+    forward.  The network sees last season's shape of the coming ticks without having to hold
+    ``m`` ticks in its state.  0 while the stream has less than ``m`` ticks of history (after a
+    start or a reset); the daemon keeps each stream's last ``m`` targets for it
+    (:attr:`FeaturePipeline.history_ticks`).
 ``tod_sin``, ``tod_cos``, ``dow_sin``, ``dow_cos``
     Time of day and day of week on the unit circle, from the tick's timestamp in
     local time: shifted by the model's fixed UTC offset, or by the offset of its
@@ -102,6 +110,7 @@ class FeatureKind(str, enum.Enum):
 
     DIFF = "diff"
     LEVEL = "level"
+    SEASONAL = "seasonal"
     TOD_SIN = "tod_sin"
     TOD_COS = "tod_cos"
     DOW_SIN = "dow_sin"
@@ -109,7 +118,7 @@ class FeatureKind(str, enum.Enum):
 
     @property
     def is_calendar(self) -> bool:
-        return self not in (FeatureKind.DIFF, FeatureKind.LEVEL)
+        return self not in (FeatureKind.DIFF, FeatureKind.LEVEL, FeatureKind.SEASONAL)
 
 
 CALENDAR_KINDS: tuple[FeatureKind, ...] = (
@@ -133,14 +142,22 @@ class FeatureSpec:
 
     name: str
     kind: FeatureKind
-    column: str | None = None  # value column for diff/level; None for calendar
+    column: str | None = None  # value column for diff/level/seasonal; None for calendar
     center: float = 0.0
     scale: float = 1.0
+    season: int = 0  # seasonal: the season m in ticks
+    lead: int = 0  # seasonal: j, the change from y_{t-m} to y_{t-m+j}
+
+    def __post_init__(self) -> None:
+        if self.kind is FeatureKind.SEASONAL and not 1 <= self.lead <= self.season:
+            raise ValueError(f"feature {self.name!r}: a seasonal input needs 1 <= lead <= season")
 
     def to_dict(self) -> dict[str, object]:
         d: dict[str, object] = {"name": self.name, "kind": self.kind.value}
         if not self.kind.is_calendar:
             d.update(column=self.column, center=self.center, scale=self.scale)
+        if self.kind is FeatureKind.SEASONAL:
+            d.update(season=self.season, lead=self.lead)
         return d
 
     @classmethod
@@ -154,12 +171,17 @@ class FeatureSpec:
         scale = float(d.get("scale", 1.0))  # type: ignore[arg-type]
         if not np.isfinite(scale) or scale <= 0:
             raise ValueError(f"feature {d.get('name')!r}: scale must be a positive number")
+        season, lead = d.get("season", 0), d.get("lead", 0)
+        if kind is FeatureKind.SEASONAL and not all(type(n) is int for n in (season, lead)):
+            raise ValueError(f"feature {d.get('name')!r}: season and lead must be whole numbers of ticks")
         return cls(
             name=str(d["name"]),
             kind=kind,
             column=column,
             center=float(d.get("center", 0.0)),  # type: ignore[arg-type]
             scale=scale,
+            season=int(season) if kind is FeatureKind.SEASONAL else 0,  # type: ignore[call-overload]
+            lead=int(lead) if kind is FeatureKind.SEASONAL else 0,  # type: ignore[call-overload]
         )
 
 
@@ -308,6 +330,8 @@ class _EncodePlan:
     level_scale: FloatArray
     diff_rows: tuple[tuple[int, int, float], ...]  # (x column, value column, scale) for one-row encoding
     level_rows: tuple[tuple[int, int, float, float], ...]  # (x column, value column, center, scale)
+    seasonal_x: npt.NDArray[np.intp]  # columns of x of the seasonal inputs, in feature order
+    seasonal_scale: FloatArray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,6 +365,8 @@ class FeaturePipeline:
         for f in self.features:
             if not f.kind.is_calendar and f.column not in self.columns:
                 raise ValueError(f"feature {f.name!r} uses unknown column {f.column!r}")
+            if f.kind is FeatureKind.SEASONAL and f.column != self.output.target:
+                raise ValueError(f"feature {f.name!r}: a seasonal input must use the target {self.output.target!r}")
 
     @property
     def n_features(self) -> int:
@@ -350,12 +376,32 @@ class FeaturePipeline:
     def target_index(self) -> int:
         return self.columns.index(self.output.target)
 
-    def encode(self, values: npt.ArrayLike, previous: npt.ArrayLike, timestamps: npt.ArrayLike) -> FloatArray:
+    @functools.cached_property
+    def seasonal_inputs(self) -> tuple[FeatureSpec, ...]:
+        """The ``seasonal`` inputs, in the order :meth:`encode` takes their raw changes."""
+        return tuple(f for f in self.features if f.kind is FeatureKind.SEASONAL)
+
+    @property
+    def history_ticks(self) -> int:
+        """Targets each stream must keep: the seasonal blend's (:attr:`OutputSpec.history_ticks`) or
+        the seasonal inputs' season, whichever is more; 0 when the model uses neither."""
+        return max([self.output.history_ticks, *(f.season for f in self.seasonal_inputs)])
+
+    def encode(
+        self,
+        values: npt.ArrayLike,
+        previous: npt.ArrayLike,
+        timestamps: npt.ArrayLike,
+        seasonal: npt.ArrayLike | None = None,
+    ) -> FloatArray:
         """Model inputs ``x`` of shape ``[B, D]`` (float32) for B ticks.
 
         ``values`` and ``previous`` are ``[B, V]`` raw readings (columns in
         ``self.columns`` order) of this tick and of the tick before; a NaN in
-        ``previous`` (a stream's first tick) makes that difference 0.
+        ``previous`` (a stream's first tick) makes that difference 0.  ``seasonal``
+        ``[B, S]`` are the raw changes of the :attr:`seasonal_inputs`
+        (:func:`seasonal_changes`, :func:`seasonal_changes_from_history`); NaN, or no
+        array at all, means too little history and gives 0.
         """
         v = np.asarray(values, dtype=np.float64)
         p = np.asarray(previous, dtype=np.float64)
@@ -372,9 +418,21 @@ class FeaturePipeline:
         if len(plan.level_x):
             lv = (v[:, plan.level_v] - plan.level_center) / plan.level_scale
             x[:, plan.level_x] = np.clip(lv, -LEVEL_CLIP, LEVEL_CLIP)
+        if len(plan.seasonal_x):
+            if seasonal is None:
+                x[:, plan.seasonal_x] = 0.0
+            else:
+                sd = np.asarray(seasonal, dtype=np.float64) / plan.seasonal_scale
+                x[:, plan.seasonal_x] = np.where(np.isnan(sd), 0.0, sd)
         return x.astype(np.float32)
 
-    def encode_row(self, values: Sequence[float], previous: Sequence[float], timestamp: float) -> FloatArray:
+    def encode_row(
+        self,
+        values: Sequence[float],
+        previous: Sequence[float],
+        timestamp: float,
+        seasonal: Sequence[float] | None = None,
+    ) -> FloatArray:
         """:meth:`encode` of one tick, ``[1, D]`` float32, bit for bit, at a fraction of the cost.
 
         Arithmetic on Python floats is the same IEEE double arithmetic numpy
@@ -396,6 +454,10 @@ class FeaturePipeline:
             x[j] = 0.0 if math.isnan(d) else d
         for j, c, center, scale in plan.level_rows:
             x[j] = min(max((values[c] - center) / scale, -LEVEL_CLIP), LEVEL_CLIP)
+        if seasonal is not None:
+            for j, change, scale in zip(plan.seasonal_x.tolist(), seasonal, plan.seasonal_scale.tolist(), strict=True):
+                d = change / scale
+                x[j] = 0.0 if math.isnan(d) else d
         return np.array([x], dtype=np.float32)
 
     def local_time(self, timestamps: npt.ArrayLike) -> FloatArray:
@@ -411,6 +473,7 @@ class FeaturePipeline:
         cal = [(j, f.kind) for j, f in feats if f.kind.is_calendar]
         diff = [(j, f) for j, f in feats if f.kind is FeatureKind.DIFF]
         level = [(j, f) for j, f in feats if f.kind is FeatureKind.LEVEL]
+        seasonal = [(j, f) for j, f in feats if f.kind is FeatureKind.SEASONAL]
 
         def idx(items: Sequence[int]) -> npt.NDArray[np.intp]:
             return np.asarray(items, dtype=np.intp)
@@ -430,6 +493,8 @@ class FeaturePipeline:
             level_scale=np.asarray([f.scale for _, f in level], dtype=np.float64),
             diff_rows=tuple((j, col(f), float(f.scale)) for j, f in diff),
             level_rows=tuple((j, col(f), float(f.center), float(f.scale)) for j, f in level),
+            seasonal_x=idx([j for j, _ in seasonal]),
+            seasonal_scale=np.asarray([f.scale for _, f in seasonal], dtype=np.float64),
         )
 
     def decode(
@@ -577,3 +642,52 @@ def seasonal_from_history(
     if not output.differenced:
         return naive
     return seasonal_forecasts(naive, at(reference_lags(m, k)), history[row, tick % size], output)
+
+
+def _input_lags(specs: Sequence[FeatureSpec]) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """Ticks before the current one of ``y_{t-m+j}`` and of ``y_{t-m}``, per seasonal input."""
+    return (
+        np.asarray([f.season - f.lead for f in specs], dtype=np.intp),
+        np.asarray([f.season for f in specs], dtype=np.intp),
+    )
+
+
+def seasonal_changes(target: npt.ArrayLike, pipeline: FeaturePipeline) -> FloatArray | None:
+    """Raw changes ``[T, S]`` of the seasonal inputs at every tick of a stretch that starts a stream.
+
+    NaN where a reading they need precedes the stretch; None when the model has no seasonal
+    inputs.  The daemon gets the same numbers from each stream's ring
+    (:func:`seasonal_changes_from_history`).
+    """
+    specs = pipeline.seasonal_inputs
+    if not specs:
+        return None
+    tgt = np.asarray(target, dtype=np.float64)
+    ahead, base = _input_lags(specs)
+    return _lagged(tgt, ahead) - _lagged(tgt, base)
+
+
+def seasonal_changes_from_history(
+    history: FloatArray,
+    rows: npt.ArrayLike,
+    tick_index: npt.ArrayLike,
+    current: npt.ArrayLike,
+    pipeline: FeaturePipeline,
+) -> FloatArray:
+    """:func:`seasonal_changes` ``[B, S]`` of ticks ``tick_index`` (not yet in the ring) of ``rows``.
+
+    ``current`` ``[B]`` are those ticks' targets (a lead of a whole season reads the tick
+    itself).  A scalar row, tick and target give that tick's ``[S]``.
+    """
+    size = history.shape[1]
+    tick = np.asarray(tick_index, np.int64)[..., None]
+    row = np.asarray(rows, np.intp)[..., None]
+    now = np.asarray(current, np.float64)[..., None]
+
+    def at(lags: npt.NDArray[np.intp]) -> FloatArray:
+        idx = tick - lags
+        past = np.where(idx >= 0, history[row, np.maximum(idx, 0) % size], np.nan)
+        return np.where(lags == 0, now, past)
+
+    ahead, base = _input_lags(pipeline.seasonal_inputs)
+    return at(ahead) - at(base)

@@ -27,8 +27,9 @@ from edge_lstm.ticks import MAX_CADENCE_S, MAX_GAP_TICKS, MIN_CADENCE_S, TickPol
 
 FORMAT = "edge-lstm-model"
 FORMAT_VERSION = 2
-# Version 2 adds output.seasonal_differenced; a manifest that does not use it is written as version 1,
-# so builds that read only version 1 still load it, and refuse one whose forecasts they would get wrong.
+# Version 2 adds output.seasonal_differenced and the seasonal input kind; a manifest that uses neither is
+# written as version 1, so builds that read only version 1 still load it, and refuse one whose forecasts
+# they would get wrong.
 READ_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.tflite"
@@ -110,10 +111,14 @@ class Manifest:
     def output_names(self) -> list[str]:
         return ["y", *state_names(self.layers)]
 
+    @staticmethod
+    def _needs_version_2(pipeline: FeaturePipeline) -> bool:
+        return pipeline.output.differenced or bool(pipeline.seasonal_inputs)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION if self.pipeline.output.differenced else 1,
+            "format_version": FORMAT_VERSION if self._needs_version_2(self.pipeline) else 1,
             "name": self.name,
             "model_file": self.model_file,
             "sha256": self.sha256,
@@ -160,8 +165,9 @@ class Manifest:
             if not 1 <= max_gap <= MAX_GAP_TICKS:
                 raise ValueError(f"'max_gap_ticks' must be 1..{MAX_GAP_TICKS}, got {max_gap}")
             pipeline = FeaturePipeline.from_dict(d)
-            if pipeline.output.differenced and version < 2:
-                raise ValueError("output.seasonal_differenced needs format_version 2")
+            if cls._needs_version_2(pipeline) and version < 2:
+                what = "output.seasonal_differenced" if pipeline.output.differenced else "a seasonal input"
+                raise ValueError(f"{what} needs format_version 2")
             intervals = Intervals.from_dict(d["intervals"], pipeline.output.horizon) if "intervals" in d else None
             return cls(
                 name=str(d["name"]),

@@ -18,6 +18,9 @@ from edge_lstm.features import (
     OutputKind,
     OutputSpec,
     calendar_features,
+    record_history,
+    seasonal_changes,
+    seasonal_changes_from_history,
     zone_offset,
     zone_offsets,
 )
@@ -157,3 +160,77 @@ def test_encode_row_is_encode_bit_for_bit(row: tuple[float, ...], zone: tuple[fl
     got = p.encode_row((v0, v1), (p0, p1), ts)
     assert got.dtype == want.dtype == np.float32 and got.shape == want.shape
     np.testing.assert_array_equal(got, want)
+
+
+def _seasonal_pipeline(season: int, leads: tuple[int, ...]) -> FeaturePipeline:
+    base = _pipeline()
+    extra = tuple(
+        FeatureSpec(f"s{j}", FeatureKind.SEASONAL, "a", scale=0.5 * j, season=season, lead=j) for j in leads
+    )
+    return FeaturePipeline(base.columns, base.features + extra, base.output)
+
+
+def test_seasonal_inputs_are_last_seasons_change_round_trip_and_are_checked() -> None:
+    """x_j = (y_{t-m+j} - y_{t-m}) / scale, 0 where the stretch is too short; the spec round-trips and
+    refuses leads outside 1..m, another column than the target and non-integer seasons."""
+    p = _seasonal_pipeline(4, (1, 2, 4))
+    assert FeaturePipeline.from_dict(p.to_dict()) == p and p.history_ticks == 4
+    y = np.array([1.0, 3.0, 4.0, 8.0, 16.0, 32.0, 64.0])
+    ch = seasonal_changes(y, p)
+    assert ch is not None and ch.shape == (7, 3)
+    assert np.isnan(ch[:4]).all()  # y_{t-4} does not exist yet
+    assert ch[4].tolist() == [3.0 - 1.0, 4.0 - 1.0, 16.0 - 1.0]  # lead 4 reads the tick itself
+    assert ch[6].tolist() == [8.0 - 4.0, 16.0 - 4.0, 64.0 - 4.0]
+    values = np.column_stack([y, np.zeros(7)])
+    x = p.encode(values, np.vstack([[np.nan, np.nan], values[:-1]]), np.zeros(7), ch)
+    np.testing.assert_allclose(x[:, -3:], np.nan_to_num(ch / [0.5, 1.0, 2.0]).astype(np.float32))
+    assert seasonal_changes(y, _pipeline()) is None and _pipeline().history_ticks == 0
+    with pytest.raises(ValueError, match="lead"):
+        FeatureSpec("s", FeatureKind.SEASONAL, "a", season=3, lead=4)
+    with pytest.raises(ValueError, match="lead"):
+        FeatureSpec("s", FeatureKind.SEASONAL, "a", season=3, lead=0)
+    with pytest.raises(ValueError, match="target"):
+        FeaturePipeline(("a", "b"), (FeatureSpec("s", FeatureKind.SEASONAL, "b", season=3, lead=1),),
+                        OutputSpec(target="a", horizon=1))  # fmt: skip
+    d = {"name": "s", "kind": "seasonal", "column": "a", "scale": 1.0, "season": 24.5, "lead": 1}
+    with pytest.raises(ValueError, match="whole numbers"):
+        FeatureSpec.from_dict(d)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 9),
+    st.integers(0, 6),
+    st.lists(st.integers(0, 30), min_size=1, max_size=3),
+    st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=40),
+)
+def test_the_ring_gives_the_same_seasonal_inputs_as_the_whole_history(
+    season: int, wider: int, restarts: list[int], series: list[float]
+) -> None:
+    """Online (a ring of the last M >= m targets, the current tick not yet in it) equals offline (the
+    whole stretch since the stream's last restart) bit for bit, on the batch and the scalar path."""
+    p = _seasonal_pipeline(season, tuple(range(1, season + 1)))
+    ring = np.full((2, season + wider), np.nan)
+    stretch: list[float] = []
+    index = 0
+    for i, v in enumerate(series):
+        if i in restarts:
+            stretch, index = [], 0
+        stretch.append(v)
+        want = seasonal_changes(np.asarray(stretch), p)
+        assert want is not None
+        got = seasonal_changes_from_history(ring, np.array([1]), np.array([index]), np.array([v]), p)
+        np.testing.assert_array_equal(got[0], want[-1])
+        np.testing.assert_array_equal(seasonal_changes_from_history(ring, 1, index, v, p), want[-1])
+        record_history(ring, np.array([1]), np.array([index]), [v])
+        index += 1
+
+
+def test_encode_row_with_seasonal_inputs_is_encode_bit_for_bit() -> None:
+    p = _seasonal_pipeline(3, (1, 2))
+    for changes in ([0.3, -7.25], [math.nan, 1e5], [math.nan, math.nan]):
+        want = p.encode([[1.0, 2.0]], [[0.5, 1.0]], [1e9], [changes])
+        np.testing.assert_array_equal(p.encode_row((1.0, 2.0), (0.5, 1.0), 1e9, changes), want)
+    # no changes at all: a stream with too little history, zeros
+    assert p.encode_row((1.0, 2.0), (0.5, 1.0), 1e9)[0, -2:].tolist() == [0.0, 0.0]
+    assert p.encode([[1.0, 2.0]], [[0.5, 1.0]], [1e9])[0, -2:].tolist() == [0.0, 0.0]

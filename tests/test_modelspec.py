@@ -88,6 +88,23 @@ def test_a_differenced_seasonal_blend_is_written_as_format_version_2_and_read_ba
         Manifest.from_dict(d)
 
 
+def test_a_model_with_seasonal_inputs_is_written_as_format_version_2() -> None:
+    """A build that does not know the input kind refuses the manifest (unknown kind) rather than run it."""
+    plain = _manifest(b"x")
+    spec = FeatureSpec("v_season_1", FeatureKind.SEASONAL, "v", scale=2.0, season=24, lead=1)
+    features = (*plain.pipeline.features, spec)
+    m = dataclasses.replace(plain, pipeline=dataclasses.replace(plain.pipeline, features=features))
+    d = m.to_dict()
+    assert d["format_version"] == 2 and d["features"][-1] == {
+        "name": "v_season_1", "kind": "seasonal", "column": "v", "center": 0.0, "scale": 2.0, "season": 24, "lead": 1,
+    }  # fmt: skip
+    back = Manifest.from_dict(json.loads(json.dumps(d)))
+    assert back == m and back.pipeline.history_ticks == 24
+    d["format_version"] = 1
+    with pytest.raises(ModelError, match="a seasonal input needs format_version 2"):
+        Manifest.from_dict(d)
+
+
 def test_load_model_checks_the_hash(tmp_path: Path) -> None:
     d = _model_dir(tmp_path)
     bundle = load_model(d)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_lstm.engine import Engine
-from edge_lstm.features import seasonal_series
+from edge_lstm.features import seasonal_changes, seasonal_series
 from edge_lstm.modelspec import load_model
 from edge_lstm.runtime import StepModel, load_step_model
 
@@ -48,13 +48,17 @@ def stream_forecasts(
     prev = s.prev.copy()
     v = np.asarray(values, np.float64).reshape(len(ts), -1)
     out = np.empty((len(ts), model.manifest.horizon))
-    # A model that blends in seasonal naive sees the target of every tick since the stream's start.
+    # A model that blends in a seasonal forecast or has seasonal inputs sees the target of every tick
+    # since the stream's start.
     history = np.concatenate([s.extra.get("targets", np.zeros(0)), v[:, pipe.target_index]])
     seasonal = seasonal_series(history, pipe.output)
     if seasonal is not None:
         seasonal = seasonal[s.ticks :]
+    changes = seasonal_changes(history, pipe)
+    if changes is not None:
+        changes = changes[s.ticks :]
     for i in range(len(ts)):
-        x = pipe.encode(v[i : i + 1], prev, ts[i : i + 1])
+        x = pipe.encode(v[i : i + 1], prev, ts[i : i + 1], None if changes is None else changes[i : i + 1])
         y, state = model.step(x, state)
         out[i] = pipe.decode(y, v[i : i + 1, pipe.target_index], None if seasonal is None else seasonal[i : i + 1])[0]
         prev = v[i : i + 1].copy()
