@@ -27,7 +27,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from edge_lstm.features import record_history, seasonal_changes_from_history, seasonal_from_history
+from edge_lstm.features import (
+    record_history,
+    seasonal_changes_from_history,
+    seasonal_changes_row,
+    seasonal_from_history,
+)
 from edge_lstm.intervals import anomaly_score, anomaly_scores
 from edge_lstm.modelspec import Manifest
 from edge_lstm.outcomes import Outcome
@@ -308,8 +313,7 @@ class Engine:
         target = tick.values[self._target]
         changes = None
         if self._season_inputs:
-            now = int(ticks[row])
-            changes = seasonal_changes_from_history(t.history, row, now, target, self._pipeline).tolist()
+            changes = seasonal_changes_row(t.history[row].tolist(), int(ticks[row]), target, self._pipeline)
         x = self._pipeline.encode_row(tick.values, tick.previous, tick.ts, changes)
         y = self._step(slice(row, row + 1), x, result)
         ticks[row] += 1

@@ -691,3 +691,22 @@ def seasonal_changes_from_history(
 
     ahead, base = _input_lags(pipeline.seasonal_inputs)
     return at(ahead) - at(base)
+
+
+def seasonal_changes_row(
+    ring: Sequence[float], tick_index: int, current: float, pipeline: FeaturePipeline
+) -> list[float]:
+    """:func:`seasonal_changes_from_history` of one stream's tick on Python floats, bit for bit.
+
+    ``ring`` is the stream's row of the ring as a list; the single-tick path calls this, where
+    numpy's small-array calls would cost more than the arithmetic.
+    """
+    size = len(ring)
+    nan = math.nan
+    out: list[float] = []
+    for f in pipeline.seasonal_inputs:
+        ahead = f.season - f.lead
+        a = current if ahead == 0 else (ring[(tick_index - ahead) % size] if tick_index >= ahead else nan)
+        b = ring[(tick_index - f.season) % size] if tick_index >= f.season else nan
+        out.append(a - b)
+    return out
