@@ -41,6 +41,7 @@ from converter.prepare import (
     encode,
     eval_runs,
     season_ticks,
+    seasonal_inputs_fit,
     training_windows,
 )
 from converter.validation import (
@@ -281,11 +282,24 @@ def _prepare(cfg: TrainConfig, columns: tuple[str, ...]) -> _Prepared:
     parts = assign_parts(grid, cfg.split)
     pipeline = build_pipeline(
         grid, parts, cfg.target, cfg.horizon, level=cfg.level, calendar=cfg.calendar, utc_offset_s=cfg.utc_offset_s,
-        timezone=cfg.timezone, season=season, seasonal=cfg.seasonal_inputs,
+        timezone=cfg.timezone, seasonal_inputs=_seasonal_inputs(cfg, grid.n_ticks, season),
     )  # fmt: skip
     encoded = encode(grid, pipeline, cfg.split)
     _check_length(encoded, cfg.horizon, warmup)
     return _Prepared(grid, season, warmup, pipeline, encoded)
+
+
+def _seasonal_inputs(cfg: TrainConfig, n_ticks: int, season: int) -> int:
+    """The season of the seasonal inputs, or 0 (``--seasonal-input``; auto: :func:`seasonal_inputs_fit`)."""
+    if cfg.seasonal_inputs is SeasonalInputMode.NONE:
+        return 0
+    earliest = math.floor(n_ticks * rolling_folds(cfg.split, cfg.folds)[0].train_frac)
+    if not seasonal_inputs_fit(season, earliest):
+        _LOG.info("seasonal inputs: none (the earliest fold trains on %d ticks, %.1f seasons of %d)",
+                  earliest, earliest / season, season)  # fmt: skip
+        return 0
+    _LOG.info("seasonal inputs: %d (season %d ticks)", min(cfg.horizon, season), season)
+    return season
 
 
 def holdout_baselines(cfg: TrainConfig) -> dict[str, dict[str, Any]]:

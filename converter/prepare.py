@@ -71,13 +71,19 @@ class CalendarMode(str, enum.Enum):
 class SeasonalInputMode(str, enum.Enum):
     """Seasonal inputs (last season's change over each coming horizon): auto or none."""
 
-    AUTO = "auto"  # when the training part holds at least MIN_SEASONS_FOR_INPUTS seasons
+    AUTO = "auto"  # see seasonal_inputs_fit
     NONE = "none"
 
 
-# A seasonal input is 0 for a stream's first season; below this many seasons of training ticks it
-# would be 0 for much of what the network learns from.
-MIN_SEASONS_FOR_INPUTS = 2
+# A seasonal input is 0 for a stream's first season: the training part of the fold with the least
+# data must hold this many seasons, so that every fold's network learns from the inputs over two.
+MIN_SEASONS_FOR_INPUTS = 3
+
+
+def seasonal_inputs_fit(season: int, train_ticks: int) -> bool:
+    """Whether ``auto`` feeds seasonal inputs: a season of 2 ticks or more, and ``train_ticks`` (the
+    training part of the earliest validation fold) holding :data:`MIN_SEASONS_FOR_INPUTS` seasons."""
+    return season >= 2 and train_ticks >= MIN_SEASONS_FOR_INPUTS * season
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,14 +179,13 @@ def build_pipeline(
     calendar: CalendarMode = CalendarMode.AUTO,
     utc_offset_s: float = 0.0,
     timezone: str | None = None,
-    season: int = 0,
-    seasonal: SeasonalInputMode = SeasonalInputMode.AUTO,
+    seasonal_inputs: int = 0,
 ) -> FeaturePipeline:
     """Choose the inputs and fit their scaling on the training part only.
 
-    With a ``season`` of 2 ticks or more, ``seasonal`` inputs (one per horizon up to the season,
-    :class:`FeatureKind` ``seasonal``) join when the training part holds
-    :data:`MIN_SEASONS_FOR_INPUTS` seasons.
+    ``seasonal_inputs``: the season ``m`` of the ``seasonal`` inputs (one per horizon up to the
+    season, :class:`FeatureKind` ``seasonal``); 0 for none (:func:`seasonal_inputs_fit` decides
+    ``auto``).
     """
     if horizon < 1:
         raise ConvertError("--horizon must be at least 1")
@@ -229,23 +234,20 @@ def build_pipeline(
     # The output scale is the RMS change over the horizon, so every horizon's target is O(1).
     ti = cols.index(target)
     deltas: dict[int, list[float]] = {}
-    train_ticks = 0
     for s, p in zip(grid.segments, parts, strict=True):
         y = s.values[p == Part.TRAIN, ti]
-        train_ticks += y.shape[0]
         for k in range(1, horizon + 1):
             if y.shape[0] > k:
                 deltas.setdefault(k, []).append(float(np.mean((y[k:] - y[:-k]) ** 2)))
     every = [d for k in sorted(deltas) for d in deltas[k]]
     out_scale = positive(math.sqrt(float(np.mean(every)))) if every else 1.0
-    if seasonal is SeasonalInputMode.AUTO and season >= 2 and train_ticks >= MIN_SEASONS_FOR_INPUTS * season:
-        # Lead j's change is scaled as the series' own j-tick changes are (most seasons' shapes are).
-        for j in range(1, min(horizon, season) + 1):
-            scale = positive(math.sqrt(float(np.mean(deltas[j])))) if j in deltas else out_scale
-            features.append(
-                FeatureSpec(f"{target}_season_{j}", FeatureKind.SEASONAL, target, scale=scale, season=season, lead=j)
-            )
-        _LOG.info("seasonal inputs: %d (season %d ticks)", min(horizon, season), season)
+    season = seasonal_inputs
+    # Lead j's change is scaled as the series' own j-tick changes are (most seasons' shapes are).
+    for j in range(1, min(horizon, season) + 1):
+        scale = positive(math.sqrt(float(np.mean(deltas[j])))) if j in deltas else out_scale
+        features.append(
+            FeatureSpec(f"{target}_season_{j}", FeatureKind.SEASONAL, target, scale=scale, season=season, lead=j)
+        )
     output = OutputSpec(target=target, horizon=horizon, kind=OutputKind.DELTA, scale=out_scale)
     try:
         return FeaturePipeline(

@@ -319,7 +319,7 @@ class Engine:
         ticks[row] += 1
         index = int(ticks[row]) - 1
         if self._history:
-            record_history(t.history, row, index, target)
+            t.history[row, index % self._history] = target  # record_history of one tick
         if not tick.observed:
             t.pending_value[row] = math.nan
             return

@@ -14,13 +14,13 @@ from converter.data import choose_policy, infer_cadence, load, parse_timestamp, 
 from converter.prepare import (
     LevelMode,
     Part,
-    SeasonalInputMode,
     Split,
     assign_parts,
     build_pipeline,
     encode,
     eval_runs,
     season_ticks,
+    seasonal_inputs_fit,
     training_windows,
     trends,
 )
@@ -244,23 +244,22 @@ def test_calendar_inputs_follow_the_cadence(tmp_path: Path) -> None:
     assert season_ticks(1800) == 48 and season_ticks(86400) == 7 and season_ticks(7 * 86400) == 52
 
 
-def test_seasonal_inputs_join_when_training_holds_two_seasons(tmp_path: Path) -> None:
-    """One input per horizon up to the season, scaled like the series' own j-tick changes; none with a
-    season of one tick, with fewer than two seasons of training ticks, or when asked for none."""
+def test_seasonal_inputs_one_per_horizon_up_to_the_season_scaled_like_the_series_changes(tmp_path: Path) -> None:
+    """auto feeds them when the earliest fold trains on three seasons (the first has no inputs yet); each
+    is scaled like the series' own j-tick changes, and encodes last season's change."""
+    assert seasonal_inputs_fit(24, 72) and not seasonal_inputs_fit(24, 71) and not seasonal_inputs_fit(1, 1000)
     grid = load(_series_csv(tmp_path / "h.csv", n=300, cadence=3600), "ts", ["v"])
-    parts = assign_parts(grid, Split())  # 210 training ticks
-    pipe = build_pipeline(grid, parts, "v", 4, season=24)
+    parts = assign_parts(grid, Split())
+    pipe = build_pipeline(grid, parts, "v", 4, seasonal_inputs=24)
     seasonal = [f for f in pipe.features if f.kind is FeatureKind.SEASONAL]
     assert [(f.season, f.lead, f.column) for f in seasonal] == [(24, j, "v") for j in (1, 2, 3, 4)]
     y = grid.segments[0].values[parts[0] == Part.TRAIN, 0]
     assert seasonal[2].scale == pytest.approx(float(np.sqrt(np.mean((y[3:] - y[:-3]) ** 2))))
     assert pipe.history_ticks == 24
-    assert len([f for f in build_pipeline(grid, parts, "v", 30, season=6).features if f.season]) == 6
-    for kw in ({"season": 1}, {"season": 106}, {"season": 24, "seasonal": SeasonalInputMode.NONE}, {}):
-        pipe = build_pipeline(grid, parts, "v", 4, **kw)  # type: ignore[arg-type]
-        assert not pipe.seasonal_inputs and pipe.history_ticks == 0, kw
+    assert len([f for f in build_pipeline(grid, parts, "v", 30, seasonal_inputs=6).features if f.season]) == 6
+    assert not build_pipeline(grid, parts, "v", 4).seasonal_inputs
     # the encoded inputs are last season's changes: 0 for the first season, then the changes
-    (seg,) = encode(grid, build_pipeline(grid, parts, "v", 2, season=24), Split())
+    (seg,) = encode(grid, build_pipeline(grid, parts, "v", 2, seasonal_inputs=24), Split())
     tgt = seg.target
     assert (seg.x[:24, -2:] == 0).all()
     np.testing.assert_allclose(seg.x[30, -1] * seasonal[1].scale, tgt[30 - 24 + 2] - tgt[30 - 24], rtol=1e-5)
