@@ -340,7 +340,7 @@ def test_classic_shape_10_features_32_outputs(tmp_path: Path) -> None:
             "-q", "train", str(path), "--time-col", "ts", "--target", "s0", "--features", ",".join(cols[1:]),
             "--level", "target", "--horizon", "32", "--units", "64", "--epochs", "1", "--modes", "none",
             "--quantize", "float32", "--no-plot", "--warmup", "8", "--folds", "1", "--candidates", "1",
-            "--no-baselines", "--out", str(out),
+            "--no-baselines", "--seasonal-input", "none", "--out", str(out),
         ]
     )  # fmt: skip
     assert code == 0
