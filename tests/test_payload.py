@@ -248,6 +248,20 @@ def test_unsafe_ids_are_cleaned_and_marked_with_a_hash(raw: str, cleaned: str) -
     assert re.fullmatch(re.escape(cleaned) + r"-[0-9a-f]{8}", out), out
 
 
+def test_only_ids_that_need_cleaning_are_cached() -> None:
+    """Safe ids (one per stream, thousands of them) take no cache entry; the cleaning of unsafe ones is cached."""
+    from edge_lstm.payload import _cleaned_stream_id
+
+    _cleaned_stream_id.cache_clear()
+    for i in range(5000):
+        assert sanitise_stream_id(f"sensor-{i}") == f"sensor-{i}"
+    assert _cleaned_stream_id.cache_info().currsize == 0
+    first = sanitise_stream_id("room/7")
+    assert sanitise_stream_id("room/7") == first
+    info = _cleaned_stream_id.cache_info()
+    assert (info.currsize, info.hits) == (1, 1)
+
+
 def test_ids_that_clean_alike_stay_distinct() -> None:
     ids = ["a+b", "a#b", "a\x00b", "a/b", "a_b"]
     assert len({sanitise_stream_id(i) for i in ids}) == len(ids)
