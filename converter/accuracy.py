@@ -93,6 +93,7 @@ def train_one(series: Series, work: Path) -> dict[str, Any]:
         raise RuntimeError(f"{series.name}: training failed with exit status {code}")
     report = json.loads(buf.getvalue())
     h = report["holdout"]
+    features = json.loads((out / "manifest.json").read_text())["features"]
     return {
         "about": series.about,
         "command": "edge-lstm-convert " + shlex.join(series.args(Path(f"models/{series.name}"))),
@@ -107,6 +108,7 @@ def train_one(series: Series, work: Path) -> dict[str, Any]:
         "seasonal_weights": report["training"]["seasonal_weights"],
         "seasonal_differenced": report["training"].get("seasonal_differenced", []),
         "gains": report["training"]["gains"],
+        "seasonal_inputs": sum(f["kind"] == "seasonal" for f in features),
         "seed": report["training"]["seed"],
         "interval_coverage": report["intervals"]["holdout_coverage"] if report.get("intervals") else {},
         "quantization_vs_float32": report["modes"]["dynamic"]["mae_mean"] / report["modes"]["float32"]["mae_mean"]
@@ -152,8 +154,9 @@ def markdown(results: dict[str, Any]) -> str:
         "network blended, per horizon, with persistence and with seasonal naive or the seasonally",
         "differenced forecast (last reading plus the change over the same stretch one season",
         "earlier), as chosen on the validation folds; the weights are in the last table. Where",
-        "the training part holds two seasons the network also sees last season's change over each",
-        "coming horizon as inputs (`--seasonal-input`, see converter.md).",
+        "the earliest fold trains on three seasons, the network also sees last season's change",
+        "over each coming horizon as inputs (`--seasonal-input`, see converter.md; the last",
+        "table's *seasonal inputs*).",
         "",
         "| series | h | model | persistence | seasonal naive | SARIMA | ETS | ratio |",
         "|---|---|---|---|---|---|---|---|",
@@ -208,16 +211,17 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## The series",
         "",
-        "| series | what | ticks | season | seed | seasonal weights (h=1..K; d: differenced) | SARIMA / ETS spec | "
-        "train s (cpu s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| series | what | ticks | season | seasonal inputs | seed | seasonal weights (h=1..K; d: differenced) | "
+        "SARIMA / ETS spec | train s (cpu s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         specs = " / ".join(b["spec"] for b in r["baselines"].values()) or "-"
         flags = r.get("seasonal_differenced") or [False] * len(r["seasonal_weights"])
         weights = ", ".join(f"{w:.2f}{'d' if d else ''}" for w, d in zip(r["seasonal_weights"], flags, strict=True))
         lines.append(
-            f"| {name} | {r['about']} | {r['ticks']} | {r['season_ticks']} | {r['seed']} | {weights} | {specs} | "
+            f"| {name} | {r['about']} | {r['ticks']} | {r['season_ticks']} | {r.get('seasonal_inputs', 0)} | "
+            f"{r['seed']} | {weights} | {specs} | "
             f"{r['seconds']:.0f} ({r['cpu_seconds']:.0f}) |"
         )
     lines += ["", "Commands (each with `--quantize dynamic`):", ""]

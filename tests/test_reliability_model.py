@@ -171,9 +171,11 @@ def test_a_seasonally_differenced_model_survives_sigkill_with_its_history_ring(
     taylor_series: tuple[np.ndarray, np.ndarray],
 ) -> None:  # fmt: skip
     """A format-version-2 model whose blend leans on seasonal naive and on the seasonally differenced
-    forecast (a ring of 49 targets per stream): the daemon is SIGKILLed mid-series and restarted, and
-    every forecast it published, before and after, equals one uninterrupted engine's on the same
-    readings, so the ring came back from the checkpoint and the journal."""
+    forecast (a ring of 49 targets per stream) and whose network is fed a seasonal input (last
+    season's change over the next 3 ticks, in place of the bundled model's day-of-week cosine): the
+    daemon is SIGKILLed mid-series and restarted, and every forecast it published, before and after,
+    equals one uninterrupted engine's on the same readings, so the ring came back from the checkpoint
+    and the journal."""
     from edge_lstm.engine import Engine
     from edge_lstm.modelspec import load_model
     from edge_lstm.payload import Reading
@@ -188,8 +190,13 @@ def test_a_seasonally_differenced_model_survives_sigkill_with_its_history_ring(
     raw["output"].update(season_ticks=48, seasonal_weights=[0.3] * k, seasonal_differenced=flags)
     raw["format_version"] = 2
     (model_dir / "manifest.json").write_text(json.dumps(raw))
+    blend_only = load_step_model(load_model(model_dir))
+    assert raw["features"][-1]["kind"] == "dow_cos"
+    raw["features"][-1] = {"name": "demand_mw_season_3", "kind": "seasonal", "column": "demand_mw",
+                           "scale": 1500.0, "season": 48, "lead": 3}  # fmt: skip
+    (model_dir / "manifest.json").write_text(json.dumps(raw))
     model = load_step_model(load_model(model_dir))
-    assert model.manifest.pipeline.output.history_ticks == 49
+    assert model.manifest.pipeline.output.history_ticks == 49 and model.manifest.pipeline.history_ticks == 49
     ts, values = taylor_series
     n, cut = 160, 110  # more than two seasons before the kill, so the ring is full and has wrapped
     d = daemon_factory(broker, overrides={"model": {"path": str(model_dir)}, "state": {"checkpoint_interval_s": 0.3}})
@@ -222,7 +229,8 @@ def test_a_seasonally_differenced_model_survives_sigkill_with_its_history_ring(
     assert sorted(got) == sorted(want)
     for t, v in got.items():
         np.testing.assert_allclose(v, want[t], rtol=1e-12, err_msg=str(t))
-    # the blend is live: without it the late forecasts would differ
-    plain = Engine(load_step_model(load_model(TAYLOR_MODEL)), StateTable(model.manifest.layers, 1, 10))
-    last = [plain.process([Reading("a", (float(values[i]),), float(ts[i]), 0.0)]).forecasts for i in range(n)][-1][0]
-    assert not np.allclose(last.values, want[last.ts])
+    # the blend and the seasonal input are live: without either the late forecasts would differ
+    for other in (load_step_model(load_model(TAYLOR_MODEL)), blend_only):
+        plain = Engine(other, StateTable(model.manifest.layers, 1, 10))
+        last = [plain.process([Reading("a", (float(values[i]),), float(ts[i]), 0.0)]).forecasts for i in range(n)]
+        assert not np.allclose(last[-1][0].values, want[last[-1][0].ts])
