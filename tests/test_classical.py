@@ -67,3 +67,35 @@ def test_baselines_score_the_report_pairs_of_a_seasonal_series_with_gaps(tmp_pat
     # Every origin scored is a hold-out tick.
     r = runs[int(pairs.run_index[0][0])]
     assert enc[r.seg_index].part[r.start + int(pairs.offset[0][0])] == Part.HOLDOUT
+
+
+def test_the_hold_out_forecasts_use_nothing_after_their_origin(tmp_path: Path) -> None:
+    """Parameters and ETS's initial states come from the ticks before the hold-out: changing the last
+    hold-out readings leaves every forecast made before them unchanged (a filter started from states
+    concentrated over the whole series would move them all)."""
+    rng = np.random.default_rng(4)
+    n = 12 * 40
+    y = 20 + 5 * np.sin(2 * np.pi * np.arange(n) / 12) + np.cumsum(rng.normal(0, 0.2, n))
+
+    def baselines(values: np.ndarray, name: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        path = tmp_path / f"{name}.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["ts", "v"])
+            w.writerows([1_700_000_000 + 7200 * i, f"{v:.4f}"] for i, v in enumerate(values))
+        grid = load(path, "ts", ("v",), None, 4)
+        split = Split()
+        enc = encode(grid, build_pipeline(grid, assign_parts(grid, split), "v", 3), split)
+        runs = eval_runs(enc, Part.HOLDOUT, 12)
+        pairs = scored_pairs(enc, runs, 3, 12)
+        out = classical_forecasts(enc, runs, pairs.run_index, pairs.offset, grid.cadence_s, 12, 3)
+        return out["ets"]["forecasts"], pairs.offset
+
+    changed = y.copy()
+    changed[-20:] += 15.0
+    (a, offset), (b, _) = baselines(y, "a"), baselines(changed, "b")
+    for k in range(3):
+        # pairs run in origin order, the last at the last tick minus k: all but the last 20 start earlier
+        assert len(a[k]) == len(offset[k]) > 40
+        np.testing.assert_array_equal(a[k][:-20], b[k][:-20])
+        assert not np.allclose(a[k][-5:], b[k][-5:])  # the late ones do see the change
