@@ -6,8 +6,7 @@ hold-out pairs as the model:
 * **SARIMA** ``(1,1,1)(0,1,1)_m``, the "airline" model, with ``m`` the report's
   season (plain ARIMA ``(1,1,1)`` when the data holds fewer than three seasons);
 * **ETS**: additive exponential smoothing with a damped trend and an additive
-  season ``m`` (``statsmodels.tsa.statespace.exponential_smoothing``), its initial
-  states concentrated out of the likelihood.
+  season ``m`` (``statsmodels.tsa.statespace.exponential_smoothing``).
 
 Parameters are fitted by maximum likelihood on the ticks before the hold-out
 (the most recent ``FIT_TICKS`` of them, after the last missing tick when that
@@ -86,27 +85,14 @@ def _models(season: int, n_fit: int) -> dict[str, Callable[..., Any]]:
 
     seasonal = season > 1 and n_fit >= 3 * season
 
-    def sarima(y: F64, fitted: Any = None) -> Any:
+    def sarima(y: F64, fitting: bool = False) -> Any:
         # Fitting on the differenced series halves the state (same parameters, much faster).
-        fitting = fitted is None
         if seasonal:
             return SARIMAX(y, order=(1, 1, 1), seasonal_order=(0, 1, 1, season), simple_differencing=fitting)
         return SARIMAX(y, order=(1, 1, 1), simple_differencing=fitting)
 
-    def ets(y: F64, fitted: Any = None) -> Any:
-        m = season if seasonal else None
-        if fitted is None:
-            # The initial level, trend and season concentrated out of the likelihood: the optimiser
-            # searches the 4 smoothing parameters instead of m + 6 (a season of 90: minutes -> seconds).
-            return ExponentialSmoothing(y, trend=True, damped_trend=True, seasonal=m,
-                                        initialization_method="concentrated")  # fmt: skip
-        # The filter over the hold-out starts from the states fitted before it (not re-concentrated
-        # over a series that holds the hold-out).
-        s = np.asarray(fitted.initial_state, np.float64)
-        return ExponentialSmoothing(
-            y, trend=True, damped_trend=True, seasonal=m, initialization_method="known",
-            initial_level=s[0], initial_trend=s[1], initial_seasonal=s[2:] if m else None,
-        )  # fmt: skip
+    def ets(y: F64, fitting: bool = False) -> Any:
+        return ExponentialSmoothing(y, trend=True, damped_trend=True, seasonal=season if seasonal else None)
 
     return {"sarima": sarima, "ets": ets}
 
@@ -185,11 +171,11 @@ def classical_forecasts(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 # cov_type "none": no parameter covariance (numerical derivatives: many more filter passes)
-                fitting = make(fit_y)
+                fitting = make(fit_y, fitting=True)
                 if name == "sarima":
                     _fast(fitting, fit_y)
                 res = fitting.fit(disp=False, maxiter=100, cov_type="none")
-                model = make(run_y, res)
+                model = make(run_y)
                 model.ssm.set_conserve_memory(_keep_filtered_mean_only())
                 filtered = model.filter(res.params, cov_type="none")
                 ahead = _ahead(filtered, horizon)
