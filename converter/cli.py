@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seasonal-input", type=SeasonalInputMode, default=SeasonalInputMode.AUTO,
                    choices=list(SeasonalInputMode), metavar=_choices(SeasonalInputMode),
                    help="feed the network last season's change over each coming horizon (auto: when the "
-                        "training part holds two seasons; see --season) or none")  # fmt: skip
+                        "earliest validation fold trains on three seasons; see --season) or none")  # fmt: skip
     t.add_argument("--utc-offset", type=float, default=None, metavar="HOURS",
                    help="fixed offset from UTC for the calendar inputs (default 0)")  # fmt: skip
     t.add_argument("--timezone", default=None, metavar="ZONE",

@@ -53,7 +53,7 @@ from converter.validation import (
     out_of_sample,
     rolling_folds,
 )
-from edge_lstm.features import FeaturePipeline, seasonal_series
+from edge_lstm.features import MAX_SEASON_TICKS, FeaturePipeline, seasonal_series
 from edge_lstm.intervals import DEFAULT_LEVELS, Intervals
 from edge_lstm.modelspec import MODEL_NAME, Manifest, ModelError, Quantization, load_manifest
 from edge_lstm.reference import WEIGHTS_NAME, ReferenceWeights
@@ -278,6 +278,10 @@ def _prepare(cfg: TrainConfig, columns: tuple[str, ...]) -> _Prepared:
         aggregate=cfg.aggregate, align=cfg.align, origin_s=cfg.tick_origin_s, lateness_s=cfg.lateness_s,
     )  # fmt: skip
     season = cfg.season or season_ticks(grid.cadence_s)
+    if not 1 <= season <= MAX_SEASON_TICKS:
+        what = "--season" if cfg.season else f"the default season (a day or a week of {grid.cadence_s:g}-s ticks)"
+        raise ConvertError(f"{what} is {season} ticks; it must be 1..{MAX_SEASON_TICKS} (the daemon keeps up to a "
+                           "season of targets per stream); give a shorter --season")  # fmt: skip
     warmup = cfg.warmup_ticks if cfg.warmup_ticks is not None else int(min(96, max(16, season)))
     parts = assign_parts(grid, cfg.split)
     pipeline = build_pipeline(

@@ -104,6 +104,8 @@ def describe_model(model: StepModel) -> list[str]:
         f"features    {', '.join(f.name for f in m.pipeline.features)}",
         f"layers      {', '.join(str(n) for n in m.layers)}; horizon {m.horizon} ticks of {m.cadence_s:g} s",
         f"warm-up     {m.warmup_ticks} ticks; gaps up to {m.max_gap_ticks} ticks interpolated",
+        *([f"history     {m.pipeline.history_ticks} targets per stream ({8 * m.pipeline.history_ticks:,} bytes) "
+           "for the seasonal blend and inputs"] if m.pipeline.history_ticks else []),
         f"weights     {m.quantization.value}",
         f"runtime     {model.runtime_name} {model.runtime_version}",
     ]

@@ -69,6 +69,9 @@ WEEK_SECONDS = 7 * DAY_SECONDS
 # 1970-01-01 was a Thursday; shifting by 3 days puts Sunday 00:00 (UTC + offset) at phase 0.
 _EPOCH_WEEKDAY_SHIFT = 3 * DAY_SECONDS
 LEVEL_CLIP = 8.0
+# Longest season a model may name (blend or inputs): a day of 1-second ticks fits. Each stream keeps
+# up to this many float64 targets, so a manifest cannot make the daemon allocate without bound.
+MAX_SEASON_TICKS = 100_000
 # Zone offsets change only on quarter hours (every transition in the tz database since 1970 does).
 _OFFSET_STEP = 900.0
 
@@ -151,6 +154,8 @@ class FeatureSpec:
     def __post_init__(self) -> None:
         if self.kind is FeatureKind.SEASONAL and not 1 <= self.lead <= self.season:
             raise ValueError(f"feature {self.name!r}: a seasonal input needs 1 <= lead <= season")
+        if self.season > MAX_SEASON_TICKS:
+            raise ValueError(f"feature {self.name!r}: season {self.season} is above {MAX_SEASON_TICKS} ticks")
 
     def to_dict(self) -> dict[str, object]:
         d: dict[str, object] = {"name": self.name, "kind": self.kind.value}
@@ -201,6 +206,9 @@ class OutputSpec:
     def __post_init__(self) -> None:
         if self.seasonal_weights and (self.season_ticks < 1 or len(self.seasonal_weights) != self.horizon):
             raise ValueError("seasonal_weights need season_ticks >= 1 and one weight per horizon")
+        if self.seasonal_weights and self.season_ticks * -(-self.horizon // self.season_ticks) > MAX_SEASON_TICKS:
+            raise ValueError(f"season_ticks {self.season_ticks} with horizon {self.horizon} would keep more than "
+                             f"{MAX_SEASON_TICKS} targets per stream")  # fmt: skip
         if self.seasonal_differenced and len(self.seasonal_differenced) != len(self.seasonal_weights):
             raise ValueError("seasonal_differenced needs seasonal_weights and one flag per horizon")
         # A flag counts only where its horizon has a weight; none left: no flags (what to_dict writes).

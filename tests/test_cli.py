@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -67,6 +69,7 @@ def test_check_config_explains_and_hides_secrets(
     assert "pa55-from-env" not in cap.out + cap.err
     assert 'password = "***"' in cap.out
     assert "taylor@" in cap.out and "ai-edge-litert" in cap.out  # the model was loaded and verified
+    assert "history" not in cap.out  # the bundled model keeps no targets per stream
     assert "site/+/+/power" in cap.out and "topic level 3" in cap.out  # what it would subscribe to
     assert "forecasts/{stream}" in cap.out
     assert not (tmp_path / "state").exists()  # starts nothing, creates nothing
@@ -185,3 +188,20 @@ def test_config_docs_command_writes_the_reference(tmp_path: Path, capsys: pytest
     out = tmp_path / "c.md"
     assert main(["config-docs", "--output", str(out)]) == 0
     assert out.read_text() == (REPO / "docs" / "configuration.md").read_text()
+
+
+def test_check_config_says_what_a_seasonal_model_keeps_per_stream(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_dir = tmp_path / "seasonal"
+    shutil.copytree(TAYLOR_MODEL, model_dir)
+    raw = json.loads((model_dir / "manifest.json").read_text())
+    raw["features"][-1] = {"name": "demand_mw_season_1", "kind": "seasonal", "column": "demand_mw", "scale": 900.0,
+                           "season": 48, "lead": 1}  # fmt: skip
+    raw["format_version"] = 2
+    (model_dir / "manifest.json").write_text(json.dumps(raw))
+    p = config_file(tmp_path, {"model": {"path": str(model_dir)}, "state": {"dir": str(tmp_path / "state")}})
+    assert main(["check-config", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "history     48 targets per stream (384 bytes) for the seasonal blend and inputs" in out
+    assert "demand_mw_season_1" in out

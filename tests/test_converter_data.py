@@ -310,6 +310,10 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
         ("ts,v\n" + "".join(f"{i * 600},{i % 7}\n" for i in range(400)), ["--target", "v", "--cadence", "60"],
          "no two readings are within --max-gap-ticks"),
         ("ts,v\n1700000000000000,1\n1700000060000000,2\n3e20,3\n", ["--target", "v"], "beyond the year 5138"),
+        ("ts,v\n" + "".join(f"{i * 60},{i % 7}\n" for i in range(400)), ["--target", "v", "--season", "100001"],
+         "--season is 100001 ticks; it must be 1..100000"),
+        ("ts,v\n" + "".join(f"{i * 60},{i % 7}\n" for i in range(400)), ["--target", "v", "--season", "-3"],
+         "--season is -3 ticks"),
     ],
 )
 def test_bad_input_fails_with_one_line_and_writes_nothing(

@@ -103,6 +103,14 @@ def test_a_model_with_seasonal_inputs_is_written_as_format_version_2() -> None:
     d["format_version"] = 1
     with pytest.raises(ModelError, match="a seasonal input needs format_version 2"):
         Manifest.from_dict(d)
+    d["format_version"] = 2
+    d["features"][-1]["season"] = 100_001  # a ring the daemon would have to keep per stream: refused
+    with pytest.raises(ModelError, match="above 100000 ticks"):
+        Manifest.from_dict(d)
+    d["features"].pop()
+    d["output"].update(season_ticks=200_000, seasonal_weights=[0.5] * 4)
+    with pytest.raises(ModelError, match="more than 100000 targets per stream"):
+        Manifest.from_dict(d)
 
 
 def test_load_model_checks_the_hash(tmp_path: Path) -> None:
