@@ -96,6 +96,9 @@ class StateTable:
     ``history``        ``[rows, M]`` float64 the target of the last ``M`` ticks, tick ``i`` (counted
                        from the stream's start or reset) in column ``i % M``
                        (:func:`edge_lstm.features.record_history`); ``M * 8`` bytes per stream.
+                       Its rows grow with the rows handed out, not with the other arrays'
+                       allocation: a season of 100,000 ticks costs 800 kB a row, and 1,024 rows
+                       made ready for streams that never come would hold 819 MB.
     """
 
     def __init__(self, layers: Sequence[int], n_values: int, capacity: int, history_ticks: int = 0) -> None:
@@ -183,7 +186,6 @@ class StateTable:
         self.pending_ts = extend(self.pending_ts, np.nan)  # type: ignore[assignment]
         for name, _shape, fill in _TICK_FIELDS:
             setattr(self, name, extend(getattr(self, name), fill))
-        self.history = extend(self.history, np.nan)  # type: ignore[assignment]
         self._ids.extend([None] * (rows - old))
         # pop() takes from the end: keep low rows first so the table stays compact
         self._free.extend(range(rows - 1, old - 1, -1))
@@ -225,6 +227,7 @@ class StateTable:
                 self._rows[streams[i]] = r
                 self._ids[r] = streams[i]
                 rows[i] = r
+            self._fit_history(max(new_rows) + 1)
             self.reset(np.asarray(new_rows, dtype=np.intp))
         self.last_seen[rows] = self._clock
         return rows, evicted
@@ -284,6 +287,15 @@ class StateTable:
     def history_ticks(self) -> int:
         return int(self.history.shape[1])
 
+    def _fit_history(self, rows: int) -> None:
+        """Give the ring at least ``rows`` rows (every row handed out has one), by a quarter more at a time."""
+        have = int(self.history.shape[0])
+        if rows <= have:
+            return
+        grown = np.full((min(self.allocated, max(rows, have + max(16, have // 4))), self.history_ticks), np.nan)
+        grown[:have] = self.history
+        self.history = grown
+
     def ensure_history(self, ticks: int) -> None:
         """Keep ``ticks`` targets per stream from now on (a new model may need more, fewer or none).
 
@@ -296,13 +308,13 @@ class StateTable:
         if new_width == old_width:
             return
         old = self.history
-        self.history = np.full((self.allocated, new_width), np.nan)
+        self.history = np.full((old.shape[0], new_width), np.nan)
         keep = min(new_width, old_width)
         if not keep:
             return
-        rows = np.arange(self.allocated)
+        rows = np.arange(old.shape[0])
         for back in range(keep):  # tick ticks - 1 - back, where the stream has it
-            i = self.ticks - 1 - back
+            i = self.ticks[: len(rows)] - 1 - back
             has = i >= 0
             self.history[rows[has], i[has] % new_width] = old[rows[has], i[has] % old_width]
 

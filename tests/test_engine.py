@@ -548,6 +548,7 @@ def test_history_costs_nothing_for_a_model_without_the_blend_and_follows_a_model
     plain.process([rd("s", 0, 1, 1)])
     blended = NumpyModel(_blended(make_manifest(), 24, (0.0, 0.5, 1.0)))
     assert plain.replace_model(blended)  # same layers and columns: state kept, a ring of 24 added
-    assert plain.table.history_ticks == 24 and plain.table.history.shape[0] == plain.table.allocated
-    per_stream = plain.table.nbytes() - engine_for(NumpyModel(make_manifest())).table.nbytes()
-    assert per_stream == 24 * 8 * plain.table.allocated
+    rows = plain.table.history.shape[0]
+    assert plain.table.history_ticks == 24 and 1 <= rows <= 16 < plain.table.allocated  # one stream, not 100 rows
+    ring = plain.table.nbytes() - engine_for(NumpyModel(make_manifest())).table.nbytes()
+    assert ring == 24 * 8 * rows

@@ -179,6 +179,34 @@ def test_the_seasonal_history_goes_through_a_checkpoint_file_and_resets() -> Non
     assert "history" not in StateTable((4,), 1, 10).to_arrays()  # a model without the blend stores none
 
 
+def test_the_ring_grows_with_the_streams_not_with_the_rows_made_ready_for_them() -> None:
+    """A model with a season of 100,000 ticks keeps 800 kB per stream: the daemon's table makes 1,024 rows
+    ready at start (and doubles), and a ring that followed them had held 819 MB resident for one stream.
+    The ring's rows follow the rows handed out, and every target survives its growth, a swap and an
+    eviction's reuse."""
+    t = StateTable((4,), 1, 5000)
+    t.ensure_history(1000)
+    assert t.allocated == 1024 and t.history.shape == (0, 1000)
+    rows, _ = t.rows_for(["s0"])
+    assert t.history.shape[0] <= 16 and t.history.nbytes <= 16 * 8000  # was 1024 rows, 8.2 MB
+    t.history[rows[0]] = np.arange(1000.0)
+    for n in range(1, 3000):
+        (r,), _ = t.rows_for([f"s{n}"])
+        assert np.isnan(t.history[r]).all()
+        t.history[r, n % 1000] = n
+    assert 3000 <= t.history.shape[0] < 3000 * 1.25 + 16 and t.allocated == 4096
+    np.testing.assert_array_equal(t.history[t.row("s0")], np.arange(1000.0))
+    assert all(t.history[t.row(f"s{n}"), n % 1000] == n for n in range(1, 3000))
+    back = StateTable.from_arrays(t.to_arrays(), (4,), 1, 5000)
+    assert back.history.shape[0] < 3000 * 1.25 + 16
+    np.testing.assert_array_equal(back.history[back.row("s0")], np.arange(1000.0))
+    small = StateTable((4,), 1, 2, history_ticks=3)  # full: a new stream takes an evicted row, ring cleared
+    small.rows_for(["a", "b"])
+    small.history[:] = 7.0
+    (r,), evicted = small.rows_for(["c"])
+    assert evicted == 1 and small.history.shape == (2, 3) and np.isnan(small.history[r]).all()
+
+
 @pytest.mark.parametrize(("old", "new"), [(5, 6), (6, 5), (4, 9), (9, 4)])
 def test_a_new_ring_width_keeps_the_latest_targets_both_rings_hold(old: int, new: int) -> None:
     """A model swap between seasonal naive (one season) and the differenced forecast (one tick more):
