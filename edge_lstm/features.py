@@ -167,7 +167,12 @@ class FeatureSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> FeatureSpec:
-        kind = FeatureKind(str(d["kind"]))
+        try:
+            kind = FeatureKind(str(d["kind"]))
+        except ValueError:
+            known = ", ".join(k.value for k in FeatureKind)
+            name, given = d.get("name"), d["kind"]
+            raise ValueError(f"feature {name!r}: unknown kind {given!r} (this build knows {known})") from None
         if kind.is_calendar:
             return cls(name=str(d["name"]), kind=kind)
         column = d.get("column")
@@ -176,6 +181,9 @@ class FeatureSpec:
         scale = float(d.get("scale", 1.0))  # type: ignore[arg-type]
         if not np.isfinite(scale) or scale <= 0:
             raise ValueError(f"feature {d.get('name')!r}: scale must be a positive number")
+        center = float(d.get("center", 0.0))  # type: ignore[arg-type]
+        if not math.isfinite(center):  # a NaN level makes every forecast NaN; an infinite one pins it at the clip
+            raise ValueError(f"feature {d.get('name')!r}: center must be a finite number")
         season, lead = d.get("season", 0), d.get("lead", 0)
         if kind is FeatureKind.SEASONAL and not all(type(n) is int for n in (season, lead)):
             raise ValueError(f"feature {d.get('name')!r}: season and lead must be whole numbers of ticks")
@@ -183,7 +191,7 @@ class FeatureSpec:
             name=str(d["name"]),
             kind=kind,
             column=column,
-            center=float(d.get("center", 0.0)),  # type: ignore[arg-type]
+            center=center,
             scale=scale,
             season=int(season) if kind is FeatureKind.SEASONAL else 0,  # type: ignore[call-overload]
             lead=int(lead) if kind is FeatureKind.SEASONAL else 0,  # type: ignore[call-overload]
@@ -262,11 +270,17 @@ class OutputSpec:
         scale = float(d.get("scale", 1.0))  # type: ignore[arg-type]
         if not np.isfinite(scale) or scale <= 0:
             raise ValueError("output scale must be a positive number")
+        center = float(d.get("center", 0.0))  # type: ignore[arg-type]
+        if not math.isfinite(center):
+            raise ValueError("output center must be a finite number")
         weights = d.get("seasonal_weights") or []
         if not isinstance(weights, list) or not all(isinstance(w, (int, float)) for w in weights):
             raise ValueError("seasonal_weights must be a list of numbers")
         if not all(math.isfinite(w) for w in weights):
             raise ValueError("seasonal_weights must be finite")
+        season = d.get("season_ticks", 0)
+        if weights and type(season) is not int:  # as for seasonal inputs: 24.7, "24" or true is no season
+            raise ValueError("output season_ticks must be a whole number of ticks")
         differenced = d.get("seasonal_differenced", [])
         if not isinstance(differenced, list) or not all(isinstance(f, bool) for f in differenced):
             raise ValueError("seasonal_differenced must be a list of true/false")
@@ -274,9 +288,9 @@ class OutputSpec:
             target=str(d["target"]),
             horizon=horizon,
             kind=OutputKind(str(d.get("kind", "delta"))),
-            center=float(d.get("center", 0.0)),  # type: ignore[arg-type]
+            center=center,
             scale=scale,
-            season_ticks=int(d.get("season_ticks", 0)) if weights else 0,  # type: ignore[call-overload]
+            season_ticks=int(season) if weights else 0,  # type: ignore[call-overload]
             seasonal_weights=tuple(float(w) for w in weights),
             seasonal_differenced=tuple(differenced) if weights else (),
         )

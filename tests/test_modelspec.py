@@ -138,6 +138,15 @@ def test_load_model_checks_the_hash(tmp_path: Path) -> None:
         (lambda d: d.update(utc_offset_seconds=float("nan")), "utc_offset_seconds must be a finite offset"),
         (lambda d: d.update(sha256="abc"), "sha256"),
         (lambda d: d.update(quantization="int4"), "invalid"),
+        # a blend's season as loose as a seasonal input's is refused (24.7 had served as 24, true as 1)
+        *[(lambda d, m=m: d["output"].update(season_ticks=m, seasonal_weights=[0.5] * 4),
+           "output season_ticks must be a whole number of ticks") for m in (24.7, 24.0, "24", True)],
+        # a NaN level center made every forecast NaN; an infinite one pinned the level at its clip
+        *[(lambda d, c=c: d["features"][0].update(kind="level", center=c), "'v_diff': center must be a finite")
+          for c in (float("nan"), float("inf"))],
+        (lambda d: d["output"].update(kind="level", center=float("nan")), "output center must be a finite number"),
+        (lambda d: d["features"][1].update(kind="seasonality"),
+         "'tod_sin': unknown kind 'seasonality' [(]this build knows diff, level, seasonal, tod_sin"),
     ],
 )
 def test_invalid_manifests_are_refused(tmp_path: Path, change: object, needle: str) -> None:
