@@ -175,6 +175,20 @@ def test_idlecost_times_the_real_pipeline_one_reading_at_a_time(tmp_path: Path) 
     assert whole.link.acks == acks + 5  # each round took one reading through to its acknowledgement
 
 
+def test_seasonalcost_compares_the_bundled_network_with_and_without_a_seasonal_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench.seasonalcost import main as seasonal_main
+    from bench.seasonalcost import variant
+
+    plain, seasonal = variant(tmp_path, False), variant(tmp_path, True)
+    assert plain.manifest.pipeline.history_ticks == 0 and seasonal.manifest.pipeline.history_ticks == 48
+    assert seasonal_main(["--rounds", "1", "--ticks", "20"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| 1")]
+    assert [r[1].strip() for r in rows] == ["1", "100"]
+    assert all(_finite(float(r[2])) and _finite(float(r[3])) for r in rows)
+
+
 def test_steady_runs_long_paced_steps_and_reports_every_output(tmp_path: Path) -> None:
     assert find_mosquitto() is not None, "mosquitto is not installed: apt-get install mosquitto"
     proc = subprocess.run(
