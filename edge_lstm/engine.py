@@ -313,7 +313,7 @@ class Engine:
         target = tick.values[self._target]
         changes = None
         if self._season_inputs:
-            changes = seasonal_changes_row(t.history[row].tolist(), int(ticks[row]), target, self._pipeline)
+            changes = seasonal_changes_row(t.history[row], int(ticks[row]), target, self._pipeline)
         x = self._pipeline.encode_row(tick.values, tick.previous, tick.ts, changes)
         y = self._step(slice(row, row + 1), x, result)
         ticks[row] += 1

@@ -224,6 +224,7 @@ def test_the_ring_gives_the_same_seasonal_inputs_as_the_whole_history(
         np.testing.assert_array_equal(got[0], want[-1])
         np.testing.assert_array_equal(seasonal_changes_from_history(ring, 1, index, v, p), want[-1])
         np.testing.assert_array_equal(seasonal_changes_row(ring[1].tolist(), index, v, p), want[-1])
+        np.testing.assert_array_equal(seasonal_changes_row(ring[1], index, v, p), want[-1])
         record_history(ring, np.array([1]), np.array([index]), [v])
         index += 1
 
