@@ -95,6 +95,12 @@ def make_decoder(cfg: Config, manifest: Manifest) -> PayloadDecoder:
         raise ConfigError(f"input.fields: {e} (model columns: {list(manifest.pipeline.columns)})") from None
 
 
+def _history_users(m: Manifest) -> str:
+    """What a model keeps each stream's recent targets for: its seasonal blend, its seasonal inputs or both."""
+    blend, inputs = m.pipeline.output.seasonal, bool(m.pipeline.seasonal_inputs)
+    return "blend and inputs" if blend and inputs else "blend" if blend else "inputs"
+
+
 def describe_model(model: StepModel) -> list[str]:
     m = model.manifest
     return [
@@ -105,7 +111,7 @@ def describe_model(model: StepModel) -> list[str]:
         f"layers      {', '.join(str(n) for n in m.layers)}; horizon {m.horizon} ticks of {m.cadence_s:g} s",
         f"warm-up     {m.warmup_ticks} ticks; gaps up to {m.max_gap_ticks} ticks interpolated",
         *([f"history     {m.pipeline.history_ticks} targets per stream ({8 * m.pipeline.history_ticks:,} bytes) "
-           "for the seasonal blend and inputs"] if m.pipeline.history_ticks else []),
+           f"for the seasonal {_history_users(m)}"] if m.pipeline.history_ticks else []),
         f"weights     {m.quantization.value}",
         f"runtime     {model.runtime_name} {model.runtime_version}",
     ]

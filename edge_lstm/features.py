@@ -635,8 +635,8 @@ def record_history(history: FloatArray, rows: npt.ArrayLike, tick_index: npt.Arr
     """Store the target of tick ``tick_index`` (0 = a stream's first tick) in its row's ring.
 
     ``history`` is ``[rows, M]``; column ``i % M`` holds tick ``i``, so the ring always holds
-    the last ``M`` ticks (``M`` = :attr:`OutputSpec.history_ticks`), all that
-    :func:`seasonal_from_history` needs.
+    the last ``M`` ticks (``M`` = :attr:`FeaturePipeline.history_ticks`), all that
+    :func:`seasonal_from_history` and :func:`seasonal_changes_from_history` need.
     """
     m = history.shape[1]
     history[np.asarray(rows, np.intp), np.asarray(tick_index, np.int64) % m] = target

@@ -91,7 +91,8 @@ class StateTable:
 
     ``prev`` and ``last_ts`` are then the values and the timestamp of the last closed tick.
 
-    A model that blends in a seasonal forecast (``OutputSpec.history_ticks`` = ``M`` > 0) also needs
+    A model that blends in a seasonal forecast or has seasonal inputs
+    (``FeaturePipeline.history_ticks`` = ``M`` > 0) also needs
 
     ``history``        ``[rows, M]`` float64 the target of the last ``M`` ticks, tick ``i`` (counted
                        from the stream's start or reset) in column ``i % M``

@@ -203,6 +203,6 @@ def test_check_config_says_what_a_seasonal_model_keeps_per_stream(
     p = config_file(tmp_path, {"model": {"path": str(model_dir)}, "state": {"dir": str(tmp_path / "state")}})
     assert main(["check-config", str(p)]) == 0
     out = capsys.readouterr().out
-    assert "history     48 targets per stream (384 bytes) for the seasonal blend and inputs" in out
+    assert "history     48 targets per stream (384 bytes) for the seasonal inputs" in out  # no blend
     assert "(at state.capacity 10,000 streams the targets take up to 3.7 MiB)" in out
     assert "demand_mw_season_1" in out
