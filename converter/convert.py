@@ -282,6 +282,10 @@ def _prepare(cfg: TrainConfig, columns: tuple[str, ...]) -> _Prepared:
         what = "--season" if cfg.season else f"the default season (a day or a week of {grid.cadence_s:g}-s ticks)"
         raise ConvertError(f"{what} is {season} ticks; it must be 1..{MAX_SEASON_TICKS} (the daemon keeps up to a "
                            "season of targets per stream); give a shorter --season")  # fmt: skip
+    if season * -(-cfg.horizon // season) > MAX_SEASON_TICKS:  # a differenced blend's ring, less its extra tick
+        raise ConvertError(f"a season of {season} ticks and --horizon {cfg.horizon} would keep "
+                           f"{season * -(-cfg.horizon // season) + 1} targets per stream, more than "
+                           f"{MAX_SEASON_TICKS + 1}; give a shorter --season or --horizon")  # fmt: skip
     warmup = cfg.warmup_ticks if cfg.warmup_ticks is not None else int(min(96, max(16, season)))
     parts = assign_parts(grid, cfg.split)
     pipeline = build_pipeline(

@@ -214,15 +214,17 @@ class OutputSpec:
     def __post_init__(self) -> None:
         if self.seasonal_weights and (self.season_ticks < 1 or len(self.seasonal_weights) != self.horizon):
             raise ValueError("seasonal_weights need season_ticks >= 1 and one weight per horizon")
-        if self.seasonal_weights and self.season_ticks * -(-self.horizon // self.season_ticks) > MAX_SEASON_TICKS:
-            raise ValueError(f"season_ticks {self.season_ticks} with horizon {self.horizon} would keep more than "
-                             f"{MAX_SEASON_TICKS} targets per stream")  # fmt: skip
+        if self.seasonal_weights and self.season_ticks > MAX_SEASON_TICKS:
+            raise ValueError(f"season_ticks {self.season_ticks} is above {MAX_SEASON_TICKS} ticks")
         if self.seasonal_differenced and len(self.seasonal_differenced) != len(self.seasonal_weights):
             raise ValueError("seasonal_differenced needs seasonal_weights and one flag per horizon")
         # A flag counts only where its horizon has a weight; none left: no flags (what to_dict writes).
         pairs = zip(self.seasonal_differenced, self.seasonal_weights, strict=False)  # no flags: empty
         flags = tuple(bool(d) and w != 0.0 for d, w in pairs)
         object.__setattr__(self, "seasonal_differenced", flags if any(flags) else ())
+        if self.history_ticks > MAX_SEASON_TICKS + 1:  # differenced over more than one season
+            raise ValueError(f"season_ticks {self.season_ticks} with horizon {self.horizon} would keep "
+                             f"{self.history_ticks} targets per stream, more than {MAX_SEASON_TICKS + 1}")  # fmt: skip
 
     @property
     def seasonal(self) -> bool:

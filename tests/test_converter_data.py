@@ -314,6 +314,8 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
          "--season is 100001 ticks; it must be 1..100000"),
         ("ts,v\n" + "".join(f"{i * 60},{i % 7}\n" for i in range(400)), ["--target", "v", "--season", "-3"],
          "--season is -3 ticks"),
+        ("ts,v\n" + "".join(f"{i * 60},{i % 7}\n" for i in range(400)),
+         ["--target", "v", "--season", "60000", "--horizon", "60001"], "would keep 120001 targets per stream"),
     ],
 )
 def test_bad_input_fails_with_one_line_and_writes_nothing(

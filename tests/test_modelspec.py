@@ -109,8 +109,18 @@ def test_a_model_with_seasonal_inputs_is_written_as_format_version_2() -> None:
         Manifest.from_dict(d)
     d["features"].pop()
     d["output"].update(season_ticks=200_000, seasonal_weights=[0.5] * 4)
-    with pytest.raises(ModelError, match="more than 100000 targets per stream"):
+    with pytest.raises(ModelError, match="season_ticks 200000 is above 100000 ticks"):
         Manifest.from_dict(d)
+    # the ring the daemon would keep decides: a differenced blend over two seasons is refused, the
+    # same season as seasonal naive (a ring of one season) and a differenced one within a season are not
+    d["output"].update(season_ticks=60_000, seasonal_weights=[0.5] * 4, horizon=4)
+    assert Manifest.from_dict(d).pipeline.history_ticks == 60_000
+    d["output"]["seasonal_differenced"] = [True] * 4
+    assert Manifest.from_dict(d).pipeline.history_ticks == 60_001
+    big = OutputSpec(target="v", horizon=70_000, season_ticks=60_000, seasonal_weights=(0.5,) * 70_000)
+    assert big.history_ticks == 60_000
+    with pytest.raises(ValueError, match="would keep 120001 targets per stream, more than 100001"):
+        dataclasses.replace(big, seasonal_differenced=(True,) * 70_000)
 
 
 def test_load_model_checks_the_hash(tmp_path: Path) -> None:
