@@ -212,7 +212,7 @@ def markdown(results: dict[str, Any]) -> str:
         "## The series",
         "",
         "| series | what | ticks | season | seasonal inputs | seed | seasonal weights (h=1..K; d: differenced) | "
-        "SARIMA / ETS spec | train s (cpu s) |",
+        "SARIMA / ETS spec | train s (cpu s; baselines s) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
@@ -222,7 +222,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {r['about']} | {r['ticks']} | {r['season_ticks']} | {r.get('seasonal_inputs', 0)} | "
             f"{r['seed']} | {weights} | {specs} | "
-            f"{r['seconds']:.0f} ({r['cpu_seconds']:.0f}) |"
+            f"{r['seconds']:.0f} ({r['cpu_seconds']:.0f}; {sum(b['seconds'] for b in r['baselines'].values()):.0f}) |"
         )
     lines += ["", "Commands (each with `--quantize dynamic`):", ""]
     lines += [f"* {name}: `{r['command']}`" for name, r in results.items()]
