@@ -196,10 +196,10 @@ def summary_table(report: Mapping[str, Any], units: str = "") -> str:
     modes = report.get("modes", {})
     base = modes.get("float32", {}).get("mae_mean")
     for name, m in modes.items():
-        rel = (m["mae_mean"] / base - 1.0) * 100 if base else float("nan")
+        # without a float32 row (train --modes none, verify without --modes) there is nothing to compare
+        rel = f"{(m['mae_mean'] / base - 1.0) * 100:>+9.2f}%" if base else f"{'-':>10}"
         lines.append(
-            f"{name:>8} {m['size_bytes']:>8d} {m['parity']:>10.2e} {m['mae'][0]:>12.4g} {m['mae_mean']:>12.4g} "
-            f"{rel:>+9.2f}%"
+            f"{name:>8} {m['size_bytes']:>8d} {m['parity']:>10.2e} {m['mae'][0]:>12.4g} {m['mae_mean']:>12.4g} {rel}"
         )
     return "\n".join(lines)
 

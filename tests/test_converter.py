@@ -463,3 +463,15 @@ def test_a_1_second_log_trains_a_1_minute_model(tmp_path: Path, capsys: pytest.C
     assert d["ticks"] == 2 * 1440 - 3 and d["ticks_filled"] == 23 * 3  # the first three minutes are not there
     assert d["rows_aggregated"] == int(keep.sum()) - (d["ticks"] - d["ticks_filled"])
     assert np.isfinite(report["holdout"]["mae"]["model"][0])
+
+
+def test_summary_table_compares_modes_with_float32_only_when_it_was_scored() -> None:
+    from converter.report import summary_table
+
+    mode = {"size_bytes": 100, "parity": 1e-3, "mae": [2.0], "mae_mean": 2.2}
+    report = {"holdout": {"mae": {"model": [1.0], "persistence": [2.0], "seasonal_naive": [3.0]}},
+              "modes": {"dynamic": mode}}  # fmt: skip
+    last = summary_table(report).splitlines()[-1]
+    assert "nan" not in last and last.split()[-1] == "-"
+    report["modes"] = {"float32": {**mode, "mae_mean": 2.0}, "dynamic": mode}
+    assert summary_table(report).splitlines()[-1].split()[-1] == "+10.00%"
