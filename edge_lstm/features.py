@@ -653,19 +653,23 @@ def seasonal_from_history(
     reading they need precedes the stream's first tick (or the ring's last restart).  A
     scalar row and tick give that one origin's ``[K]``.
     """
-    size = history.shape[1]
     m, k = output.season_ticks, output.horizon
     tick = np.asarray(tick_index, np.int64)
     row = np.asarray(rows, np.intp)
-
-    def at(lags: npt.NDArray[np.intp]) -> FloatArray:
-        idx = tick[..., None] - lags
-        return np.where(idx >= 0, history[row[..., None], idx % size], np.nan)
-
-    naive = at(seasonal_lags(m, k))
+    naive = _ring_at(history, row, tick, seasonal_lags(m, k))
     if not output.differenced:
         return naive
-    return seasonal_forecasts(naive, at(reference_lags(m, k)), history[row, tick % size], output)
+    reference = _ring_at(history, row, tick, reference_lags(m, k))
+    return seasonal_forecasts(naive, reference, history[row, tick % history.shape[1]], output)
+
+
+def _ring_at(
+    history: FloatArray, row: npt.NDArray[np.intp], tick: npt.NDArray[np.int64], lags: npt.NDArray[np.intp]
+) -> FloatArray:
+    """``[..., L]``: the targets ``lags`` ticks before tick ``tick`` of ``row`` from the ring, NaN before
+    the stream's first tick (or the ring's last restart)."""
+    idx = tick[..., None] - lags
+    return np.where(idx >= 0, history[row[..., None], idx % history.shape[1]], np.nan)
 
 
 def _input_lags(specs: Sequence[FeatureSpec]) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
@@ -703,18 +707,12 @@ def seasonal_changes_from_history(
     ``current`` ``[B]`` are those ticks' targets (a lead of a whole season reads the tick
     itself).  A scalar row, tick and target give that tick's ``[S]``.
     """
-    size = history.shape[1]
-    tick = np.asarray(tick_index, np.int64)[..., None]
-    row = np.asarray(rows, np.intp)[..., None]
+    tick = np.asarray(tick_index, np.int64)
+    row = np.asarray(rows, np.intp)
     now = np.asarray(current, np.float64)[..., None]
-
-    def at(lags: npt.NDArray[np.intp]) -> FloatArray:
-        idx = tick - lags
-        past = np.where(idx >= 0, history[row, np.maximum(idx, 0) % size], np.nan)
-        return np.where(lags == 0, now, past)
-
     ahead, base = _input_lags(pipeline.seasonal_inputs)
-    return at(ahead) - at(base)
+    # a lead of a whole season (lag 0) is the tick itself, not yet in the ring
+    return np.where(ahead == 0, now, _ring_at(history, row, tick, ahead)) - _ring_at(history, row, tick, base)
 
 
 def seasonal_changes_row(
