@@ -53,7 +53,13 @@ from converter.validation import (
     out_of_sample,
     rolling_folds,
 )
-from edge_lstm.features import MAX_SEASON_TICKS, FeaturePipeline, seasonal_series
+from edge_lstm.features import (
+    MAX_HISTORY_TICKS,
+    MAX_SEASON_TICKS,
+    FeaturePipeline,
+    blend_history_ticks,
+    seasonal_series,
+)
 from edge_lstm.intervals import DEFAULT_LEVELS, Intervals
 from edge_lstm.modelspec import MODEL_NAME, Manifest, ModelError, Quantization, load_manifest
 from edge_lstm.reference import WEIGHTS_NAME, ReferenceWeights
@@ -282,10 +288,10 @@ def _prepare(cfg: TrainConfig, columns: tuple[str, ...]) -> _Prepared:
         what = "--season" if cfg.season else f"the default season (a day or a week of {grid.cadence_s:g}-s ticks)"
         raise ConvertError(f"{what} is {season} ticks; it must be 1..{MAX_SEASON_TICKS} (the daemon keeps up to a "
                            "season of targets per stream); give a shorter --season")  # fmt: skip
-    if season * -(-cfg.horizon // season) > MAX_SEASON_TICKS:  # a differenced blend's ring, less its extra tick
-        raise ConvertError(f"a season of {season} ticks and --horizon {cfg.horizon} would keep "
-                           f"{season * -(-cfg.horizon // season) + 1} targets per stream, more than "
-                           f"{MAX_SEASON_TICKS + 1}; give a shorter --season or --horizon")  # fmt: skip
+    ring = blend_history_ticks(season, cfg.horizon, differenced=True)  # the most a blend may keep
+    if ring > MAX_HISTORY_TICKS:
+        raise ConvertError(f"a season of {season} ticks and --horizon {cfg.horizon} would keep {ring} targets per "
+                           f"stream, more than {MAX_HISTORY_TICKS}; give a shorter --season or --horizon")  # fmt: skip
     warmup = cfg.warmup_ticks if cfg.warmup_ticks is not None else int(min(96, max(16, season)))
     parts = assign_parts(grid, cfg.split)
     pipeline = build_pipeline(

@@ -72,6 +72,14 @@ LEVEL_CLIP = 8.0
 # Longest season a model may name (blend or inputs): a day of 1-second ticks fits. Each stream keeps
 # up to this many float64 targets, so a manifest cannot make the daemon allocate without bound.
 MAX_SEASON_TICKS = 100_000
+# The ring's bound: a season of targets and, for a differenced blend, the reference tick before it.
+MAX_HISTORY_TICKS = MAX_SEASON_TICKS + 1
+
+
+def blend_history_ticks(season: int, horizon: int, differenced: bool) -> int:
+    """Targets a stream keeps for a blend over ``season`` ticks: one season for seasonal naive; for the
+    differenced forecast one more tick and as many more seasons as the horizon spans (``r_k``)."""
+    return season * -(-horizon // season) + 1 if differenced else season
 # Zone offsets change only on quarter hours (every transition in the tz database since 1970 does).
 _OFFSET_STEP = 900.0
 
@@ -222,9 +230,9 @@ class OutputSpec:
         pairs = zip(self.seasonal_differenced, self.seasonal_weights, strict=False)  # no flags: empty
         flags = tuple(bool(d) and w != 0.0 for d, w in pairs)
         object.__setattr__(self, "seasonal_differenced", flags if any(flags) else ())
-        if self.history_ticks > MAX_SEASON_TICKS + 1:  # differenced over more than one season
+        if self.history_ticks > MAX_HISTORY_TICKS:  # differenced over more than one season
             raise ValueError(f"season_ticks {self.season_ticks} with horizon {self.horizon} would keep "
-                             f"{self.history_ticks} targets per stream, more than {MAX_SEASON_TICKS + 1}")  # fmt: skip
+                             f"{self.history_ticks} targets per stream, more than {MAX_HISTORY_TICKS}")  # fmt: skip
 
     @property
     def seasonal(self) -> bool:
@@ -240,10 +248,7 @@ class OutputSpec:
     def history_ticks(self) -> int:
         """Target values a stream must keep for the seasonal blend: one season (seasonal naive), one
         more tick and as many more seasons as the horizon spans (differenced: ``r_k``), or 0."""
-        if not self.seasonal:
-            return 0
-        m = self.season_ticks
-        return m * -(-self.horizon // m) + 1 if self.differenced else m
+        return blend_history_ticks(self.season_ticks, self.horizon, self.differenced) if self.seasonal else 0
 
     @functools.cached_property
     def differenced_mask(self) -> npt.NDArray[np.bool_]:
