@@ -121,12 +121,8 @@ def cmd_check_config(path: Path, out: TextIO) -> int:
     except (ModelError, ConfigError) as e:
         return _fail(str(e))
     print("# model", file=out)
-    for line in describe_model(model):
+    for line in describe_model(model, cfg.state.capacity):
         print(f"  {line}", file=out)
-    if model.manifest.pipeline.history_ticks:
-        full = 8 * model.manifest.pipeline.history_ticks * cfg.state.capacity
-        print(f"  (at state.capacity {cfg.state.capacity:,} streams the targets take up to {full / 2**20:,.1f} MiB)",
-              file=out)  # fmt: skip
     print("# subscriptions (QoS 1)", file=out)
     for f in cfg.subscriptions():
         where = f"stream id from topic level {f.stream_level + 1}" if f.stream_level is not None else "no stream level"

@@ -101,8 +101,13 @@ def _history_users(m: Manifest) -> str:
     return "blend and inputs" if blend and inputs else "blend" if blend else "inputs"
 
 
-def describe_model(model: StepModel) -> list[str]:
+def describe_model(model: StepModel, capacity: int | None = None) -> list[str]:
+    """Lines saying what the model is; with ``capacity``, also what its per-stream targets take at it."""
     m = model.manifest
+    ring = 8 * m.pipeline.history_ticks  # bytes of float64 targets per stream
+    total = [] if not ring or capacity is None else [
+        f"(at state.capacity {capacity:,} streams the targets take up to {ring * capacity / 2**20:,.1f} MiB)"
+    ]  # fmt: skip
     return [
         f"id          {m.model_id}",
         f"columns     {', '.join(m.pipeline.columns)}",
@@ -110,8 +115,9 @@ def describe_model(model: StepModel) -> list[str]:
         f"features    {', '.join(f.name for f in m.pipeline.features)}",
         f"layers      {', '.join(str(n) for n in m.layers)}; horizon {m.horizon} ticks of {m.cadence_s:g} s",
         f"warm-up     {m.warmup_ticks} ticks; gaps up to {m.max_gap_ticks} ticks interpolated",
-        *([f"history     {m.pipeline.history_ticks} targets per stream ({8 * m.pipeline.history_ticks:,} bytes) "
-           f"for the seasonal {_history_users(m)}"] if m.pipeline.history_ticks else []),
+        *([f"history     {m.pipeline.history_ticks} targets per stream ({ring:,} bytes) "
+           f"for the seasonal {_history_users(m)}"] if ring else []),
+        *total,
         f"weights     {m.quantization.value}",
         f"runtime     {model.runtime_name} {model.runtime_version}",
     ]
