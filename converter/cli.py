@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ticks a stream needs before its forecasts count (default: one season, 16..96)")  # fmt: skip
     t.add_argument("--season", type=int, default=None, metavar="TICKS",
                    help="the season: of seasonal naive, the blend and the seasonal inputs (default: a day "
-                        "below daily cadence, a week below weekly, else a year; at most 100000)")  # fmt: skip
+                        "below daily cadence, a week below weekly, else a year; 1 when gaps leave too few ticks "
+                        "a season into their segment; at most 100000)")  # fmt: skip
     t.add_argument("--window", type=int, default=None, metavar="TICKS",
                    help="training window length (default: 4 warm-ups, at least 2 horizons + warm-up, 64)")  # fmt: skip
     t.add_argument("--batch-size", type=int, default=16, help="windows per training batch (default 16)")

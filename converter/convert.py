@@ -29,6 +29,7 @@ from converter import data as data_mod
 from converter import report as report_mod
 from converter.errors import ConvertError
 from converter.prepare import (
+    MIN_SEASON_HISTORY_SHARE,
     CalendarMode,
     EncodedSegment,
     EvalRun,
@@ -40,6 +41,8 @@ from converter.prepare import (
     build_pipeline,
     encode,
     eval_runs,
+    gap_ticks,
+    season_history_share,
     season_ticks,
     seasonal_inputs_fit,
     training_windows,
@@ -192,7 +195,7 @@ class _StagingDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _check_length(encoded: Sequence[EncodedSegment], cfg_horizon: int, warmup: int) -> None:
+def _check_length(encoded: Sequence[EncodedSegment], cfg_horizon: int, warmup: int, season: int) -> None:
     need = {Part.TRAIN: 2 * (warmup + cfg_horizon), Part.VAL: cfg_horizon + 2, Part.HOLDOUT: cfg_horizon + 2}
     for part, n_min in need.items():
         n = sum(int(np.isfinite(e.y[e.part == part, 0]).sum()) for e in encoded)
@@ -201,6 +204,17 @@ def _check_length(encoded: Sequence[EncodedSegment], cfg_horizon: int, warmup: i
             raise ConvertError(
                 f"series too short: {total} ticks give {n} usable {part.name.lower()} targets, need at least "
                 f"{n_min} (use a longer series, a smaller --horizon or a smaller warm-up)"
+            )
+        if part is Part.TRAIN:
+            continue
+        # Scored: past the warm-up of its segment, with a season of history there for seasonal naive.
+        first = max(warmup, season - 1)
+        n = sum(int((np.isfinite(e.y[first:, 0]) & (e.part[first:] == part)).sum()) for e in encoded)
+        if n < n_min:
+            raise ConvertError(
+                f"{n} {part.name.lower()} targets lie past the warm-up ({warmup} ticks) and a season ({season} "
+                f"ticks) into their segment, need at least {n_min}: give a shorter --season or --warmup, or "
+                "bridge the gaps between segments with a larger --max-gap-ticks"
             )
 
 
@@ -283,7 +297,7 @@ def _prepare(cfg: TrainConfig, columns: tuple[str, ...]) -> _Prepared:
         cfg.data, cfg.time_col, columns, cfg.cadence_s, cfg.max_gap_ticks,
         aggregate=cfg.aggregate, align=cfg.align, origin_s=cfg.tick_origin_s, lateness_s=cfg.lateness_s,
     )  # fmt: skip
-    season = cfg.season or season_ticks(grid.cadence_s)
+    season = cfg.season or _default_season(grid)
     if not 1 <= season <= MAX_SEASON_TICKS:
         what = "--season" if cfg.season else f"the default season (a day or a week of {grid.cadence_s:g}-s ticks)"
         raise ConvertError(f"{what} is {season} ticks; it must be 1..{MAX_SEASON_TICKS} (the daemon keeps up to a "
@@ -299,13 +313,35 @@ def _prepare(cfg: TrainConfig, columns: tuple[str, ...]) -> _Prepared:
         timezone=cfg.timezone, seasonal_inputs=_seasonal_inputs(cfg, grid.n_ticks, season),
     )  # fmt: skip
     encoded = encode(grid, pipeline, cfg.split)
-    _check_length(encoded, cfg.horizon, warmup)
+    _check_length(encoded, cfg.horizon, warmup, season)
     return _Prepared(grid, season, warmup, pipeline, encoded)
+
+
+def _default_season(grid: data_mod.GridSeries) -> int:
+    """:func:`season_ticks` of the cadence, or 1 (no season) when too few ticks have a season of history."""
+    season = season_ticks(grid.cadence_s)
+    share = season_history_share(grid.segments, season)
+    if season == 1 or not grid.segments or share >= MIN_SEASON_HISTORY_SHARE:
+        return season
+    gaps = gap_ticks(grid.segments, grid.cadence_s)
+    _LOG.warning(
+        "no season: only %.0f %% of the ticks lie a season (%d ticks of %g s) into their segment (the longest "
+        "segment has %d ticks; %d gap(s) longer than --max-gap-ticks %d split the series, median %d ticks, and "
+        "start the history anew), so seasonal naive, the seasonal blend and the seasonal inputs would have "
+        "nothing to go on; training with --season 1. To use the season, bridge the gaps with a larger "
+        "--max-gap-ticks, or give --season",
+        100 * share, season, grid.cadence_s, max(len(s) for s in grid.segments), len(gaps), grid.max_gap_ticks,
+        int(np.median(gaps)) if gaps else 0,
+    )  # fmt: skip
+    return 1
 
 
 def _seasonal_inputs(cfg: TrainConfig, n_ticks: int, season: int) -> int:
     """The season of the seasonal inputs, or 0 (``--seasonal-input``; auto: :func:`seasonal_inputs_fit`)."""
     if cfg.seasonal_inputs is SeasonalInputMode.NONE:
+        return 0
+    if season < 2:
+        _LOG.info("seasonal inputs: none (no season)")
         return 0
     earliest = math.floor(n_ticks * rolling_folds(cfg.split, cfg.folds)[0].train_frac)
     if not seasonal_inputs_fit(season, earliest):
@@ -548,7 +584,7 @@ def _fold_data(
         enc = encoded if last else encode(grid, pipeline, split)
         if not last:
             try:
-                _check_length(enc, cfg.horizon, warmup)
+                _check_length(enc, cfg.horizon, warmup, season)
             except ConvertError:
                 _LOG.info("fold training on %.0f %% of the series is too short: left out", 100 * split.train_frac)
                 continue
@@ -727,7 +763,7 @@ def calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
     season = int(training.get("season_ticks", 0)) or season_ticks(man.cadence_s)
     grid = data_mod.load(cfg.data, str(time_col), man.pipeline.columns, policy=man.ticks)
     encoded = encode(grid, man.pipeline, split)
-    _check_length(encoded, man.horizon, man.warmup_ticks)
+    _check_length(encoded, man.horizon, man.warmup_ticks, season)
     args = (bundle.content, man.layers, man.pipeline, encoded)
     val = calibrate_mod.score_part(*args, Part.VAL, man.warmup_ticks, season)
     intervals = calibrate_mod.fit_intervals(val, cfg.levels)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -84,6 +85,23 @@ def seasonal_inputs_fit(season: int, train_ticks: int) -> bool:
     """Whether ``auto`` feeds seasonal inputs: a season of 2 ticks or more, and ``train_ticks`` (the
     training part of the earliest validation fold) holding :data:`MIN_SEASONS_FOR_INPUTS` seasons."""
     return season >= 2 and train_ticks >= MIN_SEASONS_FOR_INPUTS * season
+
+
+# The default season is kept only when at least this share of the ticks lies a whole season or more into
+# its segment: seasonal naive, the seasonal blend and the seasonal inputs need a season of history, and a
+# gap longer than max_gap_ticks starts a new segment with none (the daemon resets the stream there too).
+MIN_SEASON_HISTORY_SHARE = 0.5
+
+
+def season_history_share(segments: Sequence[Segment], season: int) -> float:
+    """The share of the ticks that lie at least ``season`` ticks into their segment."""
+    total = sum(len(s) for s in segments)
+    return sum(max(0, len(s) - season) for s in segments) / total if total else 0.0
+
+
+def gap_ticks(segments: Sequence[Segment], cadence_s: float) -> list[int]:
+    """The ticks missing between one segment and the next (each longer than ``max_gap_ticks``)."""
+    return [round((b.timestamps[0] - a.timestamps[-1]) / cadence_s) - 1 for a, b in itertools.pairwise(segments)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -475,3 +475,40 @@ def test_summary_table_compares_modes_with_float32_only_when_it_was_scored() -> 
     assert "nan" not in last and last.split()[-1] == "-"
     report["modes"] = {"float32": {**mode, "mae_mean": 2.0}, "dynamic": mode}
     assert summary_table(report).splitlines()[-1].split()[-1] == "+10.00%"
+
+
+def test_business_hours_data_trains_without_a_season_it_cannot_hold(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """5-minute readings 07:00-21:00 on weekdays: every night splits the series (gap > max_gap_ticks), so no
+    stretch holds the default season of a day (288 ticks). Training must not need seasonal naive there."""
+    rng = np.random.default_rng(7)
+    day = np.arange(169)  # 07:00 .. 21:00
+    profile = 100 + 60 * np.sin(np.pi * day / 168)
+    rows = []
+    for d in range(28):
+        if d % 7 >= 5:
+            continue  # weekend
+        t0 = 1_700_006_400 + d * 86_400 + 7 * 3600  # 2023-11-15 is a Wednesday; readings from 07:00 UTC
+        rows += [(t0 + 300 * i, profile[i] + rng.normal(0, 8)) for i in day]
+    path = tmp_path / "calls.csv"
+    with open(path, "w") as f:
+        f.write("ts,calls\n")
+        f.writelines(f"{t},{v:.2f}\n" for t, v in rows)
+    caplog.set_level("WARNING", logger="converter.convert")
+    res = train(
+        TrainConfig(
+            data=path, out=tmp_path / "calls", time_col="ts", target="calls", horizon=3, units=8, epochs=2,
+            modes=(), plot=False, candidates=1, folds=2, baselines=False,
+        )
+    )  # fmt: skip
+    assert "no season: only 0 % of the ticks lie a season (288 ticks" in caplog.text
+    assert "--max-gap-ticks" in caplog.text
+    man = load_model(tmp_path / "calls").manifest
+    assert man.pipeline.history_ticks == 0 and not man.pipeline.seasonal_inputs  # nothing per stream to keep
+    assert man.warmup_ticks == 16
+    h = res.report["holdout"]
+    assert h["season_ticks"] == 1 and h["pairs"][0] > 100
+    for k in range(3):
+        assert np.isfinite(h["mae"]["model"][k])
+        assert h["mae"]["model"][k] <= 1.02 * h["mae"]["persistence"][k]

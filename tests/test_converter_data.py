@@ -316,6 +316,10 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
          "--season is -3 ticks"),
         ("ts,v\n" + "".join(f"{i * 60},{i % 7}\n" for i in range(400)),
          ["--target", "v", "--season", "60000", "--horizon", "60001"], "would keep 120001 targets per stream"),
+        # 20 stretches of 30 minutely readings, an hour apart: none lies a season of 100 ticks into its stretch.
+        ("ts,v\n" + "".join(f"{(d * 90 + i) * 60},{i % 7}\n" for d in range(20) for i in range(30)),
+         ["--target", "v", "--season", "100", "--horizon", "2", "--warmup", "4"],
+         "0 val targets lie past the warm-up (4 ticks) and a season (100 ticks) into their segment"),
     ],
 )
 def test_bad_input_fails_with_one_line_and_writes_nothing(
