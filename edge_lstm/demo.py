@@ -394,8 +394,8 @@ def _replay(
     last_actual: dict[str, float] = {}
     last_index: dict[str, int] = {}
     last_fc: dict[str, list[float]] = {}
+    last_warming: dict[str, bool] = {}
     fmt = _number_format([r[target] for r in rows])
-    warm = manifest.warmup_ticks
     units = manifest.target_units
     iv = manifest.intervals
     band_keys = bound_keys(iv.check_level) if iv is not None else None
@@ -429,6 +429,7 @@ def _replay(
                 st = stats[name]
                 st.ticks += 1
                 prev_fc = last_fc.get(name)
+                prev_warming = last_warming.get(name, True)
                 # The forecast made one tick before this one (none across a gap or a reset).
                 follows = last_index.get(name) == tick.index - 1 and not tick.reset
                 one_step = prev_fc[0] if prev_fc and follows else None
@@ -436,16 +437,21 @@ def _replay(
                 if band_keys is not None and name in last_band and follows:
                     lo, hi = last_band[name]
                     band_text = f"  {fmt(lo, 9)}..{fmt(hi, 8, left=True)}"
-                if fc is not None:
+                if fc is None:  # none came in time: the next tick has no 1-step forecast to score
+                    last_fc.pop(name, None)
+                else:
                     st.forecasts += 1
                     last_fc[name] = [f["value"] for f in fc["forecasts"]]
+                    last_warming[name] = bool(fc.get("warming_up"))
                     if band_keys is not None:
                         first = fc["forecasts"][0]
                         last_band[name] = (first[band_keys[0]], first[band_keys[1]])
                     if fc.get("anomaly") is not None:
                         st.checked += 1
                         st.anomalies += bool(fc["anomaly"])
-                if one_step is not None and name in last_actual and st.ticks > warm:
+                # Scored once the daemon no longer flags the forecast warming up (after the stream's first
+                # ticks and after every reset).
+                if one_step is not None and name in last_actual and not prev_warming:
                     st.model_err.append(abs(one_step - actual))
                     st.persist_err.append(abs(last_actual[name] - actual))
                 last_actual[name] = actual
