@@ -69,6 +69,9 @@ from edge_lstm.state import release_free_memory
 _LOG = logging.getLogger(__name__)
 
 CARRY_DIGESTS = 4096  # digests of the latest messages a new journal carries (to recognise their redelivery)
+# A redelivery is recognised only for the latest this many QoS 1 messages (more than a broker's in-flight
+# window: Mosquitto's max_inflight_messages is 20 by default); all of them carry across a restart.
+REDELIVERY_WINDOW = CARRY_DIGESTS
 ERROR_LOG_EVERY_S = 10.0
 IDLE_WAIT_S = 0.5  # longest poll without work (the watchdog and timers run after each)
 HA_REANNOUNCE_EVERY_S = 5.0  # Home Assistant's `online` answered at most this often (the rest at the end)
@@ -190,6 +193,9 @@ class Pipeline:
         self._syncing: collections.deque[tuple[int, list[_Message]]] = collections.deque()
         self._window: dict[int, _Message] = {}  # unacknowledged QoS 1 messages by packet id
         self._digest = array.array("q", [-1]) * MID_SPACE  # CRC of the last message seen with each packet id
+        # ... and when: its number among the QoS 1 messages seen (a redelivery is one of the latest few)
+        self._seen_at = array.array("q", [-REDELIVERY_WINDOW - 1]) * MID_SPACE
+        self._seen = 0
         self._recent = _DigestRing(CARRY_DIGESTS)
         self._error_logged_at = -ERROR_LOG_EVERY_S
         self.errors = 0
@@ -225,6 +231,17 @@ class Pipeline:
 
     def _remember(self, mid: int, digest: int) -> None:
         self._digest[mid] = digest
+        self._seen += 1
+        self._seen_at[mid] = self._seen
+
+    def _seen_lately(self, mid: int, digest: int) -> bool:
+        """Whether a message with this packet id and digest is among the latest ``REDELIVERY_WINDOW`` seen.
+
+        Only those can come back as redeliveries (the broker sends no more than its in-flight window
+        ahead of our acknowledgements); an older message with the same id and content (a bare reading
+        repeated, ids wrapped after 65,535 messages) is another message, which must be processed.
+        """
+        return self._digest[mid] == digest and self._seen - self._seen_at[mid] < REDELIVERY_WINDOW
 
     # -- intake (inside MqttLink.poll) ----------------------------------------------------------
 
@@ -233,7 +250,7 @@ class Pipeline:
         metrics = self.metrics
         topic = m.topic if m.topic is not None else ""
         digest = message_digest(topic, m.payload) if m.qos > 0 else 0
-        if m.dup and m.qos > 0 and self._digest[m.mid] == digest:
+        if m.dup and m.qos > 0 and self._seen_lately(m.mid, digest):
             # Delivered again: after a reconnect, the broker resends what it has no PUBACK for.
             metrics.messages_redelivered.inc()
             first = self._window.get(m.mid)

@@ -26,7 +26,7 @@ from edge_lstm.journal import Journal, read_journal
 from edge_lstm.metrics import Metrics
 from edge_lstm.mqtt import Inbound
 from edge_lstm.payload import PayloadDecoder
-from edge_lstm.pipeline import Pipeline, open_journal, replay_journal, routes_of, settle_heap
+from edge_lstm.pipeline import REDELIVERY_WINDOW, Pipeline, open_journal, replay_journal, routes_of, settle_heap
 from edge_lstm.state import StateTable
 from tests.support.broker import Broker
 from tests.support.collector import Collector, publisher
@@ -187,6 +187,25 @@ def test_a_redelivered_message_is_recognised_and_not_processed_twice(tmp_path: P
     assert p.metrics.messages_redelivered._value.get() == 2  # type: ignore[attr-defined]
     p.accept(_msg(7, _reading(1e9 + 1800, 25100), dup=True))  # same id, other content: a new message
     assert len(p.queue) == 1
+
+
+def test_a_repeated_message_is_new_once_its_packet_id_has_gone_round(tmp_path: Path) -> None:
+    """A sensor sending the same bare value: after 65,535 messages the broker gives a packet id to a message
+    with the same topic and body as the last one that had it. If that message is lost in a dropped connection
+    and redelivered, it is a new message and must be processed, not taken for a redelivery."""
+    p, _ = _pipeline(tmp_path)
+    p.accept(_msg(9, b"25000"))
+    for i in range(REDELIVERY_WINDOW):  # the ids go round: many other messages since
+        p.accept(_msg(10 + i % 60_000, _reading(1e9 + 1800 * i, 25000), stream="other"))
+    p.queue.clear()
+    p.accept(_msg(9, b"25000", dup=True))
+    assert len(p.queue) == 1
+    assert p.metrics.messages_redelivered._value.get() == 0  # type: ignore[attr-defined]
+    # One of the latest messages is still recognised.
+    p.accept(_msg(10 + (REDELIVERY_WINDOW - 1) % 60_000, _reading(1e9 + 1800 * (REDELIVERY_WINDOW - 1), 25000),
+                  stream="other", dup=True))  # fmt: skip
+    assert len(p.queue) == 1
+    assert p.metrics.messages_redelivered._value.get() == 1  # type: ignore[attr-defined]
 
 
 def test_a_message_from_an_earlier_connection_is_not_acknowledged_on_a_new_one(tmp_path: Path) -> None:
