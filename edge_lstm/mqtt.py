@@ -202,6 +202,9 @@ class MqttLink:
         self._wrapped: BufferedSocket | None = None
         self._fail_logged_at = -REFUSAL_LOG_EVERY_S
         self.unsendable = 0  # publishes paho refused to send (counted by the owner as failures)
+        # The broker's Maximum Packet Size from its MQTT 5 CONNACK (None: not given): a larger publish would
+        # make the broker close the connection, and paho would send it again on every reconnect.
+        self.max_packet: int | None = None
         self._unsendable_logged_at = -REFUSAL_LOG_EVERY_S
         v5 = cfg.protocol is MqttProtocol.V5
         self._v5 = v5
@@ -377,15 +380,13 @@ class MqttLink:
         With a ``token``, ``on_published(token, ok)`` follows once the broker
         acknowledged it (QoS 1) or it was written (QoS 0).
         """
+        if self.max_packet is not None and (size := publish_packet_size(topic, payload, qos)) > self.max_packet:
+            return self._unsendable(topic, f"a {size}-byte packet, over the broker's maximum packet size of "
+                                           f"{self.max_packet} bytes")  # fmt: skip
         try:
             info = self.client.publish(topic, payload, qos=qos, retain=retain)
         except ValueError as e:  # what MQTT cannot carry (a topic over 65,535 bytes): paho refuses before sending
-            self.unsendable += 1
-            now = self._clock()
-            if now - self._unsendable_logged_at >= REFUSAL_LOG_EVERY_S:
-                self._unsendable_logged_at = now
-                _LOG.error("cannot publish to %.80r: %s (%d such publishes so far)", topic, e, self.unsendable)
-            return False
+            return self._unsendable(topic, str(e))
         ok = info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0)
         if not ok:
             _LOG.debug("publish to %s failed: %s", topic, paho.error_string(info.rc))
@@ -393,6 +394,14 @@ class MqttLink:
         if token is not None:
             self._tokens[info.mid] = token
         return True
+
+    def _unsendable(self, topic: str, why: str) -> bool:
+        self.unsendable += 1
+        now = self._clock()
+        if now - self._unsendable_logged_at >= REFUSAL_LOG_EVERY_S:
+            self._unsendable_logged_at = now
+            _LOG.error("cannot publish to %.80r: %s (%d such publishes so far)", topic, why, self.unsendable)
+        return False
 
     @property
     def backlogged(self) -> bool:
@@ -456,9 +465,11 @@ class MqttLink:
         _userdata: Any,
         flags: paho.ConnectFlags,
         reason_code: ReasonCode,
-        _properties: Properties | None,
+        properties: Properties | None,
     ) -> None:
         self._tcp_since = None
+        limit = getattr(properties, "MaximumPacketSize", None)
+        self.max_packet = int(limit) if limit else None
         if reason_code.is_failure:
             self.last_error = describe_connack(reason_code)
             _LOG.error("MQTT broker %s:%d refused the connection: %s", self.cfg.host, self.cfg.port, self.last_error)
@@ -502,7 +513,8 @@ class MqttLink:
                 if lasted < TAKEOVER_HINT_S:
                     # Brokers close the older of two connections with one client id, often without a reason.
                     hint = (f" {lasted:.1f} s after connecting: if this repeats, another client may be using "
-                            f"client id {self.cfg.client_id!r}")  # fmt: skip
+                            f"client id {self.cfg.client_id!r}, or the broker refuses a packet the daemon sends "
+                            "(over its max_packet_size or message_size_limit)")  # fmt: skip
                 _LOG.warning("MQTT connection lost (%s)%s; reconnecting", reason_code, hint)
             else:
                 _LOG.info("MQTT disconnected")
@@ -551,6 +563,12 @@ class MqttLink:
             topic = None
         self.on_message(Inbound(topic, bytes(msg.payload), msg.mid, msg.qos, bool(msg.dup), bool(msg.retain),
                                 self._clock()))  # fmt: skip
+
+
+def publish_packet_size(topic: str, payload: bytes, qos: int) -> int:
+    """Bytes of an MQTT 5 PUBLISH without properties: fixed header, topic, packet id (QoS > 0), payload."""
+    remaining = 2 + len(topic.encode()) + (2 if qos > 0 else 0) + 1 + len(payload)
+    return 1 + (1 if remaining < 128 else 2 if remaining < 16_384 else 3 if remaining < 2_097_152 else 4) + remaining
 
 
 def filter_pattern(topic_filter: str) -> re.Pattern[str]:

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_lstm.config import MqttConfig, MqttProtocol
-from edge_lstm.mqtt import Inbound, MqttLink, filter_pattern
+from edge_lstm.mqtt import Inbound, MqttLink, filter_pattern, publish_packet_size
 from tests.support.broker import Broker, password_acl_listener
 from tests.support.collector import Collector
 from tests.support.daemon import DaemonProcess
@@ -290,6 +290,30 @@ def test_a_publish_mqtt_cannot_carry_is_refused_and_counted_not_raised(broker: B
             assert d.call(lambda: link.publish("ok/after", b"2", 1, False, "after")) is True
             assert d.wait(lambda: d.published == [("after", True)])
             assert [m.payload for m in col.wait_for(1, "ok/#")] == [b"2"]
+        finally:
+            d.stop()
+
+
+def test_a_publish_over_the_brokers_maximum_packet_size_is_refused_not_sent(
+    broker_factory: Callable[..., Broker],
+) -> None:
+    """MQTT 5 brokers announce their maximum packet size; a larger PUBLISH would make the broker close the
+    connection, and paho would send it again on every reconnect, wedging every other publish behind it."""
+    broker = broker_factory(extra_config=["max_packet_size 400"]).start()
+    with Collector(broker.host, broker.port, ["ok/#"]) as col:
+        link = MqttLink(link_config(broker), "t/status")
+        d = Driver(link).start()
+        try:
+            assert d.wait_connected()
+            assert link.max_packet == 400
+            body = b"x" * 420
+            assert publish_packet_size("ok/big", body, 1) > 400 >= publish_packet_size("ok/fits", body[:360], 1)
+            assert d.call(lambda: link.publish("ok/big", body, 1, False, "big")) is False
+            assert link.unsendable == 1 and link.outstanding == 0
+            assert d.call(lambda: link.publish("ok/fits", body[:360], 1, False, "fits")) is True
+            assert d.wait(lambda: d.published == [("fits", True)])
+            assert [m.topic for m in col.wait_for(1, "ok/#")] == ["ok/fits"]
+            assert link.connects == 1  # never dropped
         finally:
             d.stop()
 
