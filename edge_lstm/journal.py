@@ -111,7 +111,7 @@ class ReadResult:
 
     records: list[Record]
     valid_bytes: int  # length of the file up to the end of the last good record
-    status: str  # "ok", "missing", "torn" (a bad tail was found), "foreign" (other model or format)
+    status: str  # "ok", "missing", "torn" (a bad tail was found), "other model", "foreign" (other format)
     file_bytes: int = 0  # length of the file as found
 
 
@@ -128,8 +128,10 @@ def read_journal(directory: Path | str, fingerprint: str) -> ReadResult:
     if len(data) < _HEADER.size:
         return ReadResult([], 0, "torn", len(data))
     magic, version, fp = _HEADER.unpack_from(data)
-    if magic != MAGIC or version != FORMAT_VERSION or fp.rstrip(b"\0").decode("ascii", "replace") != fingerprint:
+    if magic != MAGIC or version != FORMAT_VERSION:
         return ReadResult([], 0, "foreign", len(data))
+    if fp.rstrip(b"\0").decode("ascii", "replace") != fingerprint:
+        return ReadResult([], 0, "other model", len(data))
     records: list[Record] = []
     pos = _HEADER.size
     status = "ok"
@@ -199,6 +201,13 @@ class Journal:
         """
         self.directory.mkdir(parents=True, exist_ok=True)
         if found.status == "missing":
+            self.reset([])
+            return 0
+        if found.status == "other model":
+            # Its messages were forecast by that model before they were journaled; their state is that
+            # model's, which this one does not start from: nothing this model could replay is lost.
+            _LOG.info("journal %s belongs to another model: not replayed (this model starts from its own "
+                      "checkpoint or a cold state); starting a new one", self.path)  # fmt: skip
             self.reset([])
             return 0
         if found.status == "foreign" or found.valid_bytes < _HEADER.size:

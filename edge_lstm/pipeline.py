@@ -872,4 +872,4 @@ def open_journal(directory: Path, fingerprint: str, sync: bool) -> tuple[Journal
     found = read_journal(directory, fingerprint)
     journal = Journal(directory, fingerprint, sync=sync)
     dropped = journal.open(found)
-    return journal, found.records if found.status != "foreign" else [], dropped
+    return journal, found.records if found.status in ("ok", "torn") else [], dropped
