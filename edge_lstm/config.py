@@ -167,7 +167,11 @@ class MqttConfig:
         default=False, metadata=_doc("Skip the broker host name check. For tests only.")
     )
     reconnect_min_s: int = dataclasses.field(
-        default=1, metadata=_doc("First reconnect delay in seconds; doubles on each failure.")
+        default=1,
+        metadata=_doc(
+            "First reconnect delay in seconds; doubles on each failure, and on each connection lost within 10 s "
+            "of connecting (another client with this id, a refused packet)."
+        ),
     )
     reconnect_max_s: int = dataclasses.field(
         default=30, metadata=_doc("Longest reconnect delay in seconds (at most 3600).")

@@ -60,7 +60,7 @@ MAX_INFLIGHT = 1000  # outgoing QoS 1 messages paho keeps unacknowledged on the 
 CONNACK_TIMEOUT_S = 10.0  # a TCP connection without a CONNACK this long is dropped and retried
 REFUSAL_LOG_EVERY_S = 60.0  # a broker refusing every forecast logs once a minute, not per forecast
 READ_BUDGET = 4096  # most packets one poll reads before it returns to its owner
-TAKEOVER_HINT_S = 10.0  # a connection lost this soon after its CONNACK is logged with the client-id hint
+TAKEOVER_HINT_S = 10.0  # a connection lost this soon after its CONNACK: logged with the client-id hint, backs off
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -478,9 +478,12 @@ class MqttLink:
         self.last_error = ""
         self.connects += 1
         self._connected_at = self._clock()
-        self._delay = float(self.cfg.reconnect_min_s)
         _LOG.info("MQTT connected to %s:%d as %s (session present: %s)",
                   self.cfg.host, self.cfg.port, self.cfg.client_id, flags.session_present)  # fmt: skip
+        if self.connects > 1 and not flags.session_present:
+            _LOG.warning("MQTT broker kept no session for client id %r: readings it held for the daemon while it "
+                         "was away are gone (broker restarted without persistence, session expired, or another "
+                         "client connected with this id and a clean session)", self.cfg.client_id)  # fmt: skip
         if self.subscriptions:
             client.subscribe([(f, SUBSCRIBE_QOS) for f in self.subscriptions])
         if self._ready:
@@ -497,7 +500,12 @@ class MqttLink:
     ) -> None:
         was = self._connected
         self._tcp_since = None
-        self._next_attempt = self._clock() + self._delay
+        now = self._clock()
+        if was and now - self._connected_at >= TAKEOVER_HINT_S:
+            self._delay = float(self.cfg.reconnect_min_s)  # the connection held: the backoff starts over
+        self._next_attempt = now + self._delay
+        if was:  # lost soon after the last one (a client taking the id over, a packet refused): back off more
+            self._delay = min(self._delay * 2, float(self.cfg.reconnect_max_s))
         self._set_connected(False)
         err = self._wrapped.error if self._wrapped is not None else None
         if err is not None:

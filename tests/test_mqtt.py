@@ -177,7 +177,10 @@ def test_status_online_when_ready_and_offline_on_stop(broker: Broker) -> None:
         assert msgs[0].retain and msgs[0].payload == b"offline"
 
 
-def test_reconnects_after_the_broker_restarts_and_resends_unacknowledged_publishes(broker: Broker) -> None:
+def test_reconnects_after_the_broker_restarts_and_resends_unacknowledged_publishes(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="edge_lstm.mqtt")
     link = MqttLink(link_config(broker), "t/status")
     d = Driver(link).start()
     try:
@@ -191,6 +194,8 @@ def test_reconnects_after_the_broker_restarts_and_resends_unacknowledged_publish
         broker.start()
         assert d.wait(lambda: d.published == [("t1", True)], timeout=30), d.published
         assert link.connects == 2
+        # The broker (no persistence) came back without the session: readings it held are gone, and the log says so.
+        assert "MQTT broker kept no session for client id 'link-test'" in caplog.text
     finally:
         d.stop()
 
@@ -316,6 +321,27 @@ def test_a_publish_over_the_brokers_maximum_packet_size_is_refused_not_sent(
             assert link.connects == 1  # never dropped
         finally:
             d.stop()
+
+
+def test_two_clients_with_one_id_back_off_instead_of_fighting_every_second(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker closes the older of two connections with one client id. Each link's backoff starts over only
+    after a connection that held, so two daemons configured alike reconnect ever more slowly, not every second."""
+    caplog.set_level(logging.WARNING, logger="edge_lstm.mqtt")
+    links = [MqttLink(link_config(broker, reconnect_max_s=8), "t/status") for _ in range(2)]
+    drivers = [Driver(link) for link in links]
+    try:
+        for d in drivers:
+            d.start()
+        time.sleep(14.0)
+        connects = sum(link.connects for link in links)
+    finally:
+        for d in drivers:
+            d.stop()
+    # Without backoff: a connection every second or so for each link (15 in 14 s here); with it: 1, 2, 4, 8 s apart.
+    assert 2 <= connects <= 10, connects
+    assert "another client may be using client id 'link-test'" in caplog.text
 
 
 def _make_pki(d: Path) -> dict[str, Path]:
