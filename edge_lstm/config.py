@@ -324,7 +324,8 @@ class EngineConfig:
         default=10000,
         metadata=_doc(
             "Most readings queued for the model; when full, the daemon stops reading from the broker until there "
-            "is room (nothing is dropped: unacknowledged messages wait in the broker)."
+            "is room (the daemon drops nothing: unacknowledged messages wait in the broker, up to its "
+            "`max_queued_messages`, see docs/deploy.md)."
         ),
     )
     drain_timeout_s: float = dataclasses.field(
