@@ -197,6 +197,7 @@ class Pipeline:
         self._seen_at = array.array("q", [-REDELIVERY_WINDOW - 1]) * MID_SPACE
         self._seen = 0
         self._recent = _DigestRing(CARRY_DIGESTS)
+        self._redelivered: set[float] = set()  # arrival times of queued readings of redelivered messages
         self._error_logged_at = -ERROR_LOG_EVERY_S
         self.errors = 0
         self.journal_failing = False  # the last journal write failed (the disk is in trouble)
@@ -299,8 +300,8 @@ class Pipeline:
                     if len(self.queue) >= self.queue_limit and not self.starved:
                         self.link.hold = True  # full: read no more until steps make room
                     payload = m.payload
-                    if m.dup:
-                        metrics.forecasts_redelivered.inc(len(result.readings))
+                    if m.dup:  # its forecasts may have gone out before (counted as they are made)
+                        self._redelivered.add(m.arrived)
         except PayloadError as e:
             metrics.received.inc()
             metrics.outcome(e.outcome)
@@ -347,6 +348,8 @@ class Pipeline:
                     self._log_error(f"stepping a reading of {r.stream!r}")
             return n
         self._publish(result, batch)
+        if not q:
+            self._redelivered.clear()  # all of them stepped
         return n
 
     def _publish(self, result: BatchResult, batch: _Batch) -> None:
@@ -368,6 +371,10 @@ class Pipeline:
                 failed += 1
         if failed:
             self.metrics.publish_failures.inc(failed)
+        if self._redelivered:
+            again = sum(f.received in self._redelivered for f in result.forecasts)
+            if again:
+                self.metrics.forecasts_redelivered.inc(again)
         self.metrics.record_batch(result, time.monotonic(), len(self.engine.table))
 
     def _discover(self, forecasts: Sequence[Forecast]) -> None:

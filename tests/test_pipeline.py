@@ -187,6 +187,16 @@ def test_a_redelivered_message_is_recognised_and_not_processed_twice(tmp_path: P
     assert p.metrics.messages_redelivered._value.get() == 2  # type: ignore[attr-defined]
     p.accept(_msg(7, _reading(1e9 + 1800, 25100), dup=True))  # same id, other content: a new message
     assert len(p.queue) == 1
+    # Forecasts made from redelivered messages are counted as they are made (a subscriber may have them),
+    # and only those: a redelivered reading that makes none (late) counts nothing.
+    before = len(link.published)
+    p.step(10)
+    made = len(link.published) - before
+    assert made >= 1 and p.metrics.forecasts_redelivered._value.get() == made  # type: ignore[attr-defined]
+    p.accept(_msg(8, _reading(1e9 - 3600, 24000), dup=True))  # older than the stream's newest: late
+    p.step(10)
+    assert p.metrics.readings.labels("late")._value.get() == 1  # type: ignore[attr-defined]
+    assert p.metrics.forecasts_redelivered._value.get() == made  # type: ignore[attr-defined]
 
 
 def test_a_repeated_message_is_new_once_its_packet_id_has_gone_round(tmp_path: Path) -> None:
