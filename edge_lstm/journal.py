@@ -130,8 +130,11 @@ def read_journal(directory: Path | str, fingerprint: str) -> ReadResult:
     magic, version, fp = _HEADER.unpack_from(data)
     if magic != MAGIC or version != FORMAT_VERSION:
         return ReadResult([], 0, "foreign", len(data))
-    if fp.rstrip(b"\0").decode("ascii", "replace") != fingerprint:
-        return ReadResult([], 0, "other model", len(data))
+    stored = fp.rstrip(b"\0").decode("ascii", "replace")
+    if stored != fingerprint:
+        # Another model's SHA-256; anything else in the header is damage to this journal.
+        other = len(stored) == 64 and all(c in "0123456789abcdef" for c in stored)
+        return ReadResult([], 0, "other model" if other else "foreign", len(data))
     records: list[Record] = []
     pos = _HEADER.size
     status = "ok"

@@ -60,6 +60,9 @@ MAX_INFLIGHT = 1000  # outgoing QoS 1 messages paho keeps unacknowledged on the 
 CONNACK_TIMEOUT_S = 10.0  # a TCP connection without a CONNACK this long is dropped and retried
 REFUSAL_LOG_EVERY_S = 60.0  # a broker refusing every forecast logs once a minute, not per forecast
 READ_BUDGET = 4096  # most packets one poll reads before it returns to its owner
+# MQTT 5 Receive Maximum: QoS 1 messages the broker may send ahead of the daemon's acknowledgements (the
+# pipeline recognises redeliveries among the latest REDELIVERY_WINDOW, twice this).
+RECEIVE_MAXIMUM = 2048
 TAKEOVER_HINT_S = 10.0  # a connection lost this soon after its CONNACK: logged with the client-id hint, backs off
 
 
@@ -257,6 +260,7 @@ class MqttLink:
         if self._v5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.cfg.session_expiry_s
+            props.ReceiveMaximum = RECEIVE_MAXIMUM
         self.client.connect_async(
             self.cfg.host,
             self.cfg.port,
@@ -473,6 +477,8 @@ class MqttLink:
         if reason_code.is_failure:
             self.last_error = describe_connack(reason_code)
             _LOG.error("MQTT broker %s:%d refused the connection: %s", self.cfg.host, self.cfg.port, self.last_error)
+            self._next_attempt = self._clock() + self._delay  # refused again and again: back off
+            self._delay = min(self._delay * 2, float(self.cfg.reconnect_max_s))
             self._set_connected(False)
             return
         self.last_error = ""
@@ -504,7 +510,7 @@ class MqttLink:
         if was and now - self._connected_at >= TAKEOVER_HINT_S:
             self._delay = float(self.cfg.reconnect_min_s)  # the connection held: the backoff starts over
         self._next_attempt = now + self._delay
-        if was:  # lost soon after the last one (a client taking the id over, a packet refused): back off more
+        if was:  # lost soon after connecting (a client taking the id over, a packet refused): back off more
             self._delay = min(self._delay * 2, float(self.cfg.reconnect_max_s))
         self._set_connected(False)
         err = self._wrapped.error if self._wrapped is not None else None

@@ -59,7 +59,7 @@ from edge_lstm.forecast import ForecastEncoder
 from edge_lstm.homeassistant import Discovery
 from edge_lstm.journal import Journal, Record, message_digest
 from edge_lstm.metrics import Metrics
-from edge_lstm.mqtt import READ_BUDGET, Inbound, MqttLink, filter_pattern
+from edge_lstm.mqtt import READ_BUDGET, RECEIVE_MAXIMUM, Inbound, MqttLink, filter_pattern
 from edge_lstm.outcomes import Outcome
 from edge_lstm.payload import PayloadDecoder, PayloadError, Reading
 from edge_lstm.runtime import StepModel
@@ -69,9 +69,13 @@ from edge_lstm.state import release_free_memory
 _LOG = logging.getLogger(__name__)
 
 CARRY_DIGESTS = 4096  # digests of the latest messages a new journal carries (to recognise their redelivery)
-# A redelivery is recognised only for the latest this many QoS 1 messages (more than a broker's in-flight
-# window: Mosquitto's max_inflight_messages is 20 by default); all of them carry across a restart.
+# A redelivery is recognised only for the latest this many QoS 1 messages (all of them carry across a
+# restart). Between a message and its redelivery come at most twice the broker's in-flight window (the rest
+# of the old connection, then the resent ones): the daemon asks for at most RECEIVE_MAXIMUM in flight
+# (MQTT 5), and Mosquitto's own max_inflight_messages is 20 by default.
 REDELIVERY_WINDOW = CARRY_DIGESTS
+assert 2 * RECEIVE_MAXIMUM <= REDELIVERY_WINDOW
+_U32 = 0xFFFF_FFFF
 ERROR_LOG_EVERY_S = 10.0
 IDLE_WAIT_S = 0.5  # longest poll without work (the watchdog and timers run after each)
 HA_REANNOUNCE_EVERY_S = 5.0  # Home Assistant's `online` answered at most this often (the rest at the end)
@@ -192,9 +196,10 @@ class Pipeline:
         # written to the journal, waiting for its sync: (journal bytes written after them, the messages)
         self._syncing: collections.deque[tuple[int, list[_Message]]] = collections.deque()
         self._window: dict[int, _Message] = {}  # unacknowledged QoS 1 messages by packet id
-        self._digest = array.array("q", [-1]) * MID_SPACE  # CRC of the last message seen with each packet id
-        # ... and when: its number among the QoS 1 messages seen (a redelivery is one of the latest few)
-        self._seen_at = array.array("q", [-REDELIVERY_WINDOW - 1]) * MID_SPACE
+        self._digest = array.array("I", [0]) * MID_SPACE  # CRC-32 of the last message seen with each packet id
+        # ... and when: its number among the QoS 1 messages seen, modulo 2**32 (a redelivery is one of the
+        # latest few); "never" lies outside the window
+        self._seen_at = array.array("I", [(-REDELIVERY_WINDOW - 1) & _U32]) * MID_SPACE
         self._seen = 0
         self._recent = _DigestRing(CARRY_DIGESTS)
         self._redelivered: set[float] = set()  # arrival times of queued readings of redelivered messages
@@ -233,7 +238,7 @@ class Pipeline:
     def _remember(self, mid: int, digest: int) -> None:
         self._digest[mid] = digest
         self._seen += 1
-        self._seen_at[mid] = self._seen
+        self._seen_at[mid] = self._seen & _U32
 
     def _seen_lately(self, mid: int, digest: int) -> bool:
         """Whether a message with this packet id and digest is among the latest ``REDELIVERY_WINDOW`` seen.
@@ -242,7 +247,12 @@ class Pipeline:
         ahead of our acknowledgements); an older message with the same id and content (a bare reading
         repeated, ids wrapped after 65,535 messages) is another message, which must be processed.
         """
-        return self._digest[mid] == digest and self._seen - self._seen_at[mid] < REDELIVERY_WINDOW
+        if self._digest[mid] != digest:
+            return False
+        if (self._seen - self._seen_at[mid]) & _U32 < REDELIVERY_WINDOW:
+            return True
+        first = self._window.get(mid)  # still unacknowledged here, however long ago it came: the same message
+        return first is not None and first.digest == digest
 
     # -- intake (inside MqttLink.poll) ----------------------------------------------------------
 
@@ -346,6 +356,8 @@ class Pipeline:
                 except Exception:
                     self.metrics.outcome(Outcome.INTERNAL_ERROR)
                     self._log_error(f"stepping a reading of {r.stream!r}")
+            if not q:
+                self._redelivered.clear()
             return n
         self._publish(result, batch)
         if not q:

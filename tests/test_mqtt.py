@@ -208,17 +208,19 @@ def password_broker(broker_factory: Callable[..., Broker], tmp_path: Path) -> Br
 def test_bad_password_is_reported_clearly_and_never_logged(
     password_broker: Broker, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = link_config(password_broker, username="edge", password="wrong-pw")
+    cfg = link_config(password_broker, username="edge", password="wrong-pw", reconnect_max_s=8)
     with caplog.at_level(logging.INFO):
         link = MqttLink(cfg, "edge-lstm/x/status")
         d = Driver(link).start()
         try:
-            assert not d.wait_connected(3)
+            assert not d.wait_connected(7)
             assert "Bad user name or password" in link.last_error or "Not authorized" in link.last_error
         finally:
             d.stop()
     refused = [r.getMessage() for r in caplog.records if "refused the connection" in r.getMessage()]
     assert refused and ("check mqtt.username and the password" in refused[0] or "does not allow" in refused[0])
+    # Refusals back off (1, 2, 4 s apart): not one attempt a second for as long as it lasts.
+    assert 2 <= len(refused) <= 4, len(refused)
     assert "wrong-pw" not in caplog.text
     assert True not in d.connections
 
@@ -312,13 +314,16 @@ def test_a_publish_over_the_brokers_maximum_packet_size_is_refused_not_sent(
             assert d.wait_connected()
             assert link.max_packet == 400
             body = b"x" * 420
+            # Exactly at the limit goes out, one byte more does not (fixed header 3, topic 2 + 6, id 2, props 1).
+            assert publish_packet_size("ok/big", b"x" * 386, 1) == 400
             assert publish_packet_size("ok/big", body, 1) > 400 >= publish_packet_size("ok/fits", body[:360], 1)
             assert d.call(lambda: link.publish("ok/big", body, 1, False, "big")) is False
             assert link.unsendable == 1 and link.outstanding == 0
             assert d.call(lambda: link.publish("ok/fits", body[:360], 1, False, "fits")) is True
-            assert d.wait(lambda: d.published == [("fits", True)])
-            assert [m.topic for m in col.wait_for(1, "ok/#")] == ["ok/fits"]
-            assert link.connects == 1  # never dropped
+            assert d.call(lambda: link.publish("ok/big", b"x" * 386, 1, False, "edge")) is True  # 400 bytes
+            assert d.wait(lambda: d.published == [("fits", True), ("edge", True)])
+            assert [m.topic for m in col.wait_for(2, "ok/#")] == ["ok/fits", "ok/big"]
+            assert link.connects == 1  # never dropped: the broker took the 400-byte packet
         finally:
             d.stop()
 

@@ -203,19 +203,24 @@ def test_a_repeated_message_is_new_once_its_packet_id_has_gone_round(tmp_path: P
     """A sensor sending the same bare value: after 65,535 messages the broker gives a packet id to a message
     with the same topic and body as the last one that had it. If that message is lost in a dropped connection
     and redelivered, it is a new message and must be processed, not taken for a redelivery."""
-    p, _ = _pipeline(tmp_path)
+    p, link = _pipeline(tmp_path)
     p.accept(_msg(9, b"25000"))
+    _step_and_settle_all(p, link, 10)  # processed and acknowledged long ago
+    p.accept(_msg(3, b"24000", stream="slow"))  # taken in, not yet acknowledged (a deep backlog)
     for i in range(REDELIVERY_WINDOW):  # the ids go round: many other messages since
         p.accept(_msg(10 + i % 60_000, _reading(1e9 + 1800 * i, 25000), stream="other"))
     p.queue.clear()
     p.accept(_msg(9, b"25000", dup=True))
     assert len(p.queue) == 1
     assert p.metrics.messages_redelivered._value.get() == 0  # type: ignore[attr-defined]
+    # A message still waiting for its acknowledgement is recognised however many came since.
+    p.accept(_msg(3, b"24000", stream="slow", dup=True))
+    assert len(p.queue) == 1 and p.metrics.messages_redelivered._value.get() == 1  # type: ignore[attr-defined]
     # One of the latest messages is still recognised.
     p.accept(_msg(10 + (REDELIVERY_WINDOW - 1) % 60_000, _reading(1e9 + 1800 * (REDELIVERY_WINDOW - 1), 25000),
                   stream="other", dup=True))  # fmt: skip
     assert len(p.queue) == 1
-    assert p.metrics.messages_redelivered._value.get() == 1  # type: ignore[attr-defined]
+    assert p.metrics.messages_redelivered._value.get() == 2  # type: ignore[attr-defined]
 
 
 def test_a_message_from_an_earlier_connection_is_not_acknowledged_on_a_new_one(tmp_path: Path) -> None:
@@ -300,6 +305,14 @@ def test_a_damaged_journal_is_kept_aside_and_its_unreadable_bytes_reported(tmp_p
     (state / "journal.wal.damaged").unlink()
     _, records, dropped = open_journal(state, "0" * 64, sync=False)
     assert records == [] and dropped == 0 and not (state / "journal.wal.damaged").exists()
+    # This model's journal with its fingerprint bytes damaged: reported and kept, not taken for another model's.
+    Journal(state, fp, sync=False).reset([])
+    good = bytearray(path.read_bytes())
+    good[20] = ord("!")  # inside the 64 fingerprint characters
+    path.write_bytes(bytes(good))
+    (state / "journal.wal.damaged").unlink(missing_ok=True)
+    _, records, dropped = open_journal(state, fp, sync=False)
+    assert records == [] and dropped == len(good) and (state / "journal.wal.damaged").exists()
     # A file that is no journal of this format: reported and kept.
     path.write_bytes(b"not a journal at all, " * 10)
     _, records, dropped = open_journal(state, "0" * 64, sync=False)
