@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from converter.prepare import EncodedSegment, EvalRun, Part
+from converter.prepare import EncodedSegment, EvalRun, Part, gap_ticks
 
 _LOG = logging.getLogger(__name__)
 
@@ -62,11 +62,10 @@ def _timeline(encoded: Sequence[EncodedSegment], cadence_s: float) -> _Series:
     starts: list[int] = []
     pos = 0
     holdout = -1
+    gaps = gap_ticks([e.segment for e in encoded], cadence_s)
     for i, e in enumerate(encoded):
         if i:
-            prev = encoded[i - 1].segment.timestamps[-1]
-            gap = round((float(e.segment.timestamps[0]) - float(prev)) / cadence_s) - 1
-            n_gap = int(min(max(gap, 0), MAX_GAP_FILL))
+            n_gap = int(min(max(gaps[i - 1], 0), MAX_GAP_FILL))
             chunks.append(np.full(n_gap, np.nan))
             pos += n_gap
         starts.append(pos)

@@ -213,8 +213,8 @@ def _check_length(encoded: Sequence[EncodedSegment], cfg_horizon: int, warmup: i
         if n < n_min:
             raise ConvertError(
                 f"{n} {part.name.lower()} targets lie past the warm-up ({warmup} ticks) and a season ({season} "
-                f"ticks) into their segment, need at least {n_min}: give a shorter --season or --warmup, or "
-                "bridge the gaps between segments with a larger --max-gap-ticks"
+                f"ticks) into their segment, need at least {n_min}: train with a shorter --season or --warmup, "
+                "or bridge the gaps between segments with a larger --max-gap-ticks"
             )
 
 
@@ -297,7 +297,8 @@ def _prepare(cfg: TrainConfig, columns: tuple[str, ...]) -> _Prepared:
         cfg.data, cfg.time_col, columns, cfg.cadence_s, cfg.max_gap_ticks,
         aggregate=cfg.aggregate, align=cfg.align, origin_s=cfg.tick_origin_s, lateness_s=cfg.lateness_s,
     )  # fmt: skip
-    season = cfg.season or _default_season(grid)
+    parts = assign_parts(grid, cfg.split)
+    season = cfg.season or _default_season(grid, parts)
     if not 1 <= season <= MAX_SEASON_TICKS:
         what = "--season" if cfg.season else f"the default season (a day or a week of {grid.cadence_s:g}-s ticks)"
         raise ConvertError(f"{what} is {season} ticks; it must be 1..{MAX_SEASON_TICKS} (the daemon keeps up to a "
@@ -307,7 +308,6 @@ def _prepare(cfg: TrainConfig, columns: tuple[str, ...]) -> _Prepared:
         raise ConvertError(f"a season of {season} ticks and --horizon {cfg.horizon} would keep {ring} targets per "
                            f"stream, more than {MAX_HISTORY_TICKS}; give a shorter --season or --horizon")  # fmt: skip
     warmup = cfg.warmup_ticks if cfg.warmup_ticks is not None else int(min(96, max(16, season)))
-    parts = assign_parts(grid, cfg.split)
     pipeline = build_pipeline(
         grid, parts, cfg.target, cfg.horizon, level=cfg.level, calendar=cfg.calendar, utc_offset_s=cfg.utc_offset_s,
         timezone=cfg.timezone, seasonal_inputs=_seasonal_inputs(cfg, grid.n_ticks, season),
@@ -317,21 +317,26 @@ def _prepare(cfg: TrainConfig, columns: tuple[str, ...]) -> _Prepared:
     return _Prepared(grid, season, warmup, pipeline, encoded)
 
 
-def _default_season(grid: data_mod.GridSeries) -> int:
-    """:func:`season_ticks` of the cadence, or 1 (no season) when too few ticks have a season of history."""
+def _default_season(grid: data_mod.GridSeries, parts: Sequence[npt.NDArray[np.int8]]) -> int:
+    """:func:`season_ticks` of the cadence, or 1 (no season) when too few scored ticks have a season of history."""
     season = season_ticks(grid.cadence_s)
-    share = season_history_share(grid.segments, season)
+    share = season_history_share(parts, season)
     if season == 1 or not grid.segments or share >= MIN_SEASON_HISTORY_SHARE:
         return season
     gaps = gap_ticks(grid.segments, grid.cadence_s)
+    if gaps:
+        why = (f"{len(gaps)} gap(s) longer than --max-gap-ticks {grid.max_gap_ticks} (median {int(np.median(gaps))} "
+               f"ticks) split the series into segments of at most {max(len(g) for g in grid.segments)} ticks, "
+               "each starting its history anew")  # fmt: skip
+        remedy = "bridge the gaps with a larger --max-gap-ticks, or give --season"
+    else:
+        why = f"the series holds {grid.n_ticks} ticks"
+        remedy = "give a longer series, or --season"
     _LOG.warning(
-        "no season: only %.0f %% of the ticks lie a season (%d ticks of %g s) into their segment (the longest "
-        "segment has %d ticks; %d gap(s) longer than --max-gap-ticks %d split the series, median %d ticks, and "
-        "start the history anew), so seasonal naive, the seasonal blend and the seasonal inputs would have "
-        "nothing to go on; training with --season 1. To use the season, bridge the gaps with a larger "
-        "--max-gap-ticks, or give --season",
-        100 * share, season, grid.cadence_s, max(len(s) for s in grid.segments), len(gaps), grid.max_gap_ticks,
-        int(np.median(gaps)) if gaps else 0,
+        "no season: only %.0f %% of the validation and hold-out ticks lie a season (%d ticks of %g s) into their "
+        "segment (%s), so seasonal naive, the seasonal blend and the seasonal inputs would have little to go on; "
+        "training with --season 1. To use the season, %s",
+        100 * share, season, grid.cadence_s, why, remedy,
     )  # fmt: skip
     return 1
 

@@ -87,16 +87,21 @@ def seasonal_inputs_fit(season: int, train_ticks: int) -> bool:
     return season >= 2 and train_ticks >= MIN_SEASONS_FOR_INPUTS * season
 
 
-# The default season is kept only when at least this share of the ticks lies a whole season or more into
-# its segment: seasonal naive, the seasonal blend and the seasonal inputs need a season of history, and a
+# The default season is kept only when at least this share of the scored ticks lies a whole season or more
+# into its segment: seasonal naive, the seasonal blend and the seasonal inputs need a season of history, and a
 # gap longer than max_gap_ticks starts a new segment with none (the daemon resets the stream there too).
 MIN_SEASON_HISTORY_SHARE = 0.5
 
 
-def season_history_share(segments: Sequence[Segment], season: int) -> float:
-    """The share of the ticks that lie at least ``season`` ticks into their segment."""
-    total = sum(len(s) for s in segments)
-    return sum(max(0, len(s) - season) for s in segments) / total if total else 0.0
+def season_history_share(parts: Sequence[npt.NDArray[np.int8]], season: int) -> float:
+    """The share of the validation and hold-out ticks (those scored) that lie at least ``season`` ticks into
+    their segment; ``parts`` is :func:`assign_parts` of the series."""
+    scored = held = 0
+    for p in parts:
+        idx = np.flatnonzero(p != Part.TRAIN)
+        scored += idx.size
+        held += int((idx >= season).sum())
+    return held / scored if scored else 0.0
 
 
 def gap_ticks(segments: Sequence[Segment], cadence_s: float) -> list[int]:

@@ -502,8 +502,8 @@ def test_business_hours_data_trains_without_a_season_it_cannot_hold(
             modes=(), plot=False, candidates=1, folds=2, baselines=False,
         )
     )  # fmt: skip
-    assert "no season: only 0 % of the ticks lie a season (288 ticks" in caplog.text
-    assert "--max-gap-ticks" in caplog.text
+    assert "no season: only 0 % of the validation and hold-out ticks lie a season (288 ticks" in caplog.text
+    assert "bridge the gaps with a larger --max-gap-ticks" in caplog.text
     man = load_model(tmp_path / "calls").manifest
     assert man.pipeline.history_ticks == 0 and not man.pipeline.seasonal_inputs  # nothing per stream to keep
     assert man.warmup_ticks == 16

@@ -265,6 +265,20 @@ def test_seasonal_inputs_one_per_horizon_up_to_the_season_scaled_like_the_series
     np.testing.assert_allclose(seg.x[30, -1] * seasonal[1].scale, tgt[30 - 24 + 2] - tgt[30 - 24], rtol=1e-5)
 
 
+def test_the_default_season_gives_way_only_when_scored_ticks_lack_its_history(tmp_path: Path) -> None:
+    """A day and a half of 5-minute ticks without a gap: the validation and hold-out ticks all have a day
+    behind them, so the day stays the season; business hours split by every night: no tick has one."""
+    from converter.convert import _default_season
+
+    rows = "".join(f"{1_700_000_000 + 300 * i},{i % 7}\n" for i in range(432))
+    grid = load(_write(tmp_path / "short.csv", "ts,v\n" + rows), "ts", ("v",))
+    assert _default_season(grid, assign_parts(grid, Split())) == 288
+    days = "".join(f"{1_700_000_000 + 86_400 * d + 300 * i},{i % 7}\n" for d in range(10) for i in range(169))
+    grid = load(_write(tmp_path / "hours.csv", "ts,v\n" + days), "ts", ("v",))
+    assert len(grid.segments) == 10
+    assert _default_season(grid, assign_parts(grid, Split())) == 1
+
+
 def test_trending_series_drops_the_level_input(tmp_path: Path) -> None:
     lines = ["ts,v"] + [f"{i * 3600},{i * 0.5 + math.sin(i):.3f}" for i in range(400)]
     grid = load(_write(tmp_path / "t.csv", "\n".join(lines) + "\n"), "ts", ["v"])
