@@ -437,8 +437,9 @@ def _replay(
                 if band_keys is not None and name in last_band and follows:
                     lo, hi = last_band[name]
                     band_text = f"  {fmt(lo, 9)}..{fmt(hi, 8, left=True)}"
-                if fc is None:  # none came in time: the next tick has no 1-step forecast to score
+                if fc is None:  # none came in time: the next tick has no 1-step forecast to score or show
                     last_fc.pop(name, None)
+                    last_band.pop(name, None)
                 else:
                     st.forecasts += 1
                     last_fc[name] = [f["value"] for f in fc["forecasts"]]
