@@ -195,6 +195,10 @@ class _StagingDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+# Scored (origin, horizon) pairs the validation and hold-out parts need at the last horizon.
+MIN_PAIRS_LAST_HORIZON = 2
+
+
 def _check_length(encoded: Sequence[EncodedSegment], cfg_horizon: int, warmup: int, season: int) -> None:
     need = {Part.TRAIN: 2 * (warmup + cfg_horizon), Part.VAL: cfg_horizon + 2, Part.HOLDOUT: cfg_horizon + 2}
     for part, n_min in need.items():
@@ -215,6 +219,17 @@ def _check_length(encoded: Sequence[EncodedSegment], cfg_horizon: int, warmup: i
                 f"{n} {part.name.lower()} targets lie past the warm-up ({warmup} ticks) and a season ({season} "
                 f"ticks) into their segment, need at least {n_min}: train with a shorter --season or --warmup, "
                 "or bridge the gaps between segments with a larger --max-gap-ticks"
+            )
+        # Every horizon must be scored: the last needs its target inside the same segment too.
+        k = cfg_horizon
+        n = sum(int((np.isfinite(e.y[first:, k - 1]) & (e.part[first:] == part)).sum()) for e in encoded)
+        if n < MIN_PAIRS_LAST_HORIZON:
+            longest = max(len(e) for e in encoded)
+            raise ConvertError(
+                f"{n} {part.name.lower()} targets {k} ticks ahead lie past the warm-up ({warmup} ticks) in their "
+                f"segment (the longest segment has {longest} ticks), need at least {MIN_PAIRS_LAST_HORIZON}: "
+                "train with a smaller --horizon or --warmup, or bridge the gaps between segments with a larger "
+                "--max-gap-ticks"
             )
 
 
@@ -298,6 +313,11 @@ def _prepare(cfg: TrainConfig, columns: tuple[str, ...]) -> _Prepared:
         aggregate=cfg.aggregate, align=cfg.align, origin_s=cfg.tick_origin_s, lateness_s=cfg.lateness_s,
     )  # fmt: skip
     parts = assign_parts(grid, cfg.split)
+    target = np.concatenate([seg.values[:, grid.columns.index(cfg.target)] for seg in grid.segments]) if (
+        grid.segments) else np.zeros(0)  # fmt: skip
+    if target.size and float(np.ptp(target)) == 0.0:
+        _LOG.warning("the target %r is constant (%g) in every tick: persistence is exact and there is nothing "
+                     "for a model to learn", cfg.target, float(target[0]))  # fmt: skip
     season = cfg.season or _default_season(grid, parts)
     if not 1 <= season <= MAX_SEASON_TICKS:
         what = "--season" if cfg.season else f"the default season (a day or a week of {grid.cadence_s:g}-s ticks)"

@@ -160,7 +160,14 @@ def read_csv(path: Path | str, time_col: str, columns: Sequence[str]) -> RawSeri
         header = [h.strip() for h in header]
         missing = [c for c in (time_col, *columns) if c not in header]
         if missing:
-            raise ConvertError(f"{p}: column(s) {', '.join(map(repr, missing))} not found (the file has {header})")
+            hint = ""
+            if len(header) == 1 and ";" in header[0]:
+                hint = "; the file separates its columns with ';': the converter reads commas (convert it)"
+            elif lower := [h for c in missing for h in header if h.lower() == c.lower()]:
+                hint = f"; did you mean {', '.join(map(repr, lower))}?"
+            raise ConvertError(
+                f"{p}: column(s) {', '.join(map(repr, missing))} not found (the file has {header}){hint}"
+            )
         twice = sorted({c for c in (time_col, *columns) if header.count(c) > 1})
         if twice:
             raise ConvertError(f"{p}: the header names column(s) {', '.join(map(repr, twice))} more than once")
@@ -174,6 +181,11 @@ def read_csv(path: Path | str, time_col: str, columns: Sequence[str]) -> RawSeri
                     continue
                 if len(row) < len(header):
                     row = row + [""] * (len(header) - len(row))
+                elif len(row) > len(header) and any(cell.strip() for cell in row[len(header) :]):
+                    raise ConvertError(
+                        f"{p} line {lineno}: {len(row)} fields where the header has {len(header)} (a number "
+                        "written with a thousands separator, or a comma in an unquoted text cell?)"
+                    )
                 try:
                     t = parse_timestamp(row[ti])
                 except ValueError as e:
@@ -193,9 +205,21 @@ def read_csv(path: Path | str, time_col: str, columns: Sequence[str]) -> RawSeri
     if not times:
         raise ConvertError(f"{p}: no data rows")
     ts = np.asarray(times, dtype=np.float64)
+    if ts.min() >= 0 and ts.max() < EPOCH_1971_S:
+        _LOG.warning(
+            "%s: column %r: every timestamp falls in 1970 (%g .. %g as epoch seconds): if these are spreadsheet "
+            "serial dates, years or yyyymmdd numbers, write them as ISO 8601 dates (2024-03-01 or "
+            "2024-03-01T12:00:00Z), or the cadence and the calendar inputs are wrong", p, time_col, times[0],
+            times[-1],
+        )  # fmt: skip
     values = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(columns))
     _warn_unlike_daemon(p, ts, values)
     return RawSeries(timestamps=ts, values=values, columns=tuple(columns))
+
+
+EPOCH_1971_S = 31_536_000.0  # 1971-01-01T00:00:00Z
+# More late or incomplete rows than this share of the file is worth a warning (they are dropped).
+DROPPED_ROWS_WARN_SHARE = 0.05
 
 
 def _warn_unlike_daemon(path: Path, ts: npt.NDArray[np.float64], values: npt.NDArray[np.float64]) -> None:
@@ -462,4 +486,11 @@ def load(
         policy.aggregate.value, policy.align.value, policy.origin_s, policy.lateness_s, grid.n_filled,
         len(grid.segments), grid.n_ticks,
     )  # fmt: skip
+    lost = grid.n_late + grid.n_missing
+    if grid.n_rows and lost > DROPPED_ROWS_WARN_SHARE * grid.n_rows:
+        _LOG.warning(
+            "%s: %d of %d rows (%.0f %%) are not in the ticks: %d late (a row after a later one: is the file in "
+            "time order? several readings in one tick with --aggregate first?) and %d with an empty value",
+            path, lost, grid.n_rows, 100 * lost / grid.n_rows, grid.n_late, grid.n_missing,
+        )  # fmt: skip
     return grid

@@ -170,7 +170,8 @@ def fit_blend(
     The grid holds persistence (0, 0) and seasonal naive (0, 1), so on this cost
     the blend is never worse than either.  Ties go to the smaller coefficients
     (the simpler forecast).  ``seasonal=False`` fixes every weight at 0.  A
-    horizon without a fold of at least 2 pairs keeps gain 1, weight 0.
+    horizon without a fold of at least 2 pairs is persistence (gain 0, weight 0): nothing
+    shows the network helps there.
 
     The same grid is searched a second time with the seasonally differenced
     forecast ``last + s_k - r_k`` in place of seasonal naive (``differenced=False``
@@ -208,7 +209,8 @@ def fit_blend(
         # Persistence's and seasonal naive's cost per fold [2, 1] (None where a fold has too few pairs).
         naive_costs_k = [_fold_costs(p, k, np.zeros(1), _NAIVE_WEIGHTS) for p in parts]
         counted = [nv for nv in naive_costs_k if nv is not None]
-        if not counted:
+        if not counted:  # no evidence either way: the naive forecast
+            gains[k] = weights[k] = 0.0
             continue
         naive = np.array([nv[:, 0] for nv in counted])  # [F, 2]: persistence, seasonal naive
         nw = 1 if seasonal and np.median(naive[:, 1]) < np.median(naive[:, 0]) else 0

@@ -265,6 +265,21 @@ def test_seasonal_inputs_one_per_horizon_up_to_the_season_scaled_like_the_series
     np.testing.assert_allclose(seg.x[30, -1] * seasonal[1].scale, tgt[30 - 24 + 2] - tgt[30 - 24], rtol=1e-5)
 
 
+def test_rows_a_user_would_not_expect_to_lose_are_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    hours = [f"2024-01-{1 + i // 24:02d}T{i % 24:02d}:00:00Z,{i % 5}\n" for i in range(400)]
+    load(_write(tmp_path / "swapped.csv", "ts,v\n" + "".join(hours[200:] + hours[:200])), "ts", ("v",))
+    assert "200 of 400 rows (50 %) are not in the ticks: 200 late" in caplog.text
+    caplog.clear()
+    load(_write(tmp_path / "serial.csv", "ts,v\n" + "".join(f"{45292 + i / 24:.6f},{i % 5}\n" for i in range(400))),
+         "ts", ("v",))  # fmt: skip
+    assert "every timestamp falls in 1970" in caplog.text and "spreadsheet serial dates" in caplog.text
+    caplog.clear()
+    load(_write(tmp_path / "fine.csv", "ts,v\n" + "".join(hours)), "ts", ("v",))
+    assert "WARNING" not in [r.levelname for r in caplog.records]
+
+
 def test_the_default_season_gives_way_only_when_scored_ticks_lack_its_history(tmp_path: Path) -> None:
     """A day and a half of 5-minute ticks without a gap: the validation and hold-out ticks all have a day
     behind them, so the day stays the season; business hours split by every night: no tick has one."""
@@ -330,6 +345,13 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
          "--season is -3 ticks"),
         ("ts,v\n" + "".join(f"{i * 60},{i % 7}\n" for i in range(400)),
          ["--target", "v", "--season", "60000", "--horizon", "60001"], "would keep 120001 targets per stream"),
+        ("ts,v\n" + "".join(f"{1_700_000_000 + 60 * i},1,{i % 10}00.5\n" for i in range(400)), ["--target", "v"],
+         "line 2: 3 fields where the header has 2 (a number written with a thousands separator"),
+        ("time;v\n1700000000;1\n", ["--target", "v"], "separates its columns with ';'"),
+        ("ts,V\n1700000000,1\n", ["--target", "v"], "did you mean 'V'?"),
+        # 27 runs of 30 hourly readings, 70 hours apart: no target 16 hours ahead in the same run.
+        ("ts,v\n" + "".join(f"{1_700_000_000 + 3600 * (r * 100 + i)},{i % 7}\n" for r in range(27) for i in range(30)),
+         ["--target", "v"], "val targets 16 ticks ahead lie past the warm-up (16 ticks) in their segment"),
         # 20 stretches of 30 minutely readings, an hour apart: none lies a season of 100 ticks into its stretch.
         ("ts,v\n" + "".join(f"{(d * 90 + i) * 60},{i % 7}\n" for d in range(20) for i in range(30)),
          ["--target", "v", "--season", "100", "--horizon", "2", "--warmup", "4"],

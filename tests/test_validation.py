@@ -275,6 +275,13 @@ def test_the_ring_gives_the_same_seasonal_forecasts_as_the_whole_history(differe
                             assert np.isnan(want[i][h])
 
 
+def test_a_horizon_with_too_few_pairs_to_judge_is_persistence() -> None:
+    """One validation pair shows nothing: the network does not get the horizon by default."""
+    one = np.array([1.0])
+    b = fit_blend([_oos(one, one * 5, one * 3, one), _oos(one, one * 5, one * 3, one)])
+    assert (float(b.gains[0]), float(b.weights[0])) == (0.0, 0.0)
+
+
 def test_a_gain_the_folds_disagree_on_falls_back_to_the_better_naive_forecast() -> None:
     """One-standard-error rule: the network's gain must hold across folds, not in a median fold only."""
     rng = np.random.default_rng(6)
