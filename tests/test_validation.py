@@ -282,6 +282,20 @@ def test_a_horizon_with_too_few_pairs_to_judge_is_persistence() -> None:
     assert (float(b.gains[0]), float(b.weights[0])) == (0.0, 0.0)
 
 
+def test_with_one_fold_a_gain_its_pairs_disagree_on_is_given_up() -> None:
+    """One fold (a short series): the one-standard-error rule over its pairs. The network is right on five
+    pairs and far off on the sixth: cheaper on average, not by more than its spread."""
+    last = np.zeros(6)
+    actual = np.ones(6)
+    network = np.array([1.0, 1.0, 1.0, 1.0, 1.0, -3.0])
+    seasonal = actual + np.array([10.0, -10.0] * 3)  # far off: persistence is the naive forecast to beat
+    b = fit_blend([_oos(network, seasonal, actual, last)])
+    assert (float(b.gains[0]), float(b.weights[0])) == (0.0, 0.0)
+    # Right on every pair: kept.
+    b = fit_blend([_oos(np.ones(6), seasonal, actual, last)])
+    assert float(b.gains[0]) == 1.0
+
+
 def test_a_gain_the_folds_disagree_on_falls_back_to_the_better_naive_forecast() -> None:
     """One-standard-error rule: the network's gain must hold across folds, not in a median fold only."""
     rng = np.random.default_rng(6)
