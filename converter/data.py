@@ -175,6 +175,7 @@ def read_csv(path: Path | str, time_col: str, columns: Sequence[str]) -> RawSeri
         vi = [header.index(c) for c in columns]
         times: list[float] = []
         rows: list[list[float]] = []
+        no_time = 0
         try:
             for lineno, row in enumerate(reader, start=2):
                 if not row or all(not cell.strip() for cell in row):
@@ -186,6 +187,9 @@ def read_csv(path: Path | str, time_col: str, columns: Sequence[str]) -> RawSeri
                         f"{p} line {lineno}: {len(row)} fields where the header has {len(header)} (a number "
                         "written with a thousands separator, or a comma in an unquoted text cell?)"
                     )
+                if not row[ti].strip():  # a row without a time cannot be placed: dropped, as empty values are
+                    no_time += 1
+                    continue
                 try:
                     t = parse_timestamp(row[ti])
                 except ValueError as e:
@@ -202,6 +206,8 @@ def read_csv(path: Path | str, time_col: str, columns: Sequence[str]) -> RawSeri
                 rows.append(vals)
         except (csv.Error, UnicodeDecodeError) as e:
             raise ConvertError(f"{p}: not a readable CSV file: {e}") from None
+    if no_time:
+        _LOG.warning("%s: %d row(s) with an empty %r cell dropped", p, no_time, time_col)
     if not times:
         raise ConvertError(f"{p}: no data rows")
     ts = np.asarray(times, dtype=np.float64)

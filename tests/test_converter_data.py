@@ -153,6 +153,14 @@ def test_empty_and_nan_cells_are_missing_readings_filled_by_the_gap_policy(tmp_p
     assert seg.observed.tolist() == [True, False, False, True, True]
 
 
+def test_a_row_with_an_empty_time_cell_is_dropped_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw = read_csv(_write(tmp_path / "d.csv", "ts,v\n0,1\n,2\n120,3\n  ,4\n"), "ts", ["v"])
+    assert raw.timestamps.tolist() == [0, 120] and raw.values[:, 0].tolist() == [1, 3]
+    assert "2 row(s) with an empty 'ts' cell dropped" in caplog.text
+
+
 def test_a_1_hz_log_aggregates_onto_a_60_s_cadence(tmp_path: Path) -> None:
     """A raw sensor log faster than the cadence: one tick per minute, the mean of its readings."""
     t0 = 1_700_000_040  # on the minute
