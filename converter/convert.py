@@ -220,16 +220,18 @@ def _check_length(encoded: Sequence[EncodedSegment], cfg_horizon: int, warmup: i
                 f"ticks) into their segment, need at least {n_min}: train with a shorter --season or --warmup, "
                 "or bridge the gaps between segments with a larger --max-gap-ticks"
             )
-        # Every horizon must be scored: the last needs its target inside the same segment too.
+        # Every horizon must be scored: the last needs its target inside the same segment too, and (as
+        # report.scored_pairs asks) its origin past the warm-up and its seasonal naive inside the segment.
         k = cfg_horizon
+        first = max(warmup, season * math.ceil(k / season) - k)
         n = sum(int((np.isfinite(e.y[first:, k - 1]) & (e.part[first:] == part)).sum()) for e in encoded)
         if n < MIN_PAIRS_LAST_HORIZON:
             longest = max(len(e) for e in encoded)
             raise ConvertError(
-                f"{n} {part.name.lower()} targets {k} ticks ahead lie past the warm-up ({warmup} ticks) in their "
-                f"segment (the longest segment has {longest} ticks), need at least {MIN_PAIRS_LAST_HORIZON}: "
-                "train with a smaller --horizon or --warmup, or bridge the gaps between segments with a larger "
-                "--max-gap-ticks"
+                f"{n} {part.name.lower()} targets {k} ticks ahead lie past the warm-up ({warmup} ticks) and with "
+                f"a season ({season} ticks) of history in their segment (the longest has {longest} ticks), need at "
+                f"least {MIN_PAIRS_LAST_HORIZON}: train with a smaller --horizon, --warmup or --season, or bridge "
+                "the gaps between segments with a larger --max-gap-ticks"
             )
 
 
@@ -638,9 +640,9 @@ def _candidate(fold: _FoldData, pipeline: FeaturePipeline, cfg: TrainConfig, fit
 
     fitted = fit(fold.train, fold.val, pipeline.n_features, cfg.horizon, fit_cfg)
     oos = out_of_sample(fold.pairs, _run_keras(fitted.model, fold.encoded, fold.runs), pipeline)
-    return _Candidate(
-        seed=fit_cfg.seed, fit=fitted, oos=oos, score=oos.score(fit_blend(oos, seasonal=cfg.seasonal_blend))
-    )
+    # A ranking of the seeds on one fold, as before the one-fold check (which decides what ships).
+    score = oos.score(fit_blend(oos, seasonal=cfg.seasonal_blend, check_one_fold=False))
+    return _Candidate(seed=fit_cfg.seed, fit=fitted, oos=oos, score=score)
 
 
 def _plot(

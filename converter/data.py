@@ -185,7 +185,8 @@ def read_csv(path: Path | str, time_col: str, columns: Sequence[str]) -> RawSeri
                 elif len(row) > len(header) and any(cell.strip() for cell in row[len(header) :]):
                     raise ConvertError(
                         f"{p} line {lineno}: {len(row)} fields where the header has {len(header)} (a number "
-                        "written with a thousands separator, or a comma in an unquoted text cell?)"
+                        "written with a thousands separator, or a comma in an unquoted text cell? An extra column "
+                        "needs a name in the header)"
                     )
                 if not row[ti].strip():  # a row without a time cannot be placed: dropped, as empty values are
                     no_time += 1
@@ -495,8 +496,9 @@ def load(
     lost = grid.n_late + grid.n_missing
     if grid.n_rows and lost > DROPPED_ROWS_WARN_SHARE * grid.n_rows:
         _LOG.warning(
-            "%s: %d of %d rows (%.0f %%) are not in the ticks: %d late (a row after a later one: is the file in "
-            "time order? several readings in one tick with --aggregate first?) and %d with an empty value",
+            "%s: %d of %d rows (%.0f %%) are not in the ticks: %d late (a row after a later one, or a second "
+            "reading in a tick that aggregate 'first' has closed: is the file in time order? would --cadence or "
+            "--aggregate mean fit it?) and %d with an empty value",
             path, lost, grid.n_rows, 100 * lost / grid.n_rows, grid.n_late, grid.n_missing,
         )  # fmt: skip
     return grid

@@ -155,6 +155,7 @@ def fit_blend(
     grid: npt.NDArray[np.float64] = BLEND_GRID,
     seasonal: bool = True,
     differenced: bool = True,
+    check_one_fold: bool = True,
 ) -> Blend:
     """Per horizon, the (gain, weight) on the grid that does best relative to naive, fold by fold.
 
@@ -190,8 +191,10 @@ def fit_blend(
     left, the horizon falls back to the naive forecast.  With one fold (a short
     series) the same rule runs over its pairs: the candidate's capped error less
     the naive forecast's must stay below 0 by more than one standard error of its
-    mean (on a 124-tick series a horizon had taken the network's full gain from a
-    few pairs and lost 2.6 times persistence's error on the hold-out).
+    mean, over at least ``MIN_PAIRS_TO_TRUST`` pairs (on a 124-tick series a
+    horizon had taken the network's full gain from a few pairs and lost 2.6 times
+    persistence's error on the hold-out).  ``check_one_fold=False`` leaves that
+    check out (the seed race ranks candidates on one fold with it off).
     With three folds of a short series, a gain one fold contradicts is as
     likely noise as not; the product promises never to be worse than the naive
     forecasts, so such a horizon gives the gain up.  Measured on the accuracy
@@ -238,7 +241,7 @@ def fit_blend(
                 if len(folds) >= 2:
                     rel = np.array([_relative(r[iw, ig], nv[nw, 0]) for _, r, nv in folds])
                     trusted = rel.mean() + rel.std(ddof=1) / math.sqrt(rel.size) < 1.0
-                else:
+                elif check_one_fold:
                     trusted = _beats_pair_by_pair(folds[0][0], k, float(grid[ig]), float(w_axis[iw]), anchor, nw)
             bests.append((c, anchor, float(w_axis[iw]), float(grid[ig]), trusted))
         if not bests:  # no candidate has a cost here: persistence
@@ -351,6 +354,10 @@ def _capped_errors(
     return err, lean, naive_abs, cap
 
 
+# Pairs one fold needs before a candidate other than the naive forecast can be trusted on it.
+MIN_PAIRS_TO_TRUST = 5
+
+
 def _beats_pair_by_pair(part: OutOfSample, k: int, gain: float, weight: float, differenced: bool, nw: int) -> bool:
     """The one-standard-error rule inside one fold: the candidate's capped error, less the naive forecast's
     (``nw``: 0 persistence, 1 seasonal naive), pair by pair, must stay below 0 by more than one standard
@@ -361,8 +368,7 @@ def _beats_pair_by_pair(part: OutOfSample, k: int, gain: float, weight: float, d
     err, lean, naive_abs, cap = got
     cand = np.minimum(np.abs(err - weight * lean - gain * part.delta[k]), cap)
     d = cand - np.minimum(naive_abs[nw], cap)
-    d = d[np.isfinite(d)]
-    return d.size >= 2 and float(d.mean() + d.std(ddof=1) / math.sqrt(d.size)) < 0.0
+    return d.size >= MIN_PAIRS_TO_TRUST and float(d.mean() + d.std(ddof=1) / math.sqrt(d.size)) < 0.0
 
 
 def out_of_sample(pairs: Pairs, preds: Sequence[F32], pipeline: FeaturePipeline) -> OutOfSample:

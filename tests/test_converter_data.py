@@ -11,6 +11,7 @@ import pytest
 
 from converter.cli import main
 from converter.data import choose_policy, infer_cadence, load, parse_timestamp, read_csv, resample
+from converter.errors import ConvertError
 from converter.prepare import (
     LevelMode,
     Part,
@@ -288,6 +289,39 @@ def test_rows_a_user_would_not_expect_to_lose_are_warned_about(
     assert "WARNING" not in [r.levelname for r in caplog.records]
 
 
+def test_the_length_check_asks_of_the_last_horizon_what_scoring_asks(tmp_path: Path) -> None:
+    """Validation and hold-out in runs of 53 ticks, season 48, warm-up 16, horizon 8: scoring finds 10 pairs
+    at every horizon (an origin 8 ahead needs 40 ticks behind it, not 47), so the check lets it train."""
+    from converter.convert import _check_length
+    from converter.data import Segment
+    from converter.prepare import EncodedSegment
+    from converter.report import scored_pairs
+
+    k_max, season, warmup = 8, 48, 16
+
+    def seg(n: int, part: Part) -> EncodedSegment:
+        tgt = np.sin(np.arange(n) / 5.0)
+        y = np.full((n, k_max), np.nan, np.float32)
+        for k in range(1, k_max + 1):
+            y[:-k, k - 1] = tgt[k:] - tgt[:-k]
+        s = Segment(np.arange(n) * 60.0, tgt[:, None], np.ones(n, bool))
+        return EncodedSegment(s, np.zeros((n, 1), np.float32), y, np.full(n, int(part), np.int8), tgt)
+
+    enc = [seg(400, Part.TRAIN), seg(53, Part.VAL), seg(53, Part.VAL), seg(53, Part.HOLDOUT), seg(53, Part.HOLDOUT)]
+    for part in (Part.VAL, Part.HOLDOUT):
+        pairs = scored_pairs(enc, eval_runs(enc, part, warmup), k_max, season, part)
+        assert [len(a) for a in pairs.actual] == [10] * k_max
+    _check_length(enc, k_max, warmup, season)  # no error
+    # No season: runs of 25 and 20 ticks leave 11 targets one tick ahead past the warm-up, 1 eight ahead.
+    with pytest.raises(ConvertError, match="1 val targets 8 ticks ahead lie past the warm-up"):
+        _check_length([enc[0], seg(25, Part.VAL), seg(20, Part.VAL), seg(53, Part.HOLDOUT)], k_max, warmup, 1)
+
+
+def test_rows_with_trailing_empty_fields_still_read(tmp_path: Path) -> None:
+    raw = read_csv(_write(tmp_path / "t.csv", "ts,v\n0,1,,\n60,2, ,\n"), "ts", ["v"])
+    assert raw.values[:, 0].tolist() == [1, 2]
+
+
 def test_the_default_season_gives_way_only_when_scored_ticks_lack_its_history(tmp_path: Path) -> None:
     """A day and a half of 5-minute ticks without a gap: the validation and hold-out ticks all have a day
     behind them, so the day stays the season; business hours split by every night: no tick has one."""
@@ -359,7 +393,7 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
         ("ts,V\n1700000000,1\n", ["--target", "v"], "did you mean 'V'?"),
         # 27 runs of 30 hourly readings, 70 hours apart: no target 16 hours ahead in the same run.
         ("ts,v\n" + "".join(f"{1_700_000_000 + 3600 * (r * 100 + i)},{i % 7}\n" for r in range(27) for i in range(30)),
-         ["--target", "v"], "val targets 16 ticks ahead lie past the warm-up (16 ticks) in their segment"),
+         ["--target", "v"], "val targets 16 ticks ahead lie past the warm-up (16 ticks) and with a season"),
         # 20 stretches of 30 minutely readings, an hour apart: none lies a season of 100 ticks into its stretch.
         ("ts,v\n" + "".join(f"{(d * 90 + i) * 60},{i % 7}\n" for d in range(20) for i in range(30)),
          ["--target", "v", "--season", "100", "--horizon", "2", "--warmup", "4"],

@@ -294,6 +294,12 @@ def test_with_one_fold_a_gain_its_pairs_disagree_on_is_given_up() -> None:
     # Right on every pair: kept.
     b = fit_blend([_oos(np.ones(6), seasonal, actual, last)])
     assert float(b.gains[0]) == 1.0
+    # Right on four pairs: too few to trust.
+    four = slice(0, 4)
+    b = fit_blend([_oos(np.ones(4), seasonal[four], actual[four], last[four])])
+    assert float(b.gains[0]) == 0.0
+    # The seed race ranks candidates without the one-fold check.
+    assert float(fit_blend(_oos(network, seasonal, actual, last), check_one_fold=False).gains[0]) == 1.0
 
 
 def test_a_gain_the_folds_disagree_on_falls_back_to_the_better_naive_forecast() -> None:
