@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("data", type=Path, metavar="DATA.csv")
     t.add_argument("--out", required=True, type=Path, metavar="DIR", help="model directory to write")
     t.add_argument("--time-col", required=True,
-                   help="timestamp column: ISO 8601, date, or epoch s/ms/us/ns (by magnitude)")
+                   help="timestamp column: ISO 8601, date, year-month, or epoch s/ms/us/ns (by magnitude)")
     t.add_argument("--target", required=True, help="column to forecast")
     t.add_argument("--features", default="", help="more value columns as inputs, comma-separated")
     t.add_argument("--horizon", type=int, default=16, help="forecast ticks ahead, K (default 16)")

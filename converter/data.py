@@ -27,6 +27,7 @@ import datetime as dt
 import itertools
 import logging
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -91,8 +92,11 @@ class GridSeries:
         return self.policy.max_gap_ticks
 
 
+_YEAR_MONTH = re.compile(r"\d{4}-\d{2}")
+
+
 def parse_timestamp(text: str) -> float:
-    """Epoch seconds from ISO 8601 (date or date-time; naive means UTC) or an epoch number.
+    """Epoch seconds from ISO 8601 (date-time, date or year-month; naive means UTC) or an epoch number.
 
     An epoch number is seconds, milliseconds, microseconds or nanoseconds by its magnitude, by the
     daemon's rule (:func:`edge_lstm.payload.epoch_scale`).  Times from the year 5138 on (1e11 s)
@@ -110,6 +114,8 @@ def parse_timestamp(text: str) -> float:
         if not math.isfinite(num):
             raise ValueError(f"timestamp {s!r} is not finite")
         return _in_range(num * epoch_scale(abs(num)), s)
+    if _YEAR_MONTH.fullmatch(s):  # ISO 8601's reduced precision: the month's first day
+        s += "-01"
     try:
         stamp = dt.datetime.fromisoformat(s.replace("Z", "+00:00") if s.endswith(("Z", "z")) else s)
         if stamp.tzinfo is None:

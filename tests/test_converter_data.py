@@ -54,6 +54,7 @@ def _series_csv(
         ("2000-06-05T02:30:00+02:00", dt.datetime(2000, 6, 5, 0, 30, tzinfo=dt.timezone.utc).timestamp()),
         ("2000-06-05 00:30:00", dt.datetime(2000, 6, 5, 0, 30, tzinfo=dt.timezone.utc).timestamp()),
         ("2010-01-04", dt.datetime(2010, 1, 4, tzinfo=dt.timezone.utc).timestamp()),
+        ("2010-03", dt.datetime(2010, 3, 1, tzinfo=dt.timezone.utc).timestamp()),  # monthly data
         ("1700000000", 1_700_000_000.0),
         ("1700000000.5", 1_700_000_000.5),
         ("1700000000123", 1_700_000_000.123),
