@@ -71,8 +71,9 @@ _LOG = logging.getLogger(__name__)
 CARRY_DIGESTS = 4096  # digests of the latest messages a new journal carries (to recognise their redelivery)
 # A redelivery is recognised only for the latest this many QoS 1 messages (all of them carry across a
 # restart). Between a message and its redelivery come at most twice the broker's in-flight window (the rest
-# of the old connection, then the resent ones): the daemon asks for at most RECEIVE_MAXIMUM in flight
-# (MQTT 5), and Mosquitto's own max_inflight_messages is 20 by default.
+# of the old connection, then the resent ones): keep the broker's in-flight window at most RECEIVE_MAXIMUM
+# (Mosquitto's max_inflight_messages is 20 by default); a message still unacknowledged is recognised however
+# long ago it came.
 REDELIVERY_WINDOW = CARRY_DIGESTS
 assert 2 * RECEIVE_MAXIMUM <= REDELIVERY_WINDOW
 _U32 = 0xFFFF_FFFF
