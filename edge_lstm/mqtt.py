@@ -60,11 +60,6 @@ MAX_INFLIGHT = 1000  # outgoing QoS 1 messages paho keeps unacknowledged on the 
 CONNACK_TIMEOUT_S = 10.0  # a TCP connection without a CONNACK this long is dropped and retried
 REFUSAL_LOG_EVERY_S = 60.0  # a broker refusing every forecast logs once a minute, not per forecast
 READ_BUDGET = 4096  # most packets one poll reads before it returns to its owner
-# The broker's in-flight window (Mosquitto's max_inflight_messages, 20 by default) should stay at most this:
-# the pipeline recognises redeliveries among the latest REDELIVERY_WINDOW messages, twice this. It is not sent as
-# the MQTT 5 Receive Maximum: Mosquitto 2.0 then takes it as the window (500 unacknowledged messages sent where
-# its default sends 20), a far larger backlog in the daemon.
-RECEIVE_MAXIMUM = 2048
 TAKEOVER_HINT_S = 10.0  # a connection lost this soon after its CONNACK: logged with the client-id hint, backs off
 
 
