@@ -211,20 +211,16 @@ def _check_length(encoded: Sequence[EncodedSegment], cfg_horizon: int, warmup: i
             )
         if part is Part.TRAIN:
             continue
-        # Scored: past the warm-up of its segment, with a season of history there for seasonal naive.
-        first = max(warmup, season - 1)
-        n = sum(int((np.isfinite(e.y[first:, 0]) & (e.part[first:] == part)).sum()) for e in encoded)
+        n = _scored_targets(encoded, part, 1, warmup, season)
         if n < n_min:
             raise ConvertError(
                 f"{n} {part.name.lower()} targets lie past the warm-up ({warmup} ticks) and a season ({season} "
                 f"ticks) into their segment, need at least {n_min}: train with a shorter --season or --warmup, "
                 "or bridge the gaps between segments with a larger --max-gap-ticks"
             )
-        # Every horizon must be scored: the last needs its target inside the same segment too, and (as
-        # report.scored_pairs asks) its origin past the warm-up and its seasonal naive inside the segment.
+        # Every horizon must be scored: the last needs its target inside the same segment too.
         k = cfg_horizon
-        first = max(warmup, season * math.ceil(k / season) - k)
-        n = sum(int((np.isfinite(e.y[first:, k - 1]) & (e.part[first:] == part)).sum()) for e in encoded)
+        n = _scored_targets(encoded, part, k, warmup, season)
         if n < MIN_PAIRS_LAST_HORIZON:
             longest = max(len(e) for e in encoded)
             raise ConvertError(
@@ -233,6 +229,13 @@ def _check_length(encoded: Sequence[EncodedSegment], cfg_horizon: int, warmup: i
                 f"least {MIN_PAIRS_LAST_HORIZON}: train with a smaller --horizon, --warmup or --season, or bridge "
                 "the gaps between segments with a larger --max-gap-ticks"
             )
+
+
+def _scored_targets(encoded: Sequence[EncodedSegment], part: Part, k: int, warmup: int, season: int) -> int:
+    """Targets ``k`` ticks ahead in ``part`` that scoring counts (as :func:`report.scored_pairs` asks): the
+    origin past its segment's warm-up, the target and its seasonal naive inside the segment."""
+    first = max(warmup, season * math.ceil(k / season) - k)
+    return sum(int((np.isfinite(e.y[first:, k - 1]) & (e.part[first:] == part)).sum()) for e in encoded)
 
 
 def _run_keras(model: Any, encoded: Sequence[EncodedSegment], runs: Sequence[EvalRun]) -> list[F32]:
