@@ -423,10 +423,17 @@ def _train_into(cfg: TrainConfig, columns: tuple[str, ...], work: Path) -> Train
     # on the earlier folds too, and the blend is fitted fold by fold on the out-of-sample forecasts of every fold.
     last = folds[-1]
     seeds = [cfg.seed + i for i in range(cfg.candidates)]
-    cands = [_candidate(last, pipeline, cfg, dataclasses.replace(fit_cfg, seed=s)) for s in seeds]
+    runs_in_all = len(seeds) + len(folds) - 1
+    cands = []
+    for i, s in enumerate(seeds):
+        _announce_run(i + 1, runs_in_all, s, last, len(folds), len(folds), t_start)
+        cands.append(_candidate(last, pipeline, cfg, dataclasses.replace(fit_cfg, seed=s)))
     best = min(cands, key=lambda c: (c.score if math.isfinite(c.score) else math.inf, c.seed))
     fitted = best.fit
-    earlier = [_fold_forecasts(f, pipeline, cfg, dataclasses.replace(fit_cfg, seed=best.seed)) for f in folds[:-1]]
+    earlier = []
+    for i, f in enumerate(folds[:-1]):
+        _announce_run(len(seeds) + i + 1, runs_in_all, best.seed, f, i + 1, len(folds), t_start)
+        earlier.append(_fold_forecasts(f, pipeline, cfg, dataclasses.replace(fit_cfg, seed=best.seed)))
     per_fold = [*(o for o, _ in earlier), best.oos]
     oos = OutOfSample.concat(per_fold)
     blend = fit_blend(per_fold, seasonal=cfg.seasonal_blend)
@@ -624,6 +631,14 @@ def _fold_data(
         pairs = report_mod.scored_pairs(enc, runs, cfg.horizon, season, Part.VAL)
         out.append(_FoldData(split, enc, tr, va, runs, pairs))
     return out
+
+
+def _announce_run(n: int, runs: int, seed: int, fold: _FoldData, fold_n: int, folds: int, t_start: float) -> None:
+    """The progress line before each network is trained (the epochs follow it)."""
+    _LOG.info(
+        "training %d of %d: seed %d on fold %d of %d (training part %.0f %% of the series, %d windows; %.0f s so far)",
+        n, runs, seed, fold_n, folds, 100 * fold.split.train_frac, fold.train[0].shape[0], time.monotonic() - t_start,
+    )  # fmt: skip
 
 
 def _fold_forecasts(

@@ -14,8 +14,10 @@ the dense layer (:func:`apply_gains`), so the exported model is unchanged in sha
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -173,8 +175,29 @@ def model_from_weights(weights: ReferenceWeights) -> keras.Model:
 
 
 def predict_sequence(model: keras.Model, x: F32) -> F32:
-    """Run the sequence model over one whole sequence ``[T, D]`` from zero state; ``[T, K]``."""
-    return np.asarray(model(x[None].astype(np.float32), training=False))[0].astype(np.float32)
+    """Run the sequence model over one whole sequence ``[T, D]`` from zero state; ``[T, K]``.
+
+    The call runs as one TensorFlow graph, traced once per model for any length: called
+    eagerly, Keras steps the LSTM's loop op by op from Python (4.4 ms a tick on 2 cores
+    against 0.06 ms in the graph, with the same numbers), which made a 30,000-tick
+    validation block cost minutes.
+    """
+    run = _sequence_runs.get(model)
+    if run is None:
+        spec = tf.TensorSpec([1, None, model.input_shape[-1]], tf.float32)
+        # A weak reference: the cache must not keep the model alive.  A partial rather than a
+        # lambda: TensorFlow counts traces per code object and would warn of "retracing" by the
+        # fifth model, though each model's graph is traced once.
+        run = tf.function(functools.partial(_run_model, weakref.ref(model)), input_signature=[spec])
+        _sequence_runs[model] = run
+    return np.asarray(run(x[None].astype(np.float32)))[0].astype(np.float32)
+
+
+_sequence_runs: weakref.WeakKeyDictionary[keras.Model, Any] = weakref.WeakKeyDictionary()
+
+
+def _run_model(model: weakref.ref[keras.Model], x: tf.Tensor) -> tf.Tensor:
+    return model()(x, training=False)
 
 
 def apply_gains(weights: ReferenceWeights, gains: F32) -> ReferenceWeights:

@@ -321,6 +321,28 @@ def test_calibrate_puts_the_data_on_the_models_ticks(
     assert not np.array_equal(guessed_lo, cal.lower)  # the two grids give different intervals
 
 
+def test_a_whole_sequence_runs_as_one_graph_with_the_eager_numbers(caplog: pytest.LogCaptureFixture) -> None:
+    """The validation and hold-out runs: one traced graph per model for any length, same numbers as eager."""
+    import gc
+
+    from converter.train import _sequence_runs, build_model, predict_sequence
+
+    model = build_model(5, (8, 8), 3)
+    x = np.random.default_rng(1).standard_normal((300, 5)).astype(np.float32)
+    for n in (300, 37):
+        eager = np.asarray(model(x[None, :n], training=False))[0]
+        np.testing.assert_array_equal(predict_sequence(model, x[:n]), eager)
+    assert _sequence_runs[model].experimental_get_tracing_count() == 1  # not traced again for a new length
+    del model
+    gc.collect()
+    assert len(_sequence_runs) == 0  # the cache does not keep a model alive
+    for _ in range(8):  # a training run's candidates and folds: no warning that reads like a fault
+        other = build_model(5, (4,), 2)
+        for n in (20, 30, 40):
+            predict_sequence(other, x[:n])
+    assert "retracing" not in caplog.text
+
+
 def test_classic_shape_10_features_32_outputs(tmp_path: Path) -> None:
     """LSTM(64) on (None, 10) + Dense(32): trains, exports, and streams a batch through LiteRT."""
     rng = np.random.default_rng(0)
@@ -436,7 +458,9 @@ def test_a_horizon_leans_on_seasonal_naive_where_that_wins(tmp_path: Path) -> No
     assert float(np.mean(np.abs(res_k[0]))) == pytest.approx(res.report["validation"]["mae"]["model"][0])
 
 
-def test_a_1_second_log_trains_a_1_minute_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_1_second_log_trains_a_1_minute_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     """`edge-lstm-convert train --cadence 60 --aggregate mean` on a raw sensor log sampled every second."""
     rng = np.random.default_rng(5)
     t0 = 1_700_000_040  # on the minute
@@ -449,12 +473,14 @@ def test_a_1_second_log_trains_a_1_minute_model(tmp_path: Path, capsys: pytest.C
         f.write("ts,temp\n")
         f.writelines(f"{t0 + i},{x:.3f}\n" for i, x in zip(t[keep], v[keep], strict=True))
     out = tmp_path / "minutely"
+    caplog.set_level("INFO", logger="converter.convert")
     code = main(["train", str(path), "--time-col", "ts", "--target", "temp", "--cadence", "60", "--aggregate", "mean",
                  "--horizon", "4", "--units", "8", "--epochs", "3", "--patience", "2", "--modes", "none",
                  "--quantize", "float32", "--no-plot", "--folds", "1", "--candidates", "1", "--no-baselines",
                  "--json", "--out", str(out)])  # fmt: skip
     assert code == 0
     report = json.loads(capsys.readouterr().out)
+    assert "training 1 of 1: seed 0 on fold 1 of 1 (training part 70 % of the series" in caplog.text  # progress
     man = load_model(out).manifest
     assert man.cadence_s == 60 and man.ticks.aggregate.value == "mean" and man.ticks.align.value == "start"
     assert json.loads((out / "manifest.json").read_text())["ticks"]["aggregate"] == "mean"
