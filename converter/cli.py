@@ -333,14 +333,18 @@ def _calibrate(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # TensorFlow's own C++ info and warning lines (CPU features, SavedModel loading) would bury the
-    # progress lines; its errors still show.  Set TF_CPP_MIN_LOG_LEVEL=0 to see them all.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's own C++ log lines would bury the progress lines: info and warnings (CPU
+    # features, SavedModel loading) and, with op determinism on (a seed gives one model), an
+    # "E0000 ... NodeDef mentions attribute use_unbounded_threadpool" line per network trained,
+    # harmless (the attribute is ignored) but printed as an error.  Failures still reach the user
+    # as exceptions with TensorFlow's message.  Set TF_CPP_MIN_LOG_LEVEL=0 to see every line.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # "Assets written to: <temporary dir>"
     try:
         if args.command == "train":
             return _train(args)

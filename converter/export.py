@@ -19,6 +19,7 @@ not change with the quantization.  Feed and read tensors through the
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ import tensorflow as tf
 
 from edge_lstm.modelspec import Quantization, state_names
 from edge_lstm.reference import ReferenceModel, ReferenceWeights
+from edge_lstm.runtime import NATIVE_INFO, native_log_to_debug
 
 _LOG = logging.getLogger(__name__)
 
@@ -143,6 +145,11 @@ def export_tflite(
         # Keep float32 at the interface: the daemon feeds every mode the same way.
         conv.inference_input_type = tf.float32
         conv.inference_output_type = tf.float32
-    content: bytes = conv.convert()
+    # TensorFlow's quantizer prints its settings ("fully_quantize: 0, ...") on descriptor 2 and
+    # calibrates with its own deprecated tf.lite.Interpreter (a UserWarning each time): neither
+    # is anything a user can act on, and -q promises errors only.
+    with warnings.catch_warnings(), native_log_to_debug((NATIVE_INFO, "fully_quantize: ")):
+        warnings.filterwarnings("ignore", r"\s*Warning: tf\.lite\.Interpreter is deprecated", UserWarning)
+        content: bytes = conv.convert()
     _LOG.info("exported %s model: %d bytes", mode.value, len(content))
     return content

@@ -15,6 +15,7 @@ import numpy.typing as npt
 from ai_edge_litert.interpreter import Interpreter
 
 from edge_lstm.modelspec import state_names
+from edge_lstm.runtime import native_log_to_debug
 
 _LOG = logging.getLogger(__name__)
 
@@ -28,8 +29,9 @@ class TFLiteStepper:
     """A one-step model in the LiteRT interpreter, driven through its signature."""
 
     def __init__(self, content: bytes, layers: Sequence[int], threads: int = 1) -> None:
-        self._interp = Interpreter(model_content=content, num_threads=threads)
-        self._runner = self._interp.get_signature_runner(SIGNATURE_KEY)
+        with native_log_to_debug():  # LiteRT's "INFO: Created ... delegate" line, as the daemon keeps it
+            self._interp = Interpreter(model_content=content, num_threads=threads)
+            self._runner = self._interp.get_signature_runner(SIGNATURE_KEY)
         self.layers = tuple(layers)
         self._names = state_names(self.layers)
         inputs = self._runner.get_input_details()
@@ -64,11 +66,12 @@ class TFLiteStepper:
 
 def check_batch_resize(content: bytes, layers: Sequence[int], batch: int = 7) -> F32:
     """Resize the batch dimension with ``resize_tensor_input`` + ``allocate_tensors`` and invoke once."""
-    interp = Interpreter(model_content=content)
-    details = interp.get_input_details()
-    for d in details:
-        interp.resize_tensor_input(d["index"], [batch, int(d["shape_signature"][-1])])
-    interp.allocate_tensors()
+    with native_log_to_debug():
+        interp = Interpreter(model_content=content)
+        details = interp.get_input_details()
+        for d in details:
+            interp.resize_tensor_input(d["index"], [batch, int(d["shape_signature"][-1])])
+        interp.allocate_tensors()
     rng = np.random.default_rng(0)
     for d in details:
         interp.set_tensor(d["index"], rng.uniform(-0.5, 0.5, size=(batch, int(d["shape"][-1]))).astype(np.float32))

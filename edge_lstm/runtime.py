@@ -124,8 +124,10 @@ NATIVE_INFO = "INFO: "  # how the runtimes' C++ logger starts an informational l
 
 
 @contextlib.contextmanager
-def native_log_to_debug() -> Iterator[None]:
+def native_log_to_debug(prefixes: tuple[str, ...] = (NATIVE_INFO,)) -> Iterator[None]:
     """Turn the runtime's native INFO lines on file descriptor 2 into debug log records.
+
+    ``prefixes``: the starts of the lines to turn into records (``INFO: `` by default).
 
     LiteRT's C++ code prints ``INFO: Created TensorFlow Lite XNNPACK delegate for CPU.`` to
     descriptor 2 when a process first allocates an interpreter; ``TF_CPP_MIN_LOG_LEVEL`` does
@@ -166,8 +168,8 @@ def native_log_to_debug() -> Iterator[None]:
         os.close(sink)
         passed = []
         for line in b"".join(chunks).decode(errors="replace").splitlines(keepends=True):
-            if line.startswith(NATIVE_INFO):
-                _LOG.debug("%s", line[len(NATIVE_INFO) :].strip())
+            if line.startswith(prefixes):
+                _LOG.debug("%s", line.removeprefix(NATIVE_INFO).strip())
             else:
                 passed.append(line)
         if passed:

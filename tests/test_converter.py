@@ -343,6 +343,27 @@ def test_a_whole_sequence_runs_as_one_graph_with_the_eager_numbers(caplog: pytes
     assert "retracing" not in caplog.text
 
 
+def test_a_quiet_training_prints_nothing_on_stderr(tmp_path: Path) -> None:
+    """`-q train` as a user runs it: nothing but errors, and TensorFlow's and LiteRT's lines are none."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "quiet.csv"
+    t = np.arange(400)
+    y = 10 + np.sin(2 * np.pi * t / 24) + 0.1 * np.random.default_rng(3).standard_normal(400)
+    path.write_text("ts,v\n" + "".join(f"{1_700_000_000 + 3600 * i},{x:.4f}\n" for i, x in zip(t, y, strict=True)))
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    r = subprocess.run(
+        [sys.executable, "-m", "converter", "-q", "train", str(path), "--time-col", "ts", "--target", "v",
+         "--horizon", "2", "--units", "4", "--epochs", "1", "--folds", "2", "--candidates", "1", "--no-plot",
+         "--no-baselines", "--out", str(tmp_path / "m")],  # every quantization mode: TensorFlow's quantizer too
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+
+
 def test_classic_shape_10_features_32_outputs(tmp_path: Path) -> None:
     """LSTM(64) on (None, 10) + Dense(32): trains, exports, and streams a batch through LiteRT."""
     rng = np.random.default_rng(0)
