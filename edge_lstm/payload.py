@@ -44,6 +44,7 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 _HASH_SUFFIX = re.compile(r"-[0-9a-f]{8}\Z")
 _UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9_.-]")
 _DOT_BEFORE_DOT = re.compile(r"\.(?=\.)")
+_BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark
 _NUMBER = re.compile(r"\s*[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?\s*")
 _NON_FINITE_WORD = re.compile(r"\s*[-+]?(?:nan|inf|infinity)\s*", re.IGNORECASE)
 # Tokens that matter for nesting: escapes (skipped), quotes (string bounds) and brackets.
@@ -279,6 +280,8 @@ class PayloadDecoder:
         """
         if len(payload) > self.max_payload_bytes:
             raise PayloadError(Outcome.TOO_LARGE, f"body of {len(payload)} bytes > {self.max_payload_bytes}")
+        if payload.startswith(_BOM):  # written by some editors and Windows tools; JSON allows ignoring it
+            payload = payload[len(_BOM) :]
         try:
             text = payload.decode("utf-8")
         except UnicodeDecodeError:

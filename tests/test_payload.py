@@ -54,6 +54,21 @@ def test_bare_number_uses_arrival_time_and_topic_stream() -> None:
     assert (r.stream, r.values, r.ts, r.received) == ("kitchen", (21.5,), NOW, 5.0)
 
 
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize("body", [BOM + b"21.5", BOM + b'{"value": 21.5}', BOM + b' [{"value": 21.5}]'])
+def test_a_utf8_byte_order_mark_is_ignored(body: bytes) -> None:
+    """Some editors and Windows tools start a file with one (``mosquitto_pub -f`` sends it as it is)."""
+    (r,) = decode(single(), body).readings
+    assert r.values == (21.5,)
+
+
+def test_a_byte_order_mark_is_ignored_only_at_the_start() -> None:
+    assert outcome_of(single(), b"21" + BOM) is Outcome.BAD_PAYLOAD
+    assert outcome_of(single(), BOM) is Outcome.BAD_PAYLOAD  # nothing else: an empty body
+
+
 def test_object_with_value_field_and_epoch_seconds() -> None:
     (r,) = decode(single(), '{"value": 3, "ts": 1716999990}').readings
     assert r.values == (3.0,)
