@@ -47,7 +47,7 @@ from edge_lstm.payload import PayloadDecoder
 from edge_lstm.pipeline import Loop, Pipeline, open_journal
 from edge_lstm.runtime import StepModel, load_step_model
 from edge_lstm.sdnotify import Notifier
-from edge_lstm.state import StateTable
+from edge_lstm.state import StateTable, bytes_per_stream
 
 _LOG = logging.getLogger(__name__)
 
@@ -108,6 +108,8 @@ def describe_model(model: StepModel, capacity: int | None = None) -> list[str]:
     total = [] if not ring or capacity is None else [
         f"(at state.capacity {capacity:,} streams the targets take up to {ring * capacity / 2**20:,.1f} MiB)"
     ]  # fmt: skip
+    per = bytes_per_stream(m.layers, len(m.pipeline.columns), m.pipeline.history_ticks)
+    at = "" if capacity is None else f"; {per * capacity / 2**20:,.1f} MiB at state.capacity {capacity:,} streams"
     return [
         f"id          {m.model_id}",
         f"columns     {', '.join(m.pipeline.columns)}",
@@ -118,6 +120,7 @@ def describe_model(model: StepModel, capacity: int | None = None) -> list[str]:
         *([f"history     {m.pipeline.history_ticks} targets per stream ({ring:,} bytes) "
            f"for the seasonal {_history_users(m)}"] if ring else []),
         *total,
+        f"state       {per:,} bytes per stream{at}, each checkpoint writes it whole",
         f"weights     {m.quantization.value}",
         f"runtime     {model.runtime_name} {model.runtime_version}",
     ]

@@ -427,3 +427,8 @@ class StateTable:
             getattr(table, name)[rows] = np.asarray(arrays[name])[order]
         table._clock = int(table.last_seen[rows].max()) if len(rows) else 0
         return table
+
+
+def bytes_per_stream(layers: Sequence[int], n_values: int, history_ticks: int = 0) -> int:
+    """What one stream takes in a :class:`StateTable`, and so in every checkpoint (besides its id)."""
+    return StateTable(layers, n_values, 1).nbytes() + 8 * int(history_ticks)

@@ -70,6 +70,7 @@ def test_check_config_explains_and_hides_secrets(
     assert 'password = "***"' in cap.out
     assert "taylor@" in cap.out and "ai-edge-litert" in cap.out  # the model was loaded and verified
     assert "history" not in cap.out  # the bundled model keeps no targets per stream
+    assert "state       648 bytes per stream; 6.2 MiB at state.capacity 10,000 streams" in cap.out  # 2 x 64 x 4 + 136
     assert "site/+/+/power" in cap.out and "topic level 3" in cap.out  # what it would subscribe to
     assert "forecasts/{stream}" in cap.out
     assert not (tmp_path / "state").exists()  # starts nothing, creates nothing

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_lstm.state import StateTable
+from edge_lstm.state import StateTable, bytes_per_stream
 
 
 def table(capacity: int = 4, layers: tuple[int, ...] = (3, 2), n_values: int = 2) -> StateTable:
@@ -230,3 +230,13 @@ def test_a_new_ring_width_keeps_the_latest_targets_both_rings_hold(old: int, new
                 assert t.history[rows[r], col] == 100.0 * r + held[0]
             else:
                 assert np.isnan(t.history[rows[r], col])
+
+
+@pytest.mark.parametrize(("layers", "n_values", "history"), [((64,), 1, 0), ((32, 16), 3, 0), ((8,), 2, 48)])
+def test_bytes_per_stream_is_what_a_full_table_holds_per_stream(
+    layers: tuple[int, ...], n_values: int, history: int
+) -> None:
+    t = StateTable(layers, n_values, 100, history_ticks=history)
+    t.rows_for([f"s{i}" for i in range(100)])
+    assert t.allocated == 100
+    assert bytes_per_stream(layers, n_values, history) * 100 == t.nbytes()
