@@ -333,18 +333,18 @@ def _calibrate(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # TensorFlow's own C++ log lines would bury the progress lines: info and warnings (CPU
-    # features, SavedModel loading) and, with op determinism on (a seed gives one model), an
-    # "E0000 ... NodeDef mentions attribute use_unbounded_threadpool" line per network trained,
-    # harmless (the attribute is ignored) but printed as an error.  Failures still reach the user
-    # as exceptions with TensorFlow's message.  Set TF_CPP_MIN_LOG_LEVEL=0 to see every line.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # TensorFlow's own C++ info and warning lines (CPU features, SavedModel loading) would bury the
+    # progress lines; its errors still show (but one known harmless line: converter.train).  Set
+    # TF_CPP_MIN_LOG_LEVEL=0 to see them all.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # "Assets written to: <temporary dir>"
+    # TensorFlow's Python logger: "Assets written to: <temporary dir>" at info, and a warning that
+    # Keras' training function was traced again for each new network; errors still show.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:
         if args.command == "train":
             return _train(args)

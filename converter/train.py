@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import re
 import time
 import weakref
 from collections.abc import Sequence
@@ -27,10 +28,16 @@ import numpy.typing as npt
 import tensorflow as tf
 
 from edge_lstm.reference import LSTMLayerWeights, ReferenceWeights
+from edge_lstm.runtime import NATIVE_INFO, native_log_to_debug
 
 _LOG = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
+
+# With op determinism on (a seed gives one model), TensorFlow 2.21's input pipeline logs this
+# error-level line once per network trained; the attribute is ignored and nothing is wrong.
+HARMLESS_TF_LINE = re.compile(r"NodeDef mentions attribute use_unbounded_threadpool which is not in the op definition")
+ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,16 +136,17 @@ def fit(
         _Progress(cfg.epochs),
     ]
     t0 = time.monotonic()
-    hist = model.fit(
-        train[0],
-        train[1],
-        validation_data=val,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        callbacks=callbacks,
-        verbose=0,
-    )
+    with native_log_to_debug((NATIVE_INFO, ABSL_PREAMBLE), HARMLESS_TF_LINE):
+        hist = model.fit(
+            train[0],
+            train[1],
+            validation_data=val,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            callbacks=callbacks,
+            verbose=0,
+        )
     seconds = time.monotonic() - t0
     val_loss = [float(v) for v in hist.history.get("val_loss", [])]
     best = int(np.argmin(val_loss)) if val_loss else 0

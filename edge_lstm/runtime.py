@@ -26,8 +26,9 @@ import enum
 import importlib
 import logging
 import os
+import re
 import sys
-import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
@@ -124,17 +125,21 @@ NATIVE_INFO = "INFO: "  # how the runtimes' C++ logger starts an informational l
 
 
 @contextlib.contextmanager
-def native_log_to_debug(prefixes: tuple[str, ...] = (NATIVE_INFO,)) -> Iterator[None]:
+def native_log_to_debug(
+    prefixes: tuple[str, ...] = (NATIVE_INFO,), pattern: re.Pattern[str] | None = None
+) -> Iterator[None]:
     """Turn the runtime's native INFO lines on file descriptor 2 into debug log records.
 
-    ``prefixes``: the starts of the lines to turn into records (``INFO: `` by default).
+    ``prefixes``: the starts of the lines to turn into records (``INFO: `` by default);
+    ``pattern``: lines it matches anywhere are taken too.
 
     LiteRT's C++ code prints ``INFO: Created TensorFlow Lite XNNPACK delegate for CPU.`` to
     descriptor 2 when a process first allocates an interpreter; ``TF_CPP_MIN_LOG_LEVEL`` does
     not reach that logger, and Python's ``sys.stderr`` is not involved. While the block runs,
-    descriptor 2 points at an in-memory file; afterwards native ``INFO:`` lines go to this
-    module's logger at debug level and every other byte (warnings, errors, other threads' log
-    lines) is written back to descriptor 2 unchanged, only later.
+    descriptor 2 is a pipe read by a thread: lines with one of the prefixes go to this module's
+    logger at debug level, every other line (warnings, errors, other threads' output) goes on to
+    the real descriptor 2 as soon as it is read, so a native crash inside the block still shows
+    what was printed before it.
     """
     try:
         if sys.stderr is not None:  # None when the process started with descriptor 2 closed
@@ -144,36 +149,42 @@ def native_log_to_debug(prefixes: tuple[str, ...] = (NATIVE_INFO,)) -> Iterator[
         yield
         return
     try:
-        sink = os.memfd_create("edge-lstm-native-log") if hasattr(os, "memfd_create") else None
+        read_end, write_end = os.pipe()
     except OSError:
-        sink = None
-    if sink is None:
-        try:
-            with tempfile.TemporaryFile() as f:
-                sink = os.dup(f.fileno())
-        except OSError:
-            os.close(saved)
-            yield
-            return
-    os.dup2(sink, 2)
+        os.close(saved)
+        yield
+        return
+
+    def pump() -> None:
+        with open(read_end, "rb") as lines:  # ends when the block's end closes the last write end
+            for raw in lines:
+                line = raw.decode(errors="replace")
+                if line.startswith(prefixes) or (pattern is not None and pattern.search(line)):
+                    _LOG.debug("%s", line.removeprefix(NATIVE_INFO).strip())
+                else:
+                    with contextlib.suppress(OSError):
+                        _write_all(saved, raw)
+
+    reader = threading.Thread(target=pump, name="native-log", daemon=True)
+    reader.start()
+    os.dup2(write_end, 2)
+    os.close(write_end)
     try:
         yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.lseek(sink, 0, os.SEEK_SET)
-        chunks = []
-        while chunk := os.read(sink, 65536):
-            chunks.append(chunk)
-        os.close(sink)
-        passed = []
-        for line in b"".join(chunks).decode(errors="replace").splitlines(keepends=True):
-            if line.startswith(prefixes):
-                _LOG.debug("%s", line.removeprefix(NATIVE_INFO).strip())
-            else:
-                passed.append(line)
-        if passed:
-            os.write(2, "".join(passed).encode())
+        if sys.stderr is not None:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the reader drains it and stops
+        reader.join(timeout=10.0)
+        if not reader.is_alive():
+            os.close(saved)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class StepModel:

@@ -356,7 +356,7 @@ def test_a_quiet_training_prints_nothing_on_stderr(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     r = subprocess.run(
         [sys.executable, "-m", "converter", "-q", "train", str(path), "--time-col", "ts", "--target", "v",
-         "--horizon", "2", "--units", "4", "--epochs", "1", "--folds", "2", "--candidates", "1", "--no-plot",
+         "--horizon", "2", "--units", "4", "--epochs", "1", "--folds", "3", "--candidates", "2", "--no-plot",
          "--no-baselines", "--out", str(tmp_path / "m")],  # every quantization mode: TensorFlow's quantizer too
         capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip

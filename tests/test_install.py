@@ -153,6 +153,21 @@ def test_model_loads_with_stderr_closed() -> None:
     assert r.returncode == 0 and r.stdout.strip() == "loaded", r.stdout + r.stderr
 
 
+def test_native_output_before_a_crash_in_the_block_still_reaches_stderr() -> None:
+    """A native abort inside the block (the converter wraps TensorFlow's whole conversion in it)."""
+    script = (
+        "import os, time\n"
+        "from edge_lstm.runtime import native_log_to_debug\n"
+        "with native_log_to_debug():\n"
+        "    os.write(2, b'INFO: kept back\\nF0000 check failed: the converter gives up\\n')\n"
+        "    time.sleep(0.5)\n"
+        "    os.abort()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == -6  # SIGABRT
+    assert "F0000 check failed: the converter gives up" in r.stderr and "kept back" not in r.stderr
+
+
 def test_other_native_output_passes_through(
     capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
