@@ -358,11 +358,16 @@ class MqttLink:
                 self._fail_logged_at = now
                 _LOG.warning("MQTT broker %s:%d: %s; retrying in %.0f s", self.cfg.host, self.cfg.port,
                              self.last_error, self._delay)  # fmt: skip
-            self._next_attempt = now + self._delay
-            self._delay = min(self._delay * 2, float(self.cfg.reconnect_max_s))
+            self._retry_after_delay(now)
             return
         self._tcp_since = now
         self._next_attempt = now + self._delay
+
+    def _retry_after_delay(self, now: float, grow: bool = True) -> None:
+        """The next attempt one delay from ``now``; ``grow``: the delay after it doubles (to reconnect_max_s)."""
+        self._next_attempt = now + self._delay
+        if grow:
+            self._delay = min(self._delay * 2, float(self.cfg.reconnect_max_s))
 
     def _drop(self) -> None:
         sock = self.client.socket()
@@ -473,8 +478,7 @@ class MqttLink:
         if reason_code.is_failure:
             self.last_error = describe_connack(reason_code)
             _LOG.error("MQTT broker %s:%d refused the connection: %s", self.cfg.host, self.cfg.port, self.last_error)
-            self._next_attempt = self._clock() + self._delay  # refused again and again: back off
-            self._delay = min(self._delay * 2, float(self.cfg.reconnect_max_s))
+            self._retry_after_delay(self._clock())  # refused again and again: back off
             self._set_connected(False)
             return
         self.last_error = ""
@@ -505,9 +509,9 @@ class MqttLink:
         now = self._clock()
         if was and now - self._connected_at >= TAKEOVER_HINT_S:
             self._delay = float(self.cfg.reconnect_min_s)  # the connection held: the backoff starts over
-        self._next_attempt = now + self._delay
-        if was:  # lost soon after connecting (a client taking the id over, a packet refused): back off more
-            self._delay = min(self._delay * 2, float(self.cfg.reconnect_max_s))
+        # A connection that was up doubles the delay after this attempt: lost again soon after connecting (a
+        # client taking the id over, a packet refused), the backoff keeps growing.
+        self._retry_after_delay(now, grow=was)
         self._set_connected(False)
         err = self._wrapped.error if self._wrapped is not None else None
         if err is not None:
