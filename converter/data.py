@@ -144,6 +144,9 @@ def _parse_value(text: str) -> float:
     return v
 
 
+EPOCH_1971_S = 31_536_000.0  # 1971-01-01T00:00:00Z: every timestamp before it suggests serial dates or years
+
+
 def read_csv(path: Path | str, time_col: str, columns: Sequence[str]) -> RawSeries:
     """Read ``time_col`` and ``columns`` from a CSV file with a header row."""
     p = Path(path)
@@ -228,11 +231,6 @@ def read_csv(path: Path | str, time_col: str, columns: Sequence[str]) -> RawSeri
     values = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(columns))
     _warn_unlike_daemon(p, ts, values)
     return RawSeries(timestamps=ts, values=values, columns=tuple(columns))
-
-
-EPOCH_1971_S = 31_536_000.0  # 1971-01-01T00:00:00Z
-# More late or incomplete rows than this share of the file is worth a warning (they are dropped).
-DROPPED_ROWS_WARN_SHARE = 0.05
 
 
 def _warn_unlike_daemon(path: Path, ts: npt.NDArray[np.float64], values: npt.NDArray[np.float64]) -> None:
@@ -469,6 +467,10 @@ def resample(raw: RawSeries, policy: TickPolicy) -> GridSeries:
         n_late=counts[Outcome.LATE],
         n_duplicate=counts[Outcome.DUPLICATE],
     )
+
+
+# More late or incomplete rows than this share of the file is worth a warning (they are dropped).
+DROPPED_ROWS_WARN_SHARE = 0.05
 
 
 def load(
