@@ -8,10 +8,17 @@ One message per forecast, compact JSON in UTF-8::
 
 A model with prediction intervals adds each level's bounds to every item
 (``"lo80"``, ``"hi80"``, ``"lo95"``, ``"hi95"``: value plus the manifest's
-offsets, with ``BOUND_DIGITS`` significant digits unless ``precision`` is set:
-four times fewer digits to format than exact floats) and, after ``warming_up``, the check of this reading against the
+offsets) and, after ``warming_up``, the check of this reading against the
 previous tick's 1-step interval: ``"anomaly":false,"anomaly_score":0.0``
 (``null`` for both when it was not checked).
+
+How numbers are written: for a model (:meth:`ForecastEncoder.for_manifest`), values
+and bounds have a fixed number of decimals, enough that the last digit is at most
+``RESOLUTION`` (a millionth) of the model's output scale, the size of a typical
+change it forecasts: the same resolution for a sensor near zero and for a meter
+reading in the millions, far finer than any forecast's error, and a third of the
+cost of writing exact floats.  ``precision`` asks for that many significant
+digits instead (17 reads back as the exact float).
 
 ``ts`` is the timestamp of the reading the forecast follows (ISO 8601 UTC, with
 milliseconds when not whole seconds) and ``ts_epoch`` the same in epoch
@@ -35,7 +42,8 @@ from edge_lstm.intervals import Intervals, bound_keys
 from edge_lstm.modelspec import Manifest
 
 _EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
-BOUND_DIGITS = 7  # significant digits of interval bounds (estimates; exact floats cost ~4x more to write)
+BOUND_DIGITS = 7  # significant digits of bounds when neither a resolution nor a precision is given
+RESOLUTION = 1e-6  # a model's numbers are written to this fraction of its output scale (see decimals_for)
 _MS_PER_DAY = 86_400_000
 
 
@@ -67,6 +75,13 @@ def _iso_ms(total_ms: int) -> str:
     return f"{_date(days)}T{h:02d}:{m:02d}:{s:02d}Z"
 
 
+def decimals_for(resolution: float) -> int | None:
+    """Decimals that write a number to ``resolution`` or finer (1 to 17); None if it is not positive."""
+    if not (math.isfinite(resolution) and resolution > 0):
+        return None
+    return min(17, max(1, math.ceil(-math.log10(resolution) - 1e-9)))
+
+
 @functools.lru_cache(maxsize=1 << 12)
 def _item_prefix(total_ms: int) -> str:
     """``{"ts":"<ISO>","value":`` for a step time in epoch milliseconds."""
@@ -76,8 +91,11 @@ def _item_prefix(total_ms: int) -> str:
 class ForecastEncoder:
     """Encodes :class:`~edge_lstm.engine.Forecast` objects for one model.
 
-    ``precision`` rounds values to that many significant digits (None: the
-    shortest text that reads back as the same float64).
+    ``precision`` writes values, bounds and the anomaly score with that many
+    significant digits.  Without it, ``resolution`` (target units) writes values
+    and bounds with the decimals that reach it (:func:`decimals_for`); with
+    neither, values are the shortest text that reads back as the same float64 and
+    bounds have ``BOUND_DIGITS`` significant digits.
 
     On the hot path: the step timestamps of a reading time are formatted once
     and kept as a ``%``-template (streams on a common clock share it), and each
@@ -87,14 +105,25 @@ class ForecastEncoder:
     """
 
     def __init__(
-        self, cadence_s: float, units: str = "", precision: int | None = None, intervals: Intervals | None = None
+        self,
+        cadence_s: float,
+        units: str = "",
+        precision: int | None = None,
+        intervals: Intervals | None = None,
+        resolution: float | None = None,
     ) -> None:
         if not cadence_s > 0:
             raise ValueError("cadence must be positive")
         self.cadence_s = float(cadence_s)
         self._units = _json_str(units)
-        self._value_fmt = f"%.{int(precision)}g" if precision is not None else "%r"
-        self._bound_fmt = f"%.{int(precision)}g" if precision is not None else f"%.{BOUND_DIGITS}g"
+        decimals = decimals_for(resolution) if resolution is not None else None
+        if precision is not None:
+            self._value_fmt = self._bound_fmt = self._score_fmt = f"%.{int(precision)}g"
+        elif decimals is not None:
+            self._value_fmt = self._bound_fmt = f"%.{decimals}f"
+            self._score_fmt = "%r"
+        else:
+            self._value_fmt, self._bound_fmt, self._score_fmt = "%r", f"%.{BOUND_DIGITS}g", "%r"
         self._items = functools.lru_cache(maxsize=256)(self._make_items)  # reading times in use
         self._intervals = intervals
         # After each value: the bounds' keys, in the order of the columns of _values().
@@ -130,7 +159,9 @@ class ForecastEncoder:
 
     @classmethod
     def for_manifest(cls, manifest: Manifest, precision: int | None = None) -> ForecastEncoder:
-        return cls(manifest.cadence_s, manifest.target_units, precision, manifest.intervals)
+        """The encoder of a model's forecasts: to ``RESOLUTION`` of its output scale, unless ``precision`` is set."""
+        resolution = RESOLUTION * abs(manifest.pipeline.output.scale)
+        return cls(manifest.cadence_s, manifest.target_units, precision, manifest.intervals, resolution)
 
     def encode(self, f: Forecast) -> bytes:
         t0 = float(f.ts)
@@ -148,7 +179,7 @@ class ForecastEncoder:
             if score is None:
                 flags = ',"anomaly":null,"anomaly_score":null'
             else:
-                text = self._value_fmt % score if math.isfinite(score) else "null"
+                text = self._score_fmt % score if math.isfinite(score) else "null"
                 flags = f',"anomaly":{"true" if score > 0 else "false"},"anomaly_score":{text}'
         head, prefixes, template = self._items(t0, horizon)
         if math.isfinite(sum(values)):  # the sum of finite values is finite, unless it overflows

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edge_lstm.engine import Forecast
-from edge_lstm.forecast import ForecastEncoder, iso_utc
+from edge_lstm.forecast import RESOLUTION, ForecastEncoder, decimals_for, iso_utc
+from edge_lstm.intervals import Intervals
+from edge_lstm.modelspec import load_manifest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _strict(body: bytes) -> dict[str, object]:
@@ -51,6 +57,44 @@ def test_values_round_trip_exactly_by_default_and_round_with_precision() -> None
     assert [item["value"] for item in doc["forecasts"]] == v  # type: ignore[index, union-attr]
     doc = _strict(ForecastEncoder(60.0, precision=4).encode(make(v)))
     assert [item["value"] for item in doc["forecasts"]] == [0.3333, 28570.0]  # type: ignore[index, union-attr]
+
+
+def test_decimals_reach_the_resolution() -> None:
+    assert decimals_for(0.006) == 3 and decimals_for(0.001) == 3 and decimals_for(0.0011) == 3
+    assert decimals_for(0.01) == 2 and decimals_for(5e-5) == 5
+    assert decimals_for(1e3) == 1  # at least one: a value stays a float in every JSON reader
+    assert decimals_for(1e-30) == 17
+    assert decimals_for(0.0) is None and decimals_for(float("nan")) is None and decimals_for(-1.0) is None
+
+
+def test_a_model_writes_values_and_bounds_to_a_millionth_of_its_output_scale() -> None:
+    """Near zero and in the billions alike: the bounds keep their distance from the value.
+
+    A meter reading of 1.7e9 with an interval of +-37.5 was written with 7 significant digits
+    before (``1.716998e+09`` for the value's bounds, both sides alike).
+    """
+    man = load_manifest(REPO / "models" / "taylor")
+    iv = Intervals((0.8,), [[-37.5, -40.0]], [[37.5, 40.0]])
+    man = dataclasses.replace(man, intervals=iv, pipeline=dataclasses.replace(
+        man.pipeline, output=dataclasses.replace(man.pipeline.output, scale=50.0)))  # fmt: skip
+    enc = ForecastEncoder.for_manifest(man)
+    for base in (1_716_998_400.123456, 0.000123456, -31012.987654321):
+        values = [base, base + 1.0]
+        doc = _strict(enc.encode(make(values)))
+        items = doc["forecasts"]
+        assert isinstance(items, list)
+        step = RESOLUTION * 50.0
+        for item, v, lo, hi in zip(items, values, (-37.5, -40.0), (37.5, 40.0), strict=True):
+            assert abs(item["value"] - v) <= step / 2
+            assert abs(item["lo80"] - (v + lo)) <= step / 2 and abs(item["hi80"] - (v + hi)) <= step / 2
+            assert isinstance(item["value"], float)
+    body = enc.encode(make([1_716_998_400.123456, 0.0]))
+    assert b'"value":1716998400.12346,"lo80":1716998362.62346,"hi80":1716998437.62346' in body
+    # The bundled model (output scale ~6,000 MW): three decimals; a precision still overrides it.
+    taylor = load_manifest(REPO / "models" / "taylor")
+    values = [31012.51264] * taylor.horizon
+    assert b'"value":31012.513,' in ForecastEncoder.for_manifest(taylor).encode(make(values))
+    assert b'"value":3.101e+04,' in ForecastEncoder.for_manifest(taylor, precision=4).encode(make(values))
 
 
 def test_non_finite_values_become_null_and_flags_are_json_booleans() -> None:
