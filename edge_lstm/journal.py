@@ -169,6 +169,7 @@ class Journal:
 
     def __init__(self, directory: Path | str, fingerprint: str, *, sync: bool = True) -> None:
         self.directory = Path(directory)
+        self.path = self.directory / JOURNAL_NAME  # opened by every commit: built once
         self.fingerprint = fingerprint
         self.sync = sync
         self._buf: list[bytes] = []
@@ -186,10 +187,6 @@ class Journal:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._on_synced: Callable[[], None] | None = None
-
-    @property
-    def path(self) -> Path:
-        return self.directory / JOURNAL_NAME
 
     def _header(self) -> bytes:
         return _HEADER.pack(MAGIC, FORMAT_VERSION, self.fingerprint.encode("ascii").ljust(64, b"\0"))
