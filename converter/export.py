@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
-import tensorflow as tf
 
+from converter.tfimport import tf
 from edge_lstm.modelspec import Quantization, state_names
 from edge_lstm.reference import ReferenceModel, ReferenceWeights
 from edge_lstm.runtime import NATIVE_INFO, native_log_to_debug

@@ -22,11 +22,10 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
-import keras
 import numpy as np
 import numpy.typing as npt
-import tensorflow as tf
 
+from converter.tfimport import ABSL_PREAMBLE, keras, tf
 from edge_lstm.reference import LSTMLayerWeights, ReferenceWeights
 from edge_lstm.runtime import NATIVE_INFO, native_log_to_debug
 
@@ -37,7 +36,6 @@ F32 = npt.NDArray[np.float32]
 # With op determinism on (a seed gives one model), TensorFlow 2.21's input pipeline logs this
 # error-level line once per network trained; the attribute is ignored and nothing is wrong.
 HARMLESS_TF_LINE = re.compile(r"NodeDef mentions attribute use_unbounded_threadpool which is not in the op definition")
-ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 
 
 @dataclasses.dataclass(frozen=True)

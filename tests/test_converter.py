@@ -343,6 +343,22 @@ def test_a_whole_sequence_runs_as_one_graph_with_the_eager_numbers(caplog: pytes
     assert "retracing" not in caplog.text
 
 
+def test_tensorflows_start_up_lines_are_hidden_as_its_log_level_asks() -> None:
+    """Abseil's lines before it is set up (oneDNN's notice on AVX-512 CPUs) honour TF_CPP_MIN_LOG_LEVEL too."""
+    from converter.tfimport import absl_lines_below
+
+    one_dnn = ("I0000 00:00:1796003189.499688    7838 port.cc:153] oneDNN custom operations are on. You may see "
+               "slightly different numerical results")  # fmt: skip
+    warning = "W1130 01:23:45.678901   12 cpu_feature_guard.cc:210] This TensorFlow binary is optimized"
+    error = "E0000 00:00:1796003189.499688    7838 util.cc:1] something failed"
+    info_only, info_and_warnings = absl_lines_below("1"), absl_lines_below("2")
+    assert info_only is not None and info_and_warnings is not None
+    assert info_only.search(one_dnn) and not info_only.search(warning)
+    assert info_and_warnings.search(one_dnn) and info_and_warnings.search(warning)
+    assert not info_and_warnings.search(error) and not info_and_warnings.search("INFO: Created delegate")
+    assert absl_lines_below("0") is None and absl_lines_below("") is None
+
+
 def test_a_quiet_training_prints_nothing_on_stderr(tmp_path: Path) -> None:
     """`-q train` as a user runs it: nothing but errors, and TensorFlow's and LiteRT's lines are none."""
     import os
