@@ -5,9 +5,9 @@
   the first forecast of a reading published (retained, so it cannot be missed) as soon as
   ``READY=1`` arrived.
 * **Memory**: a fresh daemon per stream count, with ``state.capacity`` at least that count
-  (the default 10 000 otherwise), fed one reading per stream; VmRSS after start, after the feed,
-  and the peak (VmHWM), from ``/proc``.  The daemon's CPU time over the feed gives CPU seconds
-  per 1000 readings.
+  (the default 10 000 otherwise), fed one reading per stream; VmRSS after start, after the feed
+  (with its parts: anonymous memory and pages of mapped files), and the peak (VmHWM), from
+  ``/proc``.  The daemon's CPU time over the feed gives CPU seconds per 1000 readings.
 """
 
 from __future__ import annotations
@@ -110,6 +110,10 @@ def memory(broker: Broker, workdir: Path, streams: int, qos: int, feed_rate: flo
             "rss_idle_mb": idle.get("VmRSS", 0) / 2**20,
             "rss_mb": after.get("VmRSS", 0) / 2**20,
             "rss_peak_mb": after.get("VmHWM", 0) / 2**20,
+            # What the resident set is made of: the process's own memory, and pages of mapped files (the
+            # libraries' code, mostly), which the kernel can drop and read again when memory is short.
+            "rss_anon_mb": after.get("RssAnon", 0) / 2**20,
+            "rss_file_mb": after.get("RssFile", 0) / 2**20,
             "rss_metric_mb": m.get(("process_resident_memory_bytes", ()), 0.0) / 2**20,
             "feed_rate": feed_rate,
             "forecasts_received": r.received,

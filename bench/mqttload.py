@@ -67,12 +67,12 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 def rss_bytes(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak) of a process, in bytes."""
+    """VmRSS, VmHWM (peak) and VmRSS's parts RssAnon and RssFile of a process, in bytes."""
     out: dict[str, int] = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 out[key] = int(rest.split()[0]) * 1024
     except OSError:
         pass

@@ -361,6 +361,8 @@ def _footprint(docs: dict[str, dict[str, Any]]) -> list[str]:
             _f(m["rss_idle_mb"]),
             _f(m["rss_mb"]),
             _f(m["rss_peak_mb"]),
+            _f(m.get("rss_anon_mb")),
+            _f(m.get("rss_file_mb")),
             _f(m.get("cpu_s_per_1k"), 3),
         ]
         for m in fp.get("memory", [])
@@ -373,10 +375,19 @@ def _footprint(docs: dict[str, dict[str, Any]]) -> list[str]:
             "RSS at start MB",
             "RSS after MB",
             "peak RSS MB",
+            "of it anonymous MB",
+            "of it mapped files MB",
             "CPU s per 1k readings",
         ],
         rows,
     )
+    if any(m.get("rss_file_mb") is not None for m in fp.get("memory", [])):
+        out += [
+            "",
+            "*Anonymous*: the process's own memory (Python objects, the state table, buffers). *Mapped "
+            "files*: pages of the libraries and other files it maps, read from disk; the kernel can drop "
+            "them when memory is short and read them again when they are next used.",
+        ]
     return out
 
 
