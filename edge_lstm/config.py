@@ -260,8 +260,9 @@ class OutputConfig:
             "Significant digits of forecast values, bounds and anomaly scores (printf `%g`: a value with more "
             "integer digits than this is written with an exponent, e.g. 3.128e+04 at 4; 17 reads back as the "
             "exact float). 0 writes values and bounds with a fixed number of decimals, enough that the last "
-            "digit is at most a millionth of the model's output scale (the size of a typical change it "
-            "forecasts: 3 decimals for the bundled model)."
+            "digit is at most a millionth of the model's size (its output scale, the size of a typical change "
+            "it forecasts, or the series' level if smaller): 3 decimals for the bundled model; exact floats "
+            "where that would take more than 17."
         ),
     )
 

@@ -14,11 +14,11 @@ previous tick's 1-step interval: ``"anomaly":false,"anomaly_score":0.0``
 
 How numbers are written: for a model (:meth:`ForecastEncoder.for_manifest`), values
 and bounds have a fixed number of decimals, enough that the last digit is at most
-``RESOLUTION`` (a millionth) of the model's output scale, the size of a typical
-change it forecasts: the same resolution for a sensor near zero and for a meter
-reading in the millions, far finer than any forecast's error, and a third of the
-cost of writing exact floats.  ``precision`` asks for that many significant
-digits instead (17 reads back as the exact float).
+``RESOLUTION`` (a millionth) of the model's size (its output scale, the size of a
+typical change it forecasts, or the series' level if smaller): the same resolution
+for a sensor near zero and for a meter reading in the millions, far finer than any
+forecast's error, and a third of the cost of writing exact floats.  ``precision``
+asks for that many significant digits instead (17 reads back as the exact float).
 
 ``ts`` is the timestamp of the reading the forecast follows (ISO 8601 UTC, with
 milliseconds when not whole seconds) and ``ts_epoch`` the same in epoch
@@ -38,6 +38,7 @@ import re
 import numpy as np
 
 from edge_lstm.engine import Forecast
+from edge_lstm.features import FeatureKind, OutputKind
 from edge_lstm.intervals import Intervals, bound_keys
 from edge_lstm.modelspec import Manifest
 
@@ -76,10 +77,12 @@ def _iso_ms(total_ms: int) -> str:
 
 
 def decimals_for(resolution: float) -> int | None:
-    """Decimals that write a number to ``resolution`` or finer (1 to 17); None if it is not positive."""
+    """Decimals that write a number to ``resolution`` or finer (at least 1); None when that takes more than 17
+    (or ``resolution`` is not positive): such numbers are written as exact floats instead."""
     if not (math.isfinite(resolution) and resolution > 0):
         return None
-    return min(17, max(1, math.ceil(-math.log10(resolution) - 1e-9)))
+    decimals = max(1, math.ceil(-math.log10(resolution) - 1e-9))
+    return decimals if decimals <= 17 else None
 
 
 @functools.lru_cache(maxsize=1 << 12)
@@ -159,8 +162,21 @@ class ForecastEncoder:
 
     @classmethod
     def for_manifest(cls, manifest: Manifest, precision: int | None = None) -> ForecastEncoder:
-        """The encoder of a model's forecasts: to ``RESOLUTION`` of its output scale, unless ``precision`` is set."""
-        resolution = RESOLUTION * abs(manifest.pipeline.output.scale)
+        """The encoder of a model's forecasts: to ``RESOLUTION`` of its size, unless ``precision`` is set.
+
+        The size is the model's output scale (for the usual delta output, the size of a
+        typical change over the horizon), or the series' typical level when that is smaller
+        and the manifest has it: a series near 1e-9 that never changes (its scale is then
+        set to 1) still keeps its digits.
+        """
+        out = manifest.pipeline.output
+        sizes = [abs(out.scale)]
+        features = manifest.pipeline.features
+        levels = [f.center for f in features if f.kind is FeatureKind.LEVEL and f.column == out.target]
+        if out.kind is OutputKind.LEVEL:
+            levels.append(out.center)
+        sizes += [abs(c) for c in levels if c != 0.0]
+        resolution = RESOLUTION * min(sizes)
         return cls(manifest.cadence_s, manifest.target_units, precision, manifest.intervals, resolution)
 
     def encode(self, f: Forecast) -> bytes:

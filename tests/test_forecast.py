@@ -63,7 +63,7 @@ def test_decimals_reach_the_resolution() -> None:
     assert decimals_for(0.006) == 3 and decimals_for(0.001) == 3 and decimals_for(0.0011) == 3
     assert decimals_for(0.01) == 2 and decimals_for(5e-5) == 5
     assert decimals_for(1e3) == 1  # at least one: a value stays a float in every JSON reader
-    assert decimals_for(1e-30) == 17
+    assert decimals_for(1e-17) == 17 and decimals_for(1e-18) is None  # finer than 17 decimals: exact floats
     assert decimals_for(0.0) is None and decimals_for(float("nan")) is None and decimals_for(-1.0) is None
 
 
@@ -92,6 +92,12 @@ def test_a_model_writes_values_and_bounds_to_a_millionth_of_its_output_scale() -
     assert b'"value":1716998400.12346,"lo80":1716998362.62346,"hi80":1716998437.62346' in body
     # The bundled model (output scale ~6,000 MW): three decimals; a precision still overrides it.
     taylor = load_manifest(REPO / "models" / "taylor")
+    # A series near 1e-9 that never changed (the converter sets its output scale to 1): its level decides.
+    tiny = dataclasses.replace(man, pipeline=dataclasses.replace(man.pipeline, features=[
+        dataclasses.replace(f, center=3.2e-9) if f.kind.value == "level" else f for f in man.pipeline.features],
+        output=dataclasses.replace(man.pipeline.output, scale=1.0)))  # fmt: skip
+    doc = _strict(ForecastEncoder.for_manifest(tiny).encode(make([3.2e-9, 3.3e-9])))
+    assert [it["value"] for it in doc["forecasts"]] == [3.2e-9, 3.3e-9]  # type: ignore[index, union-attr]
     values = [31012.51264] * taylor.horizon
     assert b'"value":31012.513,' in ForecastEncoder.for_manifest(taylor).encode(make(values))
     assert b'"value":3.101e+04,' in ForecastEncoder.for_manifest(taylor, precision=4).encode(make(values))
@@ -133,15 +139,17 @@ def test_iso_utc_millisecond_and_day_boundaries() -> None:
     st.integers(1, 5),
     st.lists(st.sampled_from([1, 1, 1, 2, 0, -1, 7]), min_size=1, max_size=30),
     st.sampled_from([0.0, 0.5, 0.0004]),
+    st.sampled_from([None, 1e-3, 0.5]),
 )
 def test_a_reading_one_cadence_on_is_encoded_as_from_scratch(
-    cadence: float, horizon: int, steps: list[int], offset: float
+    cadence: float, horizon: int, steps: list[int], offset: float, resolution: float | None
 ) -> None:
     """The template shifted from the previous reading time (one stream's next tick) gives the same bytes
-    as an encoder that formats that reading time afresh, for exact and inexact millisecond cadences."""
-    shifting = ForecastEncoder(cadence, "W")
+    as an encoder that formats that reading time afresh, for exact and inexact millisecond cadences,
+    exact floats and fixed decimals."""
+    shifting = ForecastEncoder(cadence, "W", resolution=resolution)
     t, k = 1716998400.0 + offset, 0
     for step in steps:
         k += step
         f = make([float(i) + 0.125 for i in range(horizon)], ts=t + k * cadence)
-        assert shifting.encode(f) == ForecastEncoder(cadence, "W").encode(f)
+        assert shifting.encode(f) == ForecastEncoder(cadence, "W", resolution=resolution).encode(f)
