@@ -356,7 +356,22 @@ def test_tensorflows_start_up_lines_are_hidden_as_its_log_level_asks() -> None:
     assert info_only.search(one_dnn) and not info_only.search(warning)
     assert info_and_warnings.search(one_dnn) and info_and_warnings.search(warning)
     assert not info_and_warnings.search(error) and not info_and_warnings.search("INFO: Created delegate")
-    assert absl_lines_below("0") is None and absl_lines_below("") is None
+    assert absl_lines_below("0") is None and absl_lines_below("") is None and absl_lines_below("x") is None
+    assert absl_lines_below("4") is not None and absl_lines_below("4").search(warning)  # type: ignore[union-attr]
+    assert absl_lines_below("02") is not None
+
+
+def test_a_cpu_without_avx_keeps_tensorflows_fatal_line_on_the_terminal() -> None:
+    """TensorFlow aborts on such a CPU right after its line: the import must not pass through a pipe."""
+    import platform
+
+    from converter.tfimport import lacks_avx
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the check is for x86 CPUs")
+    assert lacks_avx("processor\t: 0\nflags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 popcnt\n")
+    assert not lacks_avx("processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n")
+    assert not lacks_avx("processor\t: 0\n")  # no flags line: nothing to go on
 
 
 def test_a_quiet_training_prints_nothing_on_stderr(tmp_path: Path) -> None:
