@@ -6,7 +6,7 @@
   ``READY=1`` arrived.
 * **Memory**: a fresh daemon per stream count, with ``state.capacity`` at least that count
   (the default 10 000 otherwise), fed one reading per stream; VmRSS after start, after the feed
-  (with its parts: anonymous memory and pages of mapped files), and the peak (VmHWM), from
+  (and two of its parts: anonymous memory, pages of mapped files), and the peak (VmHWM), from
   ``/proc``.  The daemon's CPU time over the feed gives CPU seconds per 1000 readings.
 """
 

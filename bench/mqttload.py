@@ -67,7 +67,7 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 def rss_bytes(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM (peak) and VmRSS's parts RssAnon and RssFile of a process, in bytes."""
+    """VmRSS, VmHWM (peak) and two of VmRSS's parts, RssAnon and RssFile (not RssShmem), of a process, in bytes."""
     out: dict[str, int] = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():

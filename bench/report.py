@@ -360,9 +360,9 @@ def _footprint(docs: dict[str, dict[str, Any]]) -> list[str]:
             f"{m['streams_held']:,}",
             _f(m["rss_idle_mb"]),
             _f(m["rss_mb"]),
-            _f(m["rss_peak_mb"]),
             _f(m.get("rss_anon_mb")),
             _f(m.get("rss_file_mb")),
+            _f(m["rss_peak_mb"]),
             _f(m.get("cpu_s_per_1k"), 3),
         ]
         for m in fp.get("memory", [])
@@ -374,9 +374,9 @@ def _footprint(docs: dict[str, dict[str, Any]]) -> list[str]:
             "streams held",
             "RSS at start MB",
             "RSS after MB",
-            "peak RSS MB",
             "of it anonymous MB",
             "of it mapped files MB",
+            "peak RSS MB",
             "CPU s per 1k readings",
         ],
         rows,
@@ -386,7 +386,8 @@ def _footprint(docs: dict[str, dict[str, Any]]) -> list[str]:
             "",
             "*Anonymous*: the process's own memory (Python objects, the state table, buffers). *Mapped "
             "files*: pages of the libraries and other files it maps, read from disk; the kernel can drop "
-            "them when memory is short and read them again when they are next used.",
+            "them when memory is short and read them again when they are next used. Shared memory, the "
+            "third part of the resident set, is not shown (the daemon maps none of its own).",
         ]
     return out
 

@@ -94,9 +94,9 @@ def test_quick_suite_writes_valid_json_and_summary(tmp_path: Path) -> None:
     assert 0 < fp["startup"]["ready_s_median"] <= fp["startup"]["first_forecast_s_median"]
     for m in fp["memory"]:
         assert m["streams_held"] == m["streams"] and m["rss_mb"] > 10
-        # the resident set's two parts add up to it (read from one /proc/PID/status)
+        # two of the resident set's three parts (the third, shared memory, is not reported)
         assert m["rss_anon_mb"] > 0 and m["rss_file_mb"] > 0
-        assert abs(m["rss_anon_mb"] + m["rss_file_mb"] - m["rss_mb"]) < 0.5
+        assert m["rss_anon_mb"] + m["rss_file_mb"] <= m["rss_mb"] + 0.01
 
     # the broker saw every client of the throughput searches speak MQTT 5
     assert docs["daemon"]["results"]["client_protocols"] == {role: ["5"] for role in [*ROLES, "naive"]}
