@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from converter.prepare import Split
-from converter.validation import BLEND_GRID, Blend, OutOfSample, fit_blend, rolling_folds
+from converter.validation import BLEND_GRID, HEDGE_WEIGHT, Blend, OutOfSample, fit_blend, rolling_folds
 from edge_lstm.features import (
     FeatureKind,
     FeaturePipeline,
@@ -215,6 +215,11 @@ def test_fold_by_fold_blend_is_never_worse_than_either_naive_forecast_in_the_med
             seasonal = actual + rng.normal(0, rng.uniform(0.2, 3), n)
             folds.append(_oos(rng.normal(0, 1, n) + rng.uniform(0, 1) * (actual - last), seasonal, actual, last))
         b = fit_blend(folds)
+        if b.gains[0] == 0.0 and b.weights[0] == HEDGE_WEIGHT:  # the two naive forecasts were not apart
+            for f in folds:
+                base = f.baseline_mae()
+                assert f.mae(b)[0] <= (base["persistence"][0] + base["seasonal_naive"][0]) / 2 + 1e-12
+            continue
         best = [min(f.baseline_mae()["persistence"][0], f.baseline_mae()["seasonal_naive"][0]) for f in folds]
         cost = float(np.median([f.mae(b)[0] / m for f, m in zip(folds, best, strict=True)]))
         for naive in ("persistence", "seasonal_naive"):
@@ -226,6 +231,34 @@ def test_fold_by_fold_blend_is_never_worse_than_either_naive_forecast_in_the_med
     np.testing.assert_array_equal(one.weights, pooled_fit.weights)
     with pytest.raises(ValueError):
         fit_blend([])
+
+
+def test_a_horizon_the_folds_cannot_decide_between_the_naive_forecasts_takes_half_of_each() -> None:
+    """Persistence better in one fold, seasonal naive in the others, by a few per cent, their errors much
+    alike (so mixing them gains too little to be trusted on its own) and a network that adds nothing: which naive
+    forecast wins next is a coin toss, so the horizon mixes them; where seasonal naive is clearly better
+    in every fold it stays seasonal naive."""
+    rng = np.random.default_rng(11)
+
+    def fold(p_noise: float, s_noise: float) -> OutOfSample:
+        n = 120
+        actual = rng.normal(100, 10, n)
+        shared, own = rng.normal(0, 1, n), rng.normal(0, 1, n)
+        last = actual + p_noise * shared
+        seasonal = actual + s_noise * (0.95 * shared + math.sqrt(1 - 0.95**2) * own)
+        return _oos(np.zeros(n), seasonal, actual, last)  # a network that forecasts no change
+
+    close = [fold(5.0, 5.3), fold(5.3, 5.0), fold(5.2, 5.0)]
+    b = fit_blend(close)
+    assert b.gains[0] == 0.0 and b.weights[0] == HEDGE_WEIGHT
+    for f in close:  # never worse than the mean of the two naive forecasts' errors, fold by fold
+        base = f.baseline_mae()
+        assert f.mae(b)[0] <= (base["persistence"][0] + base["seasonal_naive"][0]) / 2
+    apart = [fold(5.0, 3.0), fold(5.3, 3.1), fold(5.2, 2.9)]
+    b = fit_blend(apart)
+    assert b.gains[0] == 0.0 and b.weights[0] == 1.0
+    one = fit_blend(close[:1])  # one fold: no spread to judge by, the better naive forecast
+    assert one.weights[0] in (0.0, 1.0)
 
 
 def test_out_of_sample_pools_folds_per_horizon() -> None:
