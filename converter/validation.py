@@ -253,11 +253,11 @@ def fit_blend(
         if len(bests) == 2 and not bests[1][0] < bests[0][0] - 1e-12:  # [seasonal naive's, differenced]
             bests = bests[:1]
         trusted = [b for b in bests if b[4]]
-        if not trusted:  # nothing beats the better naive forecast clearly enough: that forecast, or both
-            gains[k], weights[k] = 0.0, _naive_fallback(naive, nw) if seasonal else float(nw)
-            continue
-        _, anchor, w, g, _ = min(trusted, key=lambda b: b[0])
-        if seasonal and not anchor and g == 0.0 and w == float(nw):  # the better naive forecast itself
+        if trusted:
+            _, anchor, w, g, _ = min(trusted, key=lambda b: b[0])
+        else:  # nothing beats the better naive forecast clearly enough: that forecast
+            anchor, w, g = False, float(nw), 0.0
+        if seasonal and not anchor and g == 0.0 and w == float(nw):  # the better naive forecast, or both
             w = _naive_fallback(naive, nw)
         gains[k], weights[k], diffs[k] = g, w, anchor
     return Blend(gains=gains, weights=weights, differenced=diffs if diffs.any() else None)
