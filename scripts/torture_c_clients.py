@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import datetime as dt
 import json
 import random
 import re
@@ -36,6 +34,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from converter.data import read_csv  # noqa: E402
 from edge_lstm.engine import Engine  # noqa: E402
 from edge_lstm.forecast import ForecastEncoder  # noqa: E402
 from edge_lstm.modelspec import load_model  # noqa: E402
@@ -52,10 +51,8 @@ def free_port() -> int:
 
 def series(streams: int, ticks: int) -> dict[str, list[tuple[float, float]]]:
     """Stream ``sK``: ``ticks`` consecutive readings of taylor from offset ``37 K``, shifted by ``K`` MW."""
-    with open(REPO / "data" / "taylor.csv", newline="") as fh:
-        rows = list(csv.reader(fh))[1:]
-    ts = [dt.datetime.fromisoformat(r[0].replace("Z", "+00:00")).timestamp() for r in rows]
-    vs = [float(r[1]) for r in rows]
+    raw = read_csv(REPO / "data" / "taylor.csv", "timestamp", ["demand_mw"])
+    ts, vs = raw.timestamps.tolist(), raw.values[:, 0].tolist()
     if ticks > len(ts):
         raise SystemExit(f"--ticks at most {len(ts)}")
     out = {}
