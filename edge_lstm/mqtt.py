@@ -20,6 +20,14 @@ disconnected and go out after the reconnect.  The owner bounds that queue by
 not reading more input while too many forecasts are outstanding (TCP then
 pushes back on the broker).
 
+The hot path is lean (:class:`LeanClient`, :class:`BufferedSocket`): one
+``recv`` fills a buffer from which whole PUBLISH and PUBACK packets are taken
+without paho's per-packet objects and locks; acknowledgements go straight to a
+write buffer; everything a poll wrote goes out in one ``send``.  A QoS 0
+forecast counts as published once it is in that buffer, written as far as
+the socket takes it at the end of each poll and step; what is left in it when
+the connection breaks is lost, as QoS 0 allows.
+
 The rest is as a long-running client should be: MQTT 5 or 3.1.1, a stable
 client id and a persistent session (MQTT 5: ``clean_start=False`` plus a
 session expiry interval; 3.1.1: ``clean_session=False``); QoS 1 subscriptions
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import re
 import select
@@ -122,47 +131,298 @@ def share_property_tables() -> bool:
 
 
 class BufferedSocket:
-    """The broker's socket with a read buffer.
+    """The broker's socket with a read buffer and a write buffer.
 
     paho reads each packet in at least three ``recv`` calls (the command byte,
-    each byte of the remaining length, then the body): three system calls per
-    reading and three per PUBACK.  This wrapper fills a buffer with one
-    ``recv`` of up to 64 KiB and serves paho's small reads from it; everything
-    else goes to the socket.  :meth:`pending` tells the owner's ``select`` that
-    bytes are waiting in the buffer.
+    each byte of the remaining length, then the body) and writes each packet
+    with its own ``send``.  This wrapper fills a buffer with one ``recv`` of up
+    to 64 KiB and serves paho's small reads from it (or whole packets, through
+    :meth:`packet`); what paho sends is gathered and written with one ``send``
+    by :meth:`flush_out`.  :meth:`pending` and :attr:`out_pending` tell the
+    owner's ``select`` what waits on either side.
     """
 
-    __slots__ = ("_buf", "_pos", "_sock", "error")
+    __slots__ = ("_buf", "_out", "_pos", "_sock", "error")
 
     def __init__(self, sock: Any) -> None:
         self._sock = sock
         self._buf = b""
         self._pos = 0
+        self._out = bytearray()
         self.error: OSError | None = None  # what ended the connection on a read (paho only says "lost")
 
+    def _fill(self) -> bytes:
+        """One ``recv`` into the emptied buffer; b"" when the broker closed the connection."""
+        try:
+            data = self._sock.recv(65536)  # BlockingIOError (or TLS's want-read) when nothing is there
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except OSError as e:  # e.g. the broker's TLS alert: certificate expired, unknown CA
+            self.error = e
+            raise
+        if data:
+            self._buf, self._pos = data, 0
+        return data
+
     def recv(self, n: int) -> bytes:
+        if self._pos >= len(self._buf) and not self._fill():
+            return b""  # closed by the broker
         pos = self._pos
-        if pos >= len(self._buf):
-            try:
-                data = self._sock.recv(65536)  # BlockingIOError (or TLS's want-read) when nothing is there
-            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                raise
-            except OSError as e:  # e.g. the broker's TLS alert: certificate expired, unknown CA
-                self.error = e
-                raise
-            if not data:
-                return b""  # closed by the broker
-            self._buf, pos = data, 0
         chunk = self._buf[pos : pos + n]
         self._pos = pos + len(chunk)
         return chunk
+
+    def packet(self) -> tuple[int, bytes] | None:
+        """The next whole packet in the buffer: its first byte and its body (after the remaining length).
+
+        Reads the socket first when the buffer is empty (raising as ``recv``
+        does when nothing is there).  None when the buffer holds only part of a
+        packet or the connection closed: paho's own reader takes it from there.
+        """
+        buf, pos = self._buf, self._pos
+        if pos >= len(buf):
+            if not self._fill():
+                return None
+            buf, pos = self._buf, 0
+        end = len(buf)
+        length, mult, i = 0, 1, pos + 1
+        while True:  # the remaining length: 1 to 4 bytes, 7 bits each, least significant first
+            if i >= end or i > pos + 4:
+                return None  # not all here (or malformed: paho's reader reports it)
+            byte = buf[i]
+            length += (byte & 0x7F) * mult
+            i += 1
+            if byte < 0x80:
+                break
+            mult <<= 7
+        if i + length > end:
+            return None
+        self._pos = i + length
+        return buf[pos], buf[i : i + length]
 
     def pending(self) -> int:
         inner = self._sock.pending() if isinstance(self._sock, ssl.SSLSocket) else 0
         return len(self._buf) - self._pos + inner
 
+    def send(self, data: bytes | bytearray) -> int:
+        """Take ``data`` to write at the next :meth:`flush_out` (all of it, at once)."""
+        self._out += data
+        return len(data)
+
+    @property
+    def out_pending(self) -> int:
+        return len(self._out)
+
+    def flush_out(self) -> None:
+        """Write what was gathered with one ``send``, as far as the socket takes it now.
+
+        Raises what ``send`` raises: BlockingIOError (or TLS's want-write) when
+        the socket takes nothing, OSError when the connection is gone.
+        """
+        if self._out:
+            sent = self._sock.send(self._out)
+            del self._out[:sent]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # paho closes right after a DISCONNECT: let it go out first
+            self.flush_out()
+        self._sock.close()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
+
+
+_MESSAGE_SLOTS = {"_topic", "dup", "info", "mid", "payload", "properties", "qos", "retain", "state", "timestamp"}
+_PUBLISH = 0x30
+_PUBACK = 0x40
+_PUBACK_SUCCESS = (0x00, 0x10)  # MQTT 5 reason codes of an accepted publish: success, no matching subscribers
+_LEAN_NEEDS = ("_in_packet", "_out_messages", "_inflight_messages", "_max_inflight_messages", "_last_bytes_received",
+               "_last_msg_out", "_sock", "_packet_read", "_update_inflight", "_mid_generate", "_protocol")  # fmt: skip
+
+
+class LeanClient(paho.Client):
+    """paho's client with the two packets a forecasting daemon lives on, PUBLISH in and PUBACK in, taken cheaply.
+
+    For each reading paho decodes into a dataclass, builds an ``MQTTMessage``
+    (with a ``threading.Condition``), takes three locks and matches the topic
+    against per-filter callbacks; for each PUBACK it builds a ``ReasonCode``
+    and then walks *every* unacknowledged publish looking for one queued
+    behind the in-flight limit.  Here a whole PUBLISH (QoS 0 or 1, no MQTT 5
+    properties) or a successful PUBACK found in the :class:`BufferedSocket`'s
+    buffer goes straight to ``lean_message`` / ``lean_acked`` with paho's
+    bookkeeping done as paho does it; every other packet (and any packet not
+    yet whole, or with properties, or a refusal) is handed to paho's own reader
+    and handlers.  The in-flight walk runs only when some publish waits for a
+    slot.  The owner's QoS 1 forecasts go out the same way
+    (:meth:`lean_publish`): the packet written into the buffer, the message
+    registered in paho's table so that paho sends it again after a reconnect.
+    Used only when paho has the internals this relies on
+    (:func:`lean_supported`); tested against paho's own reader and writer.
+    """
+
+    lean_message: Callable[[bytes, bytes, int, int, bool, bool], None] = staticmethod(_ignore)  # type: ignore[assignment]
+    lean_acked: Callable[[int], None] = staticmethod(_ignore)  # type: ignore[assignment]
+    lean_packets = 0  # packets taken by the lean path (for tests and the curious)
+
+    def _packet_read(self) -> MQTTErrorCode:
+        sock = self._sock
+        if self._in_packet["command"] == 0 and type(sock) is BufferedSocket:
+            try:
+                got = sock.packet()
+            except (BlockingIOError, ssl.SSLWantReadError):
+                return MQTTErrorCode.MQTT_ERR_AGAIN
+            except OSError:  # paho's reader meets it again and reports it its way
+                got = None
+            if got is not None:
+                cmd, body = got
+                kind = cmd & 0xF0
+                rc = (
+                    self._lean_publish(cmd, body) if kind == _PUBLISH
+                    else self._lean_puback(body) if kind == _PUBACK
+                    else None
+                )  # fmt: skip
+                if rc is not None:
+                    self.lean_packets += 1
+                    self._last_bytes_received = time.monotonic()
+                    return rc
+                packet = self._in_packet  # whole but not ours: paho handles it as if it had read it
+                packet["command"] = cmd
+                packet["have_remaining"] = 1
+                packet["remaining_length"] = len(body)
+                packet["to_process"] = 0
+                packet["packet"] = bytearray(body)
+        return super()._packet_read()
+
+    def _lean_publish(self, cmd: int, body: bytes) -> MQTTErrorCode | None:
+        qos = (cmd >> 1) & 3
+        size = len(body)
+        if qos > 1 or size < 2:
+            return None
+        end = 2 + ((body[0] << 8) | body[1])
+        if end > size or (end == 2 and self._protocol != MQTTProtocolVersion.MQTTv5):
+            return None  # malformed (an empty topic is, before MQTT 5): paho says so
+        pos = end
+        mid = 0
+        if qos:
+            if pos + 2 > size:
+                return None
+            mid = (body[pos] << 8) | body[pos + 1]
+            pos += 2
+        if self._protocol == MQTTProtocolVersion.MQTTv5:
+            if pos >= size or body[pos]:
+                return None  # properties: paho decodes them
+            pos += 1
+        try:
+            self.lean_message(body[2:end], body[pos:], mid, qos, bool(cmd & 0x08), bool(cmd & 0x01))
+        except Exception:  # as paho's suppress_exceptions: a callback that raises does not end the loop
+            _LOG.exception("handling a message")
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _lean_puback(self, body: bytes) -> MQTTErrorCode | None:
+        size = len(body)
+        v5 = self._protocol == MQTTProtocolVersion.MQTTv5
+        if size != 2 and not (v5 and size == 3 and body[2] in _PUBACK_SUCCESS):
+            return None  # a refusal, properties or a malformed packet: paho decides
+        mid = (body[0] << 8) | body[1]
+        msg = self._out_messages.pop(mid, None)
+        if msg is None:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS  # not ours (any more): paho ignores it too
+        msg.info._set_as_published()
+        self._inflight_messages -= 1  # only QoS > 0 messages wait for a PUBACK
+        try:
+            self.lean_acked(mid)
+        except Exception:
+            _LOG.exception("handling an acknowledgement")
+        if self._max_inflight_messages > 0:
+            return self._update_inflight()
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _update_inflight(self) -> MQTTErrorCode:
+        if len(self._out_messages) <= self._inflight_messages:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS  # every unacknowledged publish is on the wire: none waits
+        return super()._update_inflight()
+
+    def lean_publish(self, topic: bytes, payload: bytes, retain: bool) -> int | None:
+        """Write a QoS 1 PUBLISH into the socket's buffer and register it as paho's ``publish`` would; its mid.
+
+        For a connected owner only.  None when paho's ``publish`` must decide
+        (no buffered socket, the in-flight limit reached, a topic paho refuses,
+        a packet id still in use): the owner calls it instead.
+        """
+        sock = self._sock
+        if (
+            type(sock) is not BufferedSocket
+            or (self._max_inflight_messages and self._inflight_messages >= self._max_inflight_messages)
+            or not topic
+            or len(topic) > 65535
+            or b"+" in topic
+            or b"#" in topic
+        ):
+            return None
+        mid = self._mid_generate()
+        if mid in self._out_messages:
+            return None
+        head = (0x31 if retain else 0x30) | 0x02  # PUBLISH, QoS 1
+        props = b"\x00" if self._protocol == MQTTProtocolVersion.MQTTv5 else b""  # MQTT 5: no properties
+        remaining = 4 + len(topic) + len(props) + len(payload)
+        out = sock._out
+        out.append(head)
+        while remaining > 0x7F:
+            out.append((remaining & 0x7F) | 0x80)
+            remaining >>= 7
+        out.append(remaining)
+        out += len(topic).to_bytes(2, "big")
+        out += topic
+        out += mid.to_bytes(2, "big")
+        out += props
+        out += payload
+        msg = paho.MQTTMessage.__new__(paho.MQTTMessage)  # kept until its PUBACK, sent again after a reconnect
+        msg.timestamp = self._last_msg_out = time.monotonic()
+        msg.state = paho.mqtt_ms_wait_for_puback
+        msg.dup = False
+        msg.mid = mid
+        msg._topic = topic
+        msg.payload = payload
+        msg.qos = 1
+        msg.retain = retain
+        msg.info = _Sent(mid)
+        msg.properties = None
+        self._out_messages[mid] = msg
+        self._inflight_messages += 1
+        return mid
+
+
+class _Sent(paho.MQTTMessageInfo):
+    """paho's handle of a publish without its ``threading.Condition``: no other thread waits for it here."""
+
+    __slots__ = ()
+
+    def __init__(self, mid: int) -> None:
+        self.mid = mid
+        self._published = False
+        self.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        self._iterpos = 0
+
+    def _set_as_published(self) -> None:
+        self._published = True
+
+
+@functools.cache
+def lean_supported() -> bool:
+    """paho (this version) has what :class:`LeanClient` relies on."""
+    try:
+        probe = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+    except Exception:
+        return False
+    message = paho.MQTTMessage(1, b"t")
+    return (
+        all(hasattr(probe, name) for name in _LEAN_NEEDS)
+        and isinstance(probe._in_packet, dict)
+        and set(paho.MQTTMessage.__slots__) == _MESSAGE_SLOTS
+        and set(paho.MQTTMessageInfo.__slots__) == {"_condition", "_iterpos", "_published", "mid", "rc"}
+        and hasattr(paho, "mqtt_ms_wait_for_puback")
+        and hasattr(message.info, "_set_as_published")
+    )
 
 
 class MqttLink:
@@ -209,7 +469,8 @@ class MqttLink:
         v5 = cfg.protocol is MqttProtocol.V5
         self._v5 = v5
         share_property_tables()
-        self.client = paho.Client(
+        client_class = LeanClient if lean_supported() else paho.Client
+        self.client = client_class(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=cfg.client_id,
             clean_session=None if v5 else False,
@@ -217,6 +478,9 @@ class MqttLink:
             manual_ack=True,
         )
         c = self.client
+        if isinstance(c, LeanClient):
+            c.lean_message = self._lean_message
+            c.lean_acked = self._acked
         if logging.getLogger("paho.mqtt").isEnabledFor(logging.DEBUG):
             c.enable_logger(logging.getLogger("paho.mqtt"))  # paho formats a line per packet otherwise
         c.suppress_exceptions = True  # a callback that raises must not end the loop (ours do not raise)
@@ -302,7 +566,7 @@ class MqttLink:
                 if isinstance(sock, BufferedSocket) and sock.pending():
                     buffered = True
                     timeout = 0.0
-            if c.want_write():
+            if self._wants_write():
                 wlist.append(sock)
         woken = False
         if rlist or wlist:
@@ -343,11 +607,27 @@ class MqttLink:
             handled += 1
         return handled
 
+    def _wants_write(self) -> bool:
+        w = self._wrapped
+        return self.client.want_write() or (w is not None and w.out_pending > 0 and self.client.socket() is w)
+
     def flush(self) -> None:
-        """Write what is queued, as far as the socket takes it now."""
+        """Write what is queued, as far as the socket takes it now (one ``send`` for all of it)."""
         c = self.client
-        if c.socket() is not None and c.want_write():
-            c.loop_write()
+        if c.socket() is None:
+            return
+        if c.want_write():
+            c.loop_write()  # paho's queue into the socket's write buffer
+        w = self._wrapped
+        if w is None or not w.out_pending or c.socket() is not self._wrapped:
+            return
+        try:
+            w.flush_out()
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass  # the socket is full: select waits until it takes more
+        except OSError as e:
+            w.error = e
+            c._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)  # closes the socket, reports the disconnect
 
     def _attempt(self, now: float) -> None:
         try:
@@ -388,8 +668,15 @@ class MqttLink:
         if self.max_packet is not None and (size := publish_packet_size(topic, payload, qos)) > self.max_packet:
             return self._unsendable(topic, f"a {size}-byte packet, over the broker's maximum packet size of "
                                            f"{self.max_packet} bytes")  # fmt: skip
+        c = self.client
         try:
-            info = self.client.publish(topic, payload, qos=qos, retain=retain)
+            if qos == 1 and self._connected and isinstance(c, LeanClient) and type(payload) is bytes:
+                mid = c.lean_publish(topic.encode(), payload, retain)
+                if mid is not None:
+                    if token is not None:
+                        self._tokens[mid] = token
+                    return True
+            info = c.publish(topic, payload, qos=qos, retain=retain)
         except ValueError as e:  # what MQTT cannot carry (a topic over 65,535 bytes): paho refuses before sending
             return self._unsendable(topic, str(e))
         ok = info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0)
@@ -411,7 +698,7 @@ class MqttLink:
     @property
     def backlogged(self) -> bool:
         """Bytes wait for the socket: the broker reads slower than we write (the owner stops reading)."""
-        return self.client.socket() is not None and self.client.want_write()
+        return self.client.socket() is not None and self._wants_write()
 
     @property
     def outstanding(self) -> int:
@@ -419,14 +706,23 @@ class MqttLink:
         return len(self._tokens)
 
     def ack(self, mid: int, qos: int) -> None:
-        """Acknowledge a received QoS 1 message (written at the next flush).
+        """Acknowledge a received message (written at the next flush, in the order of the calls).
 
-        Only while connected: between a lost connection and the next CONNACK, paho may already have a new
-        socket, and a PUBACK of the old connection's packet id written there would belong to a session that
-        may have given the id to another message.  A broker that kept the session sends the message again.
+        QoS 1: a PUBACK.  QoS 2 (a subscription some older setup left in the session): paho's PUBCOMP,
+        never a PUBACK, which the broker would take as a protocol error.  Only while connected: between
+        a lost connection and the next CONNACK, paho may already have a new socket, and a PUBACK of the
+        old connection's packet id written there would belong to a session that may have given the id to
+        another message.  A broker that kept the session sends the message again.
         """
         if qos > 0 and self._connected:
-            self.client.ack(mid, qos)
+            w = self._wrapped
+            buffered = w is not None and self.client.socket() is self._wrapped
+            if qos == 1 and buffered and w is not None:
+                w.send(b"\x40\x02" + mid.to_bytes(2, "big"))  # PUBACK: straight to the write buffer
+            else:
+                self.client.ack(mid, qos)
+                if buffered:
+                    self.client.loop_write()  # paho's packet into the write buffer now, behind earlier acks
 
     def close(self, timeout: float = 5.0) -> None:
         """Publish ``offline`` (when connected), flush, disconnect."""
@@ -569,6 +865,18 @@ class MqttLink:
                 self.publish_refusals,
                 self.cfg.username or "anonymous",
             )
+
+    def _lean_message(self, topic: bytes, payload: bytes, mid: int, qos: int, dup: bool, retain: bool) -> None:
+        try:
+            name: str | None = topic.decode()
+        except UnicodeDecodeError:  # not valid UTF-8: no filter can match it
+            name = None
+        self.on_message(Inbound(name, payload, mid, qos, dup, retain, self._clock()))
+
+    def _acked(self, mid: int) -> None:
+        token = self._tokens.pop(mid, None)
+        if token is not None:
+            self.on_published(token, True)
 
     def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
         try:
