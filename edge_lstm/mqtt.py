@@ -24,9 +24,8 @@ The hot path is lean (:class:`LeanClient`, :class:`BufferedSocket`): one
 ``recv`` fills a buffer from which whole PUBLISH and PUBACK packets are taken
 without paho's per-packet objects and locks; acknowledgements go straight to a
 write buffer; everything a poll wrote goes out in one ``send``.  A QoS 0
-forecast counts as published once it is in that buffer, written as far as
-the socket takes it at the end of each poll and step; what is left in it when
-the connection breaks is lost, as QoS 0 allows.
+forecast counts as published once the socket took it from that buffer; what
+is left in it when the connection breaks is reported as failed.
 
 The rest is as a long-running client should be: MQTT 5 or 3.1.1, a stable
 client id and a persistent session (MQTT 5: ``clean_start=False`` plus a
@@ -40,6 +39,7 @@ connect failures logged with the broker's reason.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -142,13 +142,15 @@ class BufferedSocket:
     owner's ``select`` what waits on either side.
     """
 
-    __slots__ = ("_buf", "_out", "_pos", "_sock", "error")
+    __slots__ = ("_buf", "_out", "_pos", "_sock", "error", "sent", "taken")
 
     def __init__(self, sock: Any) -> None:
         self._sock = sock
         self._buf = b""
         self._pos = 0
         self._out = bytearray()
+        self.taken = 0  # bytes taken by send since the connection opened
+        self.sent = 0  # of them, bytes written to the socket
         self.error: OSError | None = None  # what ended the connection on a read (paho only says "lost")
 
     def _fill(self) -> bytes:
@@ -207,6 +209,7 @@ class BufferedSocket:
     def send(self, data: bytes | bytearray) -> int:
         """Take ``data`` to write at the next :meth:`flush_out` (all of it, at once)."""
         self._out += data
+        self.taken += len(data)
         return len(data)
 
     @property
@@ -222,6 +225,7 @@ class BufferedSocket:
         if self._out:
             sent = self._sock.send(self._out)
             del self._out[:sent]
+            self.sent += sent
 
     def close(self) -> None:
         with contextlib.suppress(OSError):  # paho closes right after a DISCONNECT: let it go out first
@@ -446,6 +450,10 @@ class MqttLink:
         self._clock = clock
         self.subscriptions: list[str] = []
         self._tokens: dict[int, object] = {}  # mid of an outstanding publish -> its owner's token
+        self._qos0: set[int] = set()  # mids of QoS 0 publishes with a token
+        # QoS 0 publishes in the write buffer, not yet written to the socket: (the buffer's byte count at
+        # their end, token); reported when the socket took them, as failures when the connection ended first.
+        self._unwritten: collections.deque[tuple[int, object]] = collections.deque()
         self._ready = False
         self._connected = False
         self._closing = False
@@ -628,6 +636,15 @@ class MqttLink:
         except OSError as e:
             w.error = e
             c._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)  # closes the socket, reports the disconnect
+        else:
+            self._report_written(w)
+
+    def _report_written(self, w: BufferedSocket, *, ended: bool = False) -> None:
+        """QoS 0 publishes the socket took: published; with ``ended``, the rest failed (the connection is gone)."""
+        unwritten = self._unwritten
+        while unwritten and (ended or unwritten[0][0] <= w.sent):
+            end, token = unwritten.popleft()
+            self.on_published(token, end <= w.sent)
 
     def _attempt(self, now: float) -> None:
         try:
@@ -685,6 +702,8 @@ class MqttLink:
             return False
         if token is not None:
             self._tokens[info.mid] = token
+            if qos == 0:
+                self._qos0.add(info.mid)
         return True
 
     def _unsendable(self, topic: str, why: str) -> bool:
@@ -702,8 +721,8 @@ class MqttLink:
 
     @property
     def outstanding(self) -> int:
-        """Publishes with a token not yet acknowledged (or written, for QoS 0)."""
-        return len(self._tokens)
+        """Publishes with a token not yet acknowledged (or written to the socket, for QoS 0)."""
+        return len(self._tokens) + len(self._unwritten)
 
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge a received message (written at the next flush, in the order of the calls).
@@ -802,6 +821,11 @@ class MqttLink:
     ) -> None:
         was = self._connected
         self._tcp_since = None
+        w = self._wrapped
+        if w is not None and self._unwritten:
+            with contextlib.suppress(OSError, ValueError):
+                w.flush_out()  # paho may report the disconnect before it closes the socket
+            self._report_written(w, ended=True)
         now = self._clock()
         if was and now - self._connected_at >= TAKEOVER_HINT_S:
             self._delay = float(self.cfg.reconnect_min_s)  # the connection held: the backoff starts over
@@ -847,6 +871,12 @@ class MqttLink:
         self, _client: paho.Client, _userdata: Any, mid: int, reason_code: ReasonCode, _properties: Properties | None
     ) -> None:
         token = self._tokens.pop(mid, None)
+        if mid in self._qos0:  # QoS 0, now in the write buffer: published once the socket takes it
+            self._qos0.discard(mid)
+            w = self._wrapped
+            if token is not None and w is not None and self.client.socket() is self._wrapped:
+                self._unwritten.append((w.taken, token))
+                return
         # MQTT 5 brokers say in the PUBACK when they refuse a publish (e.g. 0x87 Not authorized by an ACL);
         # MQTT 3.1.1 brokers drop it silently.
         ok = not reason_code.is_failure

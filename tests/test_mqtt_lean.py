@@ -40,6 +40,8 @@ class FakeSock:
         return chunk
 
     def send(self, data: bytes | bytearray) -> int:
+        if self.take == 0:
+            raise BlockingIOError  # full: a non-blocking socket takes nothing
         n = len(data) if self.take is None else min(self.take, len(data))
         self.sends.append(bytes(data[:n]))
         return n
@@ -270,3 +272,28 @@ def test_a_qos2_message_is_completed_not_acknowledged_as_qos1(monkeypatch: pytes
     sent = b"".join(fake.sends)
     assert b"\x40\x02\x00\x09" not in sent
     assert sent.startswith(b"\x70\x02\x00\x09") and sent.endswith(b"\x40\x02\x00\x0a")
+
+
+def test_a_qos0_forecast_counts_as_published_once_the_socket_took_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """QoS 0 has no acknowledgement: published means written to the socket. Forecasts still in the write
+    buffer when the connection ends count as failures, not as published."""
+    link, fake = acked_link(MqttProtocol.V5, True, monkeypatch, 1000)
+    done: list[tuple[object, bool]] = []
+    link.on_published = lambda token, ok: done.append((token, ok))
+    fake.take = 0  # the socket is full
+    for i in range(3):
+        assert link.publish(f"out/{i}", b"forecast", qos=0, token=i)
+    link.flush()
+    assert done == [] and link.outstanding == 3 and link.backlogged
+    fake.take = 30  # room for about one packet
+    link.flush()
+    assert done == [(0, True)] and link.outstanding == 2
+    fake.take = None
+    link.flush()
+    assert done == [(0, True), (1, True), (2, True)] and link.outstanding == 0
+    fake.take = 0
+    for i in (3, 4):
+        assert link.publish(f"out/{i}", b"forecast", qos=0, token=i)
+    link.flush()
+    link.client._loop_rc_handle(mqtt.MQTTErrorCode.MQTT_ERR_CONN_LOST)  # type: ignore[attr-defined]
+    assert done[3:] == [(3, False), (4, False)] and link.outstanding == 0
