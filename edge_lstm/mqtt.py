@@ -615,9 +615,14 @@ class MqttLink:
             handled += 1
         return handled
 
-    def _wants_write(self) -> bool:
+    def _buffer(self) -> BufferedSocket | None:
+        """The buffered socket of the current connection; None between connections (or before paho's own)."""
         w = self._wrapped
-        return self.client.want_write() or (w is not None and w.out_pending > 0 and self.client.socket() is w)
+        return w if w is not None and self.client.socket() is w else None
+
+    def _wants_write(self) -> bool:
+        w = self._buffer()
+        return self.client.want_write() or (w is not None and w.out_pending > 0)
 
     def flush(self) -> None:
         """Write what is queued, as far as the socket takes it now (one ``send`` for all of it)."""
@@ -626,8 +631,8 @@ class MqttLink:
             return
         if c.want_write():
             c.loop_write()  # paho's queue into the socket's write buffer
-        w = self._wrapped
-        if w is None or not w.out_pending or c.socket() is not self._wrapped:
+        w = self._buffer()
+        if w is None or not w.out_pending:
             return
         try:
             w.flush_out()
@@ -734,13 +739,12 @@ class MqttLink:
         another message.  A broker that kept the session sends the message again.
         """
         if qos > 0 and self._connected:
-            w = self._wrapped
-            buffered = w is not None and self.client.socket() is self._wrapped
-            if qos == 1 and buffered and w is not None:
+            w = self._buffer()
+            if qos == 1 and w is not None:
                 w.send(b"\x40\x02" + mid.to_bytes(2, "big"))  # PUBACK: straight to the write buffer
             else:
                 self.client.ack(mid, qos)
-                if buffered:
+                if w is not None:
                     self.client.loop_write()  # paho's packet into the write buffer now, behind earlier acks
 
     def close(self, timeout: float = 5.0) -> None:
@@ -873,8 +877,8 @@ class MqttLink:
         token = self._tokens.pop(mid, None)
         if mid in self._qos0:  # QoS 0, now in the write buffer: published once the socket takes it
             self._qos0.discard(mid)
-            w = self._wrapped
-            if token is not None and w is not None and self.client.socket() is self._wrapped:
+            w = self._buffer()
+            if token is not None and w is not None:
                 self._unwritten.append((w.taken, token))
                 return
         # MQTT 5 brokers say in the PUBACK when they refuse a publish (e.g. 0x87 Not authorized by an ACL);
