@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
                                   {d.name: d.pid}, d.drops)  # fmt: skip
                     lat = r.latency_ms
                     cols = ", ".join(f"{k} {lat[k]:.2f}" for k in ("p50", "p99", "p99.9", "max") if k in lat)
-                    print(f"step {i + 1}: {r.received}/{count} received; latency ms: {cols}", flush=True)
+                    cpu = r.cpu_s.get(d.name)
+                    per = f"; daemon CPU {cpu / count * 1e6:.0f} µs/reading" if cpu is not None else ""
+                    print(f"step {i + 1}: {r.received}/{count} received; latency ms: {cols}{per}", flush=True)
         finally:
             s.close()
     return 0

@@ -468,6 +468,45 @@ def test_the_loop_steps_at_once_when_a_stream_repeats_and_waits_for_other_stream
         daemon.stop()
 
 
+def test_during_a_wait_for_a_shared_step_the_socket_is_read_once_at_its_end(
+    broker: Broker, tmp_path: Path, taylor_series: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """Once readings of two streams wait (engine.max_wait_ms, here 1 s) for a shared model step, what comes
+    meanwhile stays in the socket until the wait ends, then joins that step: one wake-up instead of one per
+    packet under load.  A lone stream's readings are still read as they come (its repeat ends the wait)."""
+    ts, values = taylor_series
+    cfg = _config(tmp_path, broker, engine={"max_wait_ms": 1000})
+    daemon = Daemon(cfg, registry=CollectorRegistry(), handle_signals=False)
+    reg = daemon.registry
+
+    def sample(name: str) -> float:
+        return reg.get_sample_value(name) or 0.0
+
+    try:
+        with publisher(broker.host, broker.port) as pub, Collector(broker.host, broker.port, ["forecasts/#"]) as col:
+            daemon.start()
+            time.sleep(1.2)  # readings further apart than the wait are not held: start after a quiet second
+            t0 = time.monotonic()
+            for stream in ("a", "b"):
+                pub.publish(f"sensors/{stream}/value", _reading(float(ts[0]), float(values[0])), qos=1)
+            deadline = time.monotonic() + 0.5
+            while sample("edge_lstm_readings_received_total") < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert sample("edge_lstm_readings_received_total") == 2  # a and b: two streams share the step
+            for stream in ("c", "d"):
+                pub.publish(f"sensors/{stream}/value", _reading(float(ts[0]), float(values[0])), qos=1)
+            time.sleep(0.3)
+            assert time.monotonic() - t0 < 0.9
+            assert sample("edge_lstm_readings_received_total") == 2  # c and d wait in the socket
+            got = col.wait_for(4, "forecasts/#", timeout=20, retained=False)
+            assert time.monotonic() - t0 >= 0.9
+            assert sorted(m.topic for m in got) == [f"forecasts/{s}" for s in "abcd"]
+            assert sample("edge_lstm_batch_size_count") == 1  # all four in one step
+            assert sample("edge_lstm_batch_size_sum") == 4
+    finally:
+        daemon.stop()
+
+
 def test_the_heap_is_settled_so_collections_while_serving_skip_what_start_up_built(
     broker: Broker, tmp_path: Path
 ) -> None:
