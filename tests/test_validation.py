@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from converter import validation
 from converter.prepare import Split
 from converter.validation import BLEND_GRID, HEDGE_WEIGHT, Blend, OutOfSample, fit_blend, rolling_folds
 from edge_lstm.features import (
@@ -380,3 +381,40 @@ def test_intervals_pool_the_validation_residuals_with_the_earlier_folds() -> Non
     assert iv.calibration == {"part": "validation + 2 earlier fold(s)", "pairs": [135, 129]}
     alone = fit_intervals(scored, (0.8, 0.95))
     assert alone.calibration == {"part": "validation", "pairs": [40, 38]}
+
+
+def test_a_gain_the_folds_trust_but_not_surely_is_halved(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three folds gain 30, 10 and 2 % of the change: better by one standard error, not at 95 % (Student's t,
+    2 degrees of freedom).  The horizon takes half of the candidate and half of the naive forecast (here
+    persistence), which in every fold errs no more than the mean of the two; folds that all gain a lot keep
+    the whole candidate."""
+    rng = np.random.default_rng(1)
+    n = 80
+
+    def fold(skill: float) -> OutOfSample:
+        last = rng.normal(0, 1, n)
+        change = rng.normal(0, 1, n)
+        actual = last + change
+        seasonal = actual + rng.normal(0, 3, n)  # seasonal naive far off: persistence is the naive to beat
+        return _oos(skill * change + rng.normal(0, 0.3, n), seasonal, actual, last)
+
+    weak = [fold(0.3), fold(0.1), fold(0.02)]
+    strong = [fold(0.8), fold(0.7), fold(0.9)]
+    hedged, kept = fit_blend(weak), fit_blend(strong)
+    monkeypatch.setattr(validation, "t95", lambda df: 1.0)  # "surely" = trusted: no hedge
+    whole, whole_strong = fit_blend(weak), fit_blend(strong)
+    assert whole.gains[0] > 0.5
+    assert hedged.gains[0] == pytest.approx(whole.gains[0] * HEDGE_WEIGHT)
+    assert hedged.weights[0] == pytest.approx(whole.weights[0] * HEDGE_WEIGHT)
+    for f in weak:
+        assert f.mae(hedged)[0] <= (f.mae(whole)[0] + f.baseline_mae()["persistence"][0]) / 2 + 1e-12
+    np.testing.assert_array_equal(kept.gains, whole_strong.gains)
+    np.testing.assert_array_equal(kept.weights, whole_strong.weights)
+
+
+def test_t95_is_students_one_sided_quantile() -> None:
+    # Reference values: one-sided 95 % quantiles of Student's t (any statistics table).
+    for df, q in ((1, 6.314), (2, 2.920), (10, 1.812), (11, 1.796), (20, 1.725), (120, 1.658)):
+        assert validation.t95(df) == pytest.approx(q, abs=0.015)
+    with pytest.raises(ValueError):
+        validation.t95(0)
