@@ -336,18 +336,22 @@ def test_with_one_fold_a_gain_its_pairs_disagree_on_is_given_up() -> None:
     assert float(fit_blend(_oos(network, seasonal, actual, last), check_one_fold=False).gains[0]) == 1.0
 
 
+def _skilled_fold(rng: np.random.Generator, n: int, skill: float) -> OutOfSample:
+    """A fold whose network forecasts ``skill`` times the true change plus noise (skill < 0 points it the wrong
+    way); seasonal naive is far off, so persistence is the naive forecast to beat."""
+    last = rng.normal(0, 1, n)
+    change = rng.normal(0, 1, n)
+    actual = last + change
+    seasonal = actual + rng.normal(0, 3, n)
+    return _oos(skill * change + rng.normal(0, 0.3, n), seasonal, actual, last)
+
+
 def test_a_gain_the_folds_disagree_on_falls_back_to_the_better_naive_forecast() -> None:
     """One-standard-error rule: the network's gain must hold across folds, not in a median fold only."""
     rng = np.random.default_rng(6)
-    n = 120
 
     def fold(skill: float) -> OutOfSample:
-        # The network's change is the true change plus noise; skill < 0 points it the wrong way.
-        last = rng.normal(0, 1, n)
-        change = rng.normal(0, 1, n)
-        actual = last + change
-        seasonal = actual + rng.normal(0, 3, n)  # seasonal naive far off: persistence is the naive to beat
-        return _oos(skill * change + rng.normal(0, 0.3, n), seasonal, actual, last)
+        return _skilled_fold(rng, 120, skill)
 
     agree = fit_blend([fold(0.8), fold(0.7), fold(0.9)])
     assert agree.gains[0] > 0.5  # every fold gains: kept
@@ -389,14 +393,9 @@ def test_a_gain_the_folds_trust_but_not_surely_is_halved(monkeypatch: pytest.Mon
     persistence), which in every fold errs no more than the mean of the two; folds that all gain a lot keep
     the whole candidate."""
     rng = np.random.default_rng(1)
-    n = 80
 
     def fold(skill: float) -> OutOfSample:
-        last = rng.normal(0, 1, n)
-        change = rng.normal(0, 1, n)
-        actual = last + change
-        seasonal = actual + rng.normal(0, 3, n)  # seasonal naive far off: persistence is the naive to beat
-        return _oos(skill * change + rng.normal(0, 0.3, n), seasonal, actual, last)
+        return _skilled_fold(rng, 80, skill)
 
     weak = [fold(0.3), fold(0.1), fold(0.02)]
     strong = [fold(0.8), fold(0.7), fold(0.9)]
