@@ -203,7 +203,9 @@ _sequence_runs: weakref.WeakKeyDictionary[keras.Model, Any] = weakref.WeakKeyDic
 
 
 def _run_model(model: weakref.ref[keras.Model], x: tf.Tensor) -> tf.Tensor:
-    return model()(x, training=False)
+    alive = model()
+    assert alive is not None, "the model was freed while its traced run is in use"
+    return alive(x, training=False)
 
 
 def apply_gains(weights: ReferenceWeights, gains: F32) -> ReferenceWeights:

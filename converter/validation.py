@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -90,7 +91,7 @@ class OutOfSample(PerHorizon):
 
     def lean(self, k: int, differenced: bool) -> F64:
         """At horizon index ``k``: the seasonal forecast minus the last reading (0 where it is missing)."""
-        sea = self.seasonal[k]
+        sea: npt.NDArray[np.floating[Any]] = self.seasonal[k]
         if differenced:
             sea = seasonally_differenced(sea, self.reference[k], self.last[k])
         return np.where(np.isnan(sea), 0.0, sea - self.last[k])
@@ -236,8 +237,8 @@ def fit_blend(
             continue
         naive = np.array([nv[:, 0] for nv in counted])  # [F, 2]: persistence, seasonal naive
         nw = 1 if seasonal and np.median(naive[:, 1]) < np.median(naive[:, 0]) else 0
-        # Per search, its best candidate: (cost, differenced, weight, gain, trusted by the folds).
-        bests: list[tuple[float, bool, float, float, bool]] = []
+        # Per search, its best candidate: (cost, differenced, weight, gain, trusted surely, trusted by one SE).
+        bests: list[tuple[float, bool, float, float, bool, bool]] = []
         for anchor in anchors:
             # The differenced search holds only weights above 0: at weight 0 both searches are the same.
             w_axis = w_grid[w_grid > 0] if anchor else w_grid
@@ -268,10 +269,10 @@ def fit_blend(
         # needs more history, and where r_k is missing its candidates are seasonal naive's own at weight 0).
         if len(bests) == 2 and not bests[1][0] < bests[0][0] - 1e-12:  # [seasonal naive's, differenced]
             bests = bests[:1]
-        trusted = [b for b in bests if b[5]]
-        if trusted:
-            _, anchor, w, g, sure, _ = min(trusted, key=lambda b: b[0])
-            if not sure and (g > 0.0 or anchor) and not (anchor and nw == 1):
+        kept = [b for b in bests if b[5]]
+        if kept:
+            _, anchor, w, g, sure, _ = min(kept, key=lambda b: b[0])
+            if not sure and not (anchor and nw == 1):
                 # Better by one standard error but not surely: half of it, half the naive forecast.
                 g, w = g * HEDGE_WEIGHT, (w + (0.0 if anchor else float(nw))) * HEDGE_WEIGHT
         else:  # nothing beats the better naive forecast clearly enough: that forecast
