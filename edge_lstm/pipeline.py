@@ -78,6 +78,7 @@ CARRY_DIGESTS = 4096  # digests of the latest messages a new journal carries (to
 REDELIVERY_WINDOW = CARRY_DIGESTS
 _U32 = 0xFFFF_FFFF
 ERROR_LOG_EVERY_S = 10.0
+GATHER_SLICE_S = 0.005  # longest a wait for a shared step goes without reading the socket
 IDLE_WAIT_S = 0.5  # longest poll without work (the watchdog and timers run after each)
 HA_REANNOUNCE_EVERY_S = 5.0  # Home Assistant's `online` answered at most this often (the rest at the end)
 BARRIER_TIMEOUT_S = 5.0  # how long a checkpoint may hold intake back waiting for a quiescent point
@@ -653,9 +654,12 @@ class Loop:
                 timeout = 0.0
                 if linger > 0 and len(p.queue) < max_batch and not p.no_wait:
                     timeout = max(0.0, p.queue[0].received + linger - time.monotonic())
-                    # Streams already share the next step: what comes during the wait is read once at its
-                    # end, not packet by packet (half the wake-ups under load).
+                    # Streams already share the next step: what comes during the wait is read in slices of
+                    # the wait, not packet by packet (half the wake-ups under load); a queue that reaches
+                    # max_batch still ends the wait, within one slice.
                     gathering = timeout > 0.0 and p.mixed
+                    if gathering:
+                        timeout = min(timeout, GATHER_SLICE_S)
             if link.poll(timeout, read=0 if gathering else read, wake=self._wake_r):
                 self._drain_wake()
                 if self._ready_requested:

@@ -24,9 +24,17 @@ from edge_lstm.engine import Engine
 from edge_lstm.forecast import ForecastEncoder
 from edge_lstm.journal import Journal, read_journal
 from edge_lstm.metrics import Metrics
-from edge_lstm.mqtt import Inbound
+from edge_lstm.mqtt import READ_BUDGET, Inbound
 from edge_lstm.payload import PayloadDecoder
-from edge_lstm.pipeline import REDELIVERY_WINDOW, Pipeline, open_journal, replay_journal, routes_of, settle_heap
+from edge_lstm.pipeline import (
+    GATHER_SLICE_S,
+    REDELIVERY_WINDOW,
+    Pipeline,
+    open_journal,
+    replay_journal,
+    routes_of,
+    settle_heap,
+)
 from edge_lstm.state import StateTable
 from tests.support.broker import Broker
 from tests.support.collector import Collector, publisher
@@ -468,41 +476,49 @@ def test_the_loop_steps_at_once_when_a_stream_repeats_and_waits_for_other_stream
         daemon.stop()
 
 
-def test_during_a_wait_for_a_shared_step_the_socket_is_read_once_at_its_end(
+def test_a_wait_for_a_shared_step_reads_in_slices_and_ends_at_max_batch(
     broker: Broker, tmp_path: Path, taylor_series: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    """Once readings of two streams wait (engine.max_wait_ms, here 1 s) for a shared model step, what comes
-    meanwhile stays in the socket until the wait ends, then joins that step: one wake-up instead of one per
-    packet under load.  A lone stream's readings are still read as they come (its repeat ends the wait)."""
+    """Once readings of two streams wait (engine.max_wait_ms, here 1 s) for a shared model step, the loop
+    polls without reading the socket for at most GATHER_SLICE_S at a time and then reads what came: no
+    wake-up per packet under load.  A queue that reaches engine.max_batch (4) still ends the wait: a and b,
+    then c and d 0.3 s later, come out together at once, not a second after a and b."""
     ts, values = taylor_series
-    cfg = _config(tmp_path, broker, engine={"max_wait_ms": 1000})
+    cfg = _config(tmp_path, broker, engine={"max_wait_ms": 1000, "max_batch": 4, "queue_size": 100})
     daemon = Daemon(cfg, registry=CollectorRegistry(), handle_signals=False)
     reg = daemon.registry
-
-    def sample(name: str) -> float:
-        return reg.get_sample_value(name) or 0.0
-
+    polls: list[tuple[float, int]] = []
     try:
         with publisher(broker.host, broker.port) as pub, Collector(broker.host, broker.port, ["forecasts/#"]) as col:
             daemon.start()
-            time.sleep(1.2)  # readings further apart than the wait are not held: start after a quiet second
-            t0 = time.monotonic()
-            for stream in ("a", "b"):
-                pub.publish(f"sensors/{stream}/value", _reading(float(ts[0]), float(values[0])), qos=1)
-            deadline = time.monotonic() + 0.5
-            while sample("edge_lstm_readings_received_total") < 2 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert sample("edge_lstm_readings_received_total") == 2  # a and b: two streams share the step
-            for stream in ("c", "d"):
+            link = daemon.link
+            assert link is not None
+            real_poll = link.poll
+
+            def poll(timeout: float, *, read: int = READ_BUDGET, wake: Any = None) -> bool:
+                polls.append((timeout, read))
+                return real_poll(timeout, read=read, wake=wake)
+
+            link.poll = poll  # type: ignore[method-assign]
+            time.sleep(1.2)
+            t0, before = time.monotonic(), len(polls)
+            # x after a quiet second is stepped at once (readings further apart than the wait); a and b
+            # follow it closely, so they wait, and as two streams they gather for a shared step.
+            for stream in ("x", "a", "b"):
                 pub.publish(f"sensors/{stream}/value", _reading(float(ts[0]), float(values[0])), qos=1)
             time.sleep(0.3)
-            assert time.monotonic() - t0 < 0.9
-            assert sample("edge_lstm_readings_received_total") == 2  # c and d wait in the socket
-            got = col.wait_for(4, "forecasts/#", timeout=20, retained=False)
-            assert time.monotonic() - t0 >= 0.9
-            assert sorted(m.topic for m in got) == [f"forecasts/{s}" for s in "abcd"]
-            assert sample("edge_lstm_batch_size_count") == 1  # all four in one step
-            assert sample("edge_lstm_batch_size_sum") == 4
+            waiting = polls[before:]
+            gathering = [t for t, read in waiting if read == 0 and t > 0]
+            assert len(gathering) >= 10  # 0.3 s of the wait, in slices
+            assert max(gathering) <= GATHER_SLICE_S
+            assert not [t for t, read in waiting[-20:] if read > 0 and t > GATHER_SLICE_S]
+            for stream in ("c", "d"):
+                pub.publish(f"sensors/{stream}/value", _reading(float(ts[0]), float(values[0])), qos=1)
+            got = col.wait_for(5, "forecasts/#", timeout=20, retained=False)
+            assert time.monotonic() - t0 < 0.9  # max_batch ended the wait (it would have lasted until 1.0 s)
+            assert sorted(m.topic for m in got) == [f"forecasts/{s}" for s in "abcdx"]
+            assert (reg.get_sample_value("edge_lstm_batch_size_count") or 0) == 2  # x alone, then a-d in one step
+            assert (reg.get_sample_value("edge_lstm_batch_size_sum") or 0) == 5
     finally:
         daemon.stop()
 
