@@ -183,7 +183,7 @@ class Pipeline:
         self._linger = cfg.engine.max_wait_ms / 1000.0
         self._track_repeats = self._linger > 0
         self._run_stream: str | None = None  # the one stream queued since the last step, if only one
-        self._mixed = False  # a second stream came since the last step: tracking stops
+        self.mixed = False  # a second stream came since the last step: tracking stops, the wait gathers
         self.repeated = False
         # Whether the latest message with readings came longer than the wait after the one before it: at
         # that rate a wait would most likely gather nothing, and only add its length to the latency.
@@ -297,7 +297,7 @@ class Pipeline:
                     if self._track_repeats:
                         self.sparse = m.arrived - self._last_arrival >= self._linger
                         self._last_arrival = m.arrived
-                        if not self.repeated and not self._mixed:
+                        if not self.repeated and not self.mixed:
                             for r in result.readings:
                                 if self._run_stream is None:
                                     self._run_stream = r.stream
@@ -305,7 +305,7 @@ class Pipeline:
                                     self.repeated = True
                                     break
                                 else:  # streams to share a step: the wait is worth it
-                                    self._mixed = True
+                                    self.mixed = True
                                     break
                     self.queue.extend(result.readings)
                     self.enqueued += len(result.readings)
@@ -343,7 +343,7 @@ class Pipeline:
             return 0
         n = min(len(q), max_batch)
         readings = [q.popleft() for _ in range(n)]
-        self._run_stream, self._mixed = None, False
+        self._run_stream, self.mixed = None, False
         self.repeated = bool(q)  # readings left behind: the loop is behind, no reason to wait for more
         self.taken += n
         batch = _Batch(self.taken)
@@ -497,12 +497,6 @@ class Pipeline:
         """Waiting for other streams to share the next step would gather none: one stream's run, or
         readings further apart than the wait."""
         return self.repeated or self.sparse
-
-    @property
-    def mixed(self) -> bool:
-        """The readings taken in since the last step are of more than one stream (the wait gathers for a shared
-        step)."""
-        return self._mixed
 
     @property
     def starved(self) -> bool:
