@@ -237,7 +237,7 @@ def fit_blend(
             continue
         naive = np.array([nv[:, 0] for nv in counted])  # [F, 2]: persistence, seasonal naive
         nw = 1 if seasonal and np.median(naive[:, 1]) < np.median(naive[:, 0]) else 0
-        # Per search, its best candidate: (cost, differenced, weight, gain, trusted surely, trusted by one SE).
+        # Per search, its best candidate: (cost, differenced, weight, gain, trusted by one SE, sure at 95 %).
         bests: list[tuple[float, bool, float, float, bool, bool]] = []
         for anchor in anchors:
             # The differenced search holds only weights above 0: at weight 0 both searches are the same.
@@ -261,7 +261,7 @@ def fit_blend(
                     sure = rel.mean() + t95(rel.size - 1) * se < 1.0
                 elif check_one_fold:
                     trusted = _beats_pair_by_pair(folds[0][0], k, float(grid[ig]), float(w_axis[iw]), anchor, nw)
-            bests.append((c, anchor, float(w_axis[iw]), float(grid[ig]), trusted and sure, trusted))
+            bests.append((c, anchor, float(w_axis[iw]), float(grid[ig]), trusted, sure))
         if not bests:  # no candidate has a cost here: persistence
             gains[k] = weights[k] = 0.0
             continue
@@ -269,9 +269,9 @@ def fit_blend(
         # needs more history, and where r_k is missing its candidates are seasonal naive's own at weight 0).
         if len(bests) == 2 and not bests[1][0] < bests[0][0] - 1e-12:  # [seasonal naive's, differenced]
             bests = bests[:1]
-        kept = [b for b in bests if b[5]]
+        kept = [b for b in bests if b[4]]
         if kept:
-            _, anchor, w, g, sure, _ = min(kept, key=lambda b: b[0])
+            _, anchor, w, g, _, sure = min(kept, key=lambda b: b[0])
             if not sure and not (anchor and nw == 1):
                 # Better by one standard error but not surely: half of it, half the naive forecast.
                 g, w = g * HEDGE_WEIGHT, (w + (0.0 if anchor else float(nw))) * HEDGE_WEIGHT
