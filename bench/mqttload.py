@@ -2,13 +2,18 @@
 
 Three processes besides the broker and the system under test (the daemon or the ceiling):
 
-* the **generator** publishes readings at a set rate.  It runs paho without a network thread,
-  so each ``publish`` writes straight to the socket and its send time is taken just before;
-  between bursts it sleeps in ``client.loop(timeout)`` (a ``select`` on the socket) until the
-  next reading is due: no busy-wait.
-* the **receiver** subscribes to the output topics and records the arrival time of every
-  message on paho's network thread; its main thread only waits for commands.
+* the **generator** publishes readings at a set rate.  It writes each burst of due readings to
+  the socket with one ``send`` and takes its send time just before; between bursts it sleeps in
+  ``select`` on the socket (reading the broker's acknowledgements) until the next reading is due:
+  no busy-wait.
+* the **receiver** subscribes to the output topics; a reading thread stamps every message of a
+  read with the time the read returned and acknowledges them in one ``send``; its main thread
+  only waits for commands.
+
 * this process only sends commands and reads ``/proc`` and the daemon's metrics between steps.
+
+Both speak MQTT through :mod:`bench.wire`, a few dozen lines of hand-built packets, so that the
+harness costs a small part of the two cores it shares with the broker and the system under test.
 
 Message ``g`` of a series (counted from 0 across all its steps) goes to stream ``g % S`` with
 tick ``g // S``: streams are visited round robin, each stream's readings are exactly one model
@@ -35,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.wire import PING_EVERY_S, PUBACK, PUBLISH, WireClient, publish_fields
 from edge_lstm.config import MqttProtocol
 
 _LOG = logging.getLogger(__name__)
@@ -100,63 +106,66 @@ def _paho_client(name: str, protocol: MqttProtocol = MqttProtocol.V5) -> Any:
 # -- generator process ---------------------------------------------------------------------------
 
 
-def _generator_step(client: Any, cmd: dict[str, Any], qos: int) -> dict[str, Any]:
+def _generator_step(link: WireClient, cmd: dict[str, Any], qos: int) -> dict[str, Any]:
     prefix, streams, rate = cmd["prefix"], int(cmd["streams"]), float(cmd["rate"])
     first, n = int(cmd["first"]), int(cmd["count"])
-    topics = [in_topic(prefix, s, cmd.get("root", IN_ROOT)) for s in range(streams)]
+    topics = [in_topic(prefix, s, cmd.get("root", IN_ROOT)).encode() for s in range(streams)]
     sends = np.full(n, np.nan)
     mono = time.monotonic
-    publish = client.publish
+    build = link.publish_packet
+    acks = 0
+
+    def read_acks(timeout: float | None) -> None:
+        nonlocal acks
+        if not link.read(timeout):
+            raise ConnectionError("the broker closed the generator's connection")
+        acks += sum(1 for f, _s, _e in link.take() if f & 0xF0 == PUBACK)
+
     start = mono() + 0.005
     j = 0
-    info = None
     while j < n:
         now = mono()
-        due = min(n, int((now - start) * rate) + 1)
+        due = min(n, int((now - start) * rate) + 1, j + 256)
         if due <= j:
-            client.loop(timeout=max(start + j / rate - now, 0.0001))  # sleeps in select() until due
+            time.sleep(start + j / rate - now)  # the acknowledgements wait in the socket meanwhile
             continue
-        while j < due:
-            g = first + j
-            sends[j] = mono()
-            info = publish(topics[g % streams], payload(g, streams), qos)
-            j += 1
-            if j % 256 == 0:
-                client.loop(timeout=0)  # read acknowledgements during long bursts
+        burst = b"".join([build(topics[g % streams], payload(g, streams), qos) for g in range(first + j, first + due)])
+        sends[j:due] = mono()
+        link.send(burst)
+        if j // 256 != due // 256:
+            read_acks(0)
+        j = due
     deadline = mono() + 30
-    while mono() < deadline and (client.want_write() or (qos and info is not None and not info.is_published())):
-        client.loop(timeout=0.01)
-    return {"sends": sends, "unacked": bool(qos and info is not None and not info.is_published())}
+    while qos and acks < n and mono() < deadline:
+        read_acks(deadline - mono())
+    return {"sends": sends, "unacked": bool(qos and acks < n)}
 
 
 def generator_main(conn: Connection, host: str, port: int, qos: int, protocol: MqttProtocol = MqttProtocol.V5) -> None:
     """The load generator (a child process): one step per command until ``None``."""
-    client = _paho_client("gen", protocol)
-    client.max_inflight_messages_set(0)  # unlimited: never hold a reading back
-    client.connect(host, port, keepalive=KEEPALIVE)
-    deadline = time.monotonic() + 10
-    while not client.is_connected() and time.monotonic() < deadline:
-        client.loop(timeout=0.05)
-    conn.send({"ready": client.is_connected(), "pid": os.getpid()})
+    link = WireClient(host, port, f"bench-gen-{uuid.uuid4().hex[:6]}", protocol, KEEPALIVE)
+    conn.send({"ready": True, "pid": os.getpid()})
     while True:
         while not conn.poll(1.0):
-            client.loop(timeout=0)  # keepalive while idle
+            link.keepalive()
+            if link.read(0):
+                link.take()  # stray acknowledgements of a step that timed out, PINGRESP
         cmd = conn.recv()
         if cmd is None:
             break
-        conn.send(_generator_step(client, cmd, qos))
-    client.disconnect()
+        conn.send(_generator_step(link, cmd, qos))
+    link.close()
 
 
 # -- receiver process ----------------------------------------------------------------------------
 
 
 class _Recorder:
-    """Arrival times of the expected messages (paho's network thread writes, the main thread reads)."""
+    """Arrival times of the expected messages (the reading thread writes, the main thread reads)."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
-        self.prefix = ""
+        self.prefix = b""
         self.streams = 1
         self.first = 0
         self.recv = np.zeros(0)
@@ -166,36 +175,37 @@ class _Recorder:
 
     def expect(self, prefix: str, streams: int, first: int, n: int) -> None:
         with self.cond:
-            self.prefix, self.streams, self.first = prefix, streams, first
+            self.prefix, self.streams, self.first = prefix.encode(), streams, first
             self.recv = np.full(n, np.nan)
             self.count = self.stray = 0
             self.last_at = time.monotonic()
 
-    def on_message(self, _c: Any, _u: Any, msg: Any) -> None:
-        now = time.monotonic()
-        body: bytes = msg.payload
-        stream = msg.topic.rsplit("/", 1)[-1] if msg.topic.startswith(("forecasts/", "ceiling/", "naive/")) else ""
-        i = body.find(b'"ts_epoch":')
-        if i >= 0:
-            i += 11
-        else:
-            i = body.find(b'"ts":') + 5
-        end = body.find(b",", i)
+    def record(self, now: float, messages: list[tuple[bytes, bytes]]) -> None:
+        """Messages (topic, body) that arrived in one read at ``now``."""
         with self.cond:
             self.last_at = now
-            try:
-                prefix, _, s = stream.rpartition("-")
-                ts = float(body[i:end])
-                idx = round((ts - T0) / CADENCE) * self.streams + int(s) - self.first
-            except ValueError:
-                self.stray += 1
-                return
-            if prefix != self.prefix or not 0 <= idx < len(self.recv) or self.recv[idx] == self.recv[idx]:
-                self.stray += 1
-                return
-            self.recv[idx] = now
-            self.count += 1
-            if self.count == len(self.recv):
+            recv, n = self.recv, len(self.recv)
+            for topic, body in messages:
+                stream = topic.rsplit(b"/", 1)[-1] if topic.startswith(_OUT_ROOTS) else b""
+                i = body.find(b'"ts_epoch":')
+                if i >= 0:
+                    i += 11
+                else:
+                    i = body.find(b'"ts":') + 5
+                end = body.find(b",", i)
+                try:
+                    prefix, _, s = stream.rpartition(b"-")
+                    ts = float(body[i:end])
+                    idx = round((ts - T0) / CADENCE) * self.streams + int(s) - self.first
+                except ValueError:
+                    self.stray += 1
+                    continue
+                if prefix != self.prefix or not 0 <= idx < n or recv[idx] == recv[idx]:
+                    self.stray += 1
+                    continue
+                recv[idx] = now
+                self.count += 1
+            if self.count == n:
                 self.cond.notify_all()
 
     def collect(self, quiet_s: float, cap_s: float) -> dict[str, Any]:
@@ -210,19 +220,43 @@ class _Recorder:
             return {"recv": self.recv.copy(), "count": self.count, "stray": self.stray}
 
 
+_OUT_ROOTS = (b"forecasts/", b"ceiling/", b"naive/")
+
+
+def _receive(link: WireClient, rec: _Recorder) -> None:
+    """The receiver's reading thread: every read's messages stamped with the time the read returned."""
+    mono = time.monotonic
+    while True:
+        try:
+            if not link.read(PING_EVERY_S):
+                return
+        except OSError:
+            return
+        now = mono()
+        messages, acks = [], []
+        for first, start, end in link.take():
+            if first & 0xF0 == PUBLISH:
+                topic, body, pid = publish_fields(link.data, first, start, end, link.v5)
+                messages.append((topic, body))
+                if pid:
+                    acks.append(b"\x40\x02%c%c" % (pid >> 8, pid & 0xFF))
+        if acks:
+            link.send(b"".join(acks))
+        else:
+            link.keepalive()
+        if messages:
+            rec.record(now, messages)
+
+
 def receiver_main(
     conn: Connection, host: str, port: int, topic_filter: str, qos: int, protocol: MqttProtocol = MqttProtocol.V5
 ) -> None:
     """The receiver (a child process): records arrivals on ``topic_filter``."""
     rec = _Recorder()
-    subscribed = threading.Event()
-    client = _paho_client("recv", protocol)
-    client.on_message = rec.on_message
-    client.on_subscribe = lambda *_a: subscribed.set()
-    client.on_connect = lambda c, *_a: c.subscribe(topic_filter, qos)
-    client.connect(host, port, keepalive=KEEPALIVE)
-    client.loop_start()
-    conn.send({"ready": subscribed.wait(10), "pid": os.getpid()})
+    link = WireClient(host, port, f"bench-recv-{uuid.uuid4().hex[:6]}", protocol, KEEPALIVE)
+    link.subscribe(topic_filter, qos)
+    threading.Thread(target=_receive, args=(link, rec), name="bench-receiver-read", daemon=True).start()
+    conn.send({"ready": True, "pid": os.getpid()})
     while True:
         cmd = conn.recv()
         if cmd is None:
@@ -232,8 +266,7 @@ def receiver_main(
             conn.send("ok")
         elif cmd[0] == "collect":
             conn.send(rec.collect(*cmd[1:]))
-    client.disconnect()
-    client.loop_stop()
+    link.close()
 
 
 # -- one step ------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=2, help="steps, one after the other (default 2)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="a configuration setting of the daemon, as for python -m bench")  # fmt: skip
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="leave every process to the scheduler (as python -m bench --no-pin)")  # fmt: skip
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="edge-lstm-steady-") as tmp:
@@ -34,20 +36,26 @@ def main(argv: list[str] | None = None) -> int:
             settings = parse_settings(args.set)
         except ValueError as e:
             p.error(str(e))
-        s = Session(Path(tmp), 1, settings=settings)
+        s = Session(Path(tmp), 1, settings=settings, pin=args.pin)
         try:
             d = s.daemon()
             with s.load(d) as load:
                 warm_up(load, d, args.streams, quick=False)
                 print(f"{args.streams} stream(s) at {args.rate:g} readings/s, {args.seconds:g} s per step")
+                watch = {d.name: d.pid}
+                if s.broker.proc is not None:
+                    watch["broker"] = s.broker.proc.pid
                 for i in range(args.repeat):
                     count = int(args.rate * args.seconds)
                     r = load.step(prefix_for(d.name, args.streams), args.streams, args.rate, count,
-                                  {d.name: d.pid}, d.drops)  # fmt: skip
+                                  watch, d.drops)  # fmt: skip
                     lat = r.latency_ms
                     cols = ", ".join(f"{k} {lat[k]:.2f}" for k in ("p50", "p99", "p99.9", "max") if k in lat)
                     cpu = r.cpu_s.get(d.name)
                     per = f"; daemon CPU {cpu / count * 1e6:.0f} µs/reading" if cpu is not None else ""
+                    span = count / args.rate
+                    for k in ("generator", "receiver", "broker"):
+                        per += f", {k} {r.cpu_s[k] / span:.2f} core" if k in r.cpu_s else ""
                     print(f"step {i + 1}: {r.received}/{count} received; latency ms: {cols}{per}", flush=True)
         finally:
             s.close()
