@@ -8,6 +8,7 @@ import contextlib
 import datetime as dt
 import enum
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -15,15 +16,17 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from bench import machine, report, results
+from bench import cores, machine, report, results
 from bench import sut as systems
 from edge_lstm.config import MqttProtocol
 
 if TYPE_CHECKING:
     from bench.mqttload import Load
     from bench.throughput import System
+
+_S = TypeVar("_S", systems.Daemon, systems.Ceiling, systems.Naive)
 
 _LOG = logging.getLogger(__name__)
 
@@ -98,6 +101,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="SECTION.KEY=VALUE",
         help="a configuration setting of the daemon under test, e.g. engine.max_wait_ms=2 (TOML value; repeatable)",
     )
+    p.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="leave every process to the scheduler (default: the system under test on a core of its own, "
+        "the broker and the load clients on the others; see bench/cores.py)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -140,8 +150,14 @@ class Session:
         qos: int,
         protocol: MqttProtocol = MqttProtocol.V5,
         settings: dict[str, dict[str, Any]] | None = None,
+        *,
+        pin: bool = True,
     ) -> None:
+        """``pin``: the system under test on a core of its own, the rest on the others (:mod:`bench.cores`)."""
         self.workdir = workdir
+        self.cores = cores.split() if pin else None
+        if self.cores is not None:
+            os.sched_setaffinity(0, self.cores[1])  # the broker, the generator and the receiver inherit it
         self.qos = qos
         self.protocol = protocol
         self.settings = settings or {}
@@ -158,18 +174,25 @@ class Session:
 
     def daemon(self) -> systems.Daemon:
         if self._daemon is None:
-            self._daemon = systems.Daemon(
-                self.broker, self.workdir / "daemon", self.qos, protocol=self.protocol, settings=self.settings
+            self._daemon = self._own_core(
+                systems.Daemon(
+                    self.broker, self.workdir / "daemon", self.qos, protocol=self.protocol, settings=self.settings
+                )
             )
         return self._daemon
 
     def ceiling(self) -> systems.Ceiling:
         """A new ceiling republisher (the caller closes it)."""
-        return systems.Ceiling(self.broker, self.qos, self.protocol)
+        return self._own_core(systems.Ceiling(self.broker, self.qos, self.protocol))
 
     def naive(self) -> systems.Naive:
         """A new naive script (the caller closes it)."""
-        return systems.Naive(self.broker, self.qos, self.protocol)
+        return self._own_core(systems.Naive(self.broker, self.qos, self.protocol))
+
+    def _own_core(self, sut: _S) -> _S:
+        if self.cores is not None:
+            cores.pin(sut.pid, self.cores[0])
+        return sut
 
     def load(self, sut: System) -> Load:
         """A load generator and receiver for ``sut``, on this run's broker, protocol and series."""
@@ -185,19 +208,27 @@ class Session:
             in_root=sut.in_root,
         )
 
-    def close(self) -> None:
+    def close_daemon(self) -> None:
         if self._daemon is not None:
             self._daemon.close()
+            self._daemon = None
+
+    def close(self) -> None:
+        self.close_daemon()
         if self._broker is not None:
             self._broker.close()
 
 
 @contextlib.contextmanager
 def session(
-    qos: int, protocol: MqttProtocol = MqttProtocol.V5, settings: dict[str, dict[str, Any]] | None = None
+    qos: int,
+    protocol: MqttProtocol = MqttProtocol.V5,
+    settings: dict[str, dict[str, Any]] | None = None,
+    *,
+    pin: bool = True,
 ) -> Iterator[Session]:
     workdir = Path(tempfile.mkdtemp(prefix="edge-lstm-bench-"))
-    s = Session(workdir, qos, protocol, settings)
+    s = Session(workdir, qos, protocol, settings, pin=pin)
     try:
         yield s
     finally:
@@ -240,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     from bench import footprint, modelcost, throughput
 
     streams = throughput.QUICK_STREAMS if args.quick else throughput.STREAMS
-    with session(args.qos, args.protocol, args.settings) as s:
+    with session(args.qos, args.protocol, args.settings, pin=args.pin) as s:
+        run["cores"] = cores.describe(s.cores)
         daemon_doc: dict[str, Any] | None = None
         if Bench.MODEL in names:
             res = modelcost.run(quick=args.quick, tflite=args.tflite, build_models=args.build_models)
@@ -282,8 +314,14 @@ def main(argv: list[str] | None = None) -> int:
                 profiles = {str(n): _profile(s, out, sustained.get(n, 1000.0), n) for n in (100, 1)}
                 results.write(out, "profile", run, {"profiles": profiles})
         if Bench.FOOTPRINT in names:
+            # The run's daemon subscribes to the same reading topics: it would take the feed too, on the
+            # same core as the daemon measured.
+            s.close_daemon()
             feed = 0.5 * sustained.get(10_000, 4000.0)  # new streams cost more than known ones
-            res = footprint.run(s.broker, s.workdir / "footprint", qos=args.qos, quick=args.quick, feed_rate=feed)
+            own_core = s.cores[0] if s.cores is not None else None
+            res = footprint.run(
+                s.broker, s.workdir / "footprint", qos=args.qos, quick=args.quick, feed_rate=feed, own_core=own_core
+            )
             # its daemons and loads are its own, with the default protocol: record that, not --protocol
             results.write(out, "footprint", {**run, "protocol": MqttProtocol.V5.value, "daemon_settings": {}}, res)
     _LOG.info("benchmarks done in %.0f s", time.monotonic() - t_start)
