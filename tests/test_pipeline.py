@@ -409,7 +409,7 @@ def test_one_streams_run_ends_the_wait_for_a_wider_batch(tmp_path: Path) -> None
     """The loop waits up to engine.max_wait_ms for other streams to share a model step; when every reading
     queued since the last step is of one stream and it has sent twice (a single sensor, or its backlog), it
     steps at once.  With several streams queued the wait stays, and with max_wait_ms = 0 nothing is kept."""
-    p, _ = _pipeline(tmp_path)
+    p, _ = _pipeline(tmp_path, engine={"max_wait_ms": 2})
     p.accept(_msg(1, _reading(1e9, 25000), stream="a"))
     assert not p.repeated
     p.accept(_msg(2, _reading(1e9 + 1800, 25100), stream="a"))
@@ -430,7 +430,7 @@ def test_one_streams_run_ends_the_wait_for_a_wider_batch(tmp_path: Path) -> None
 def test_readings_further_apart_than_the_wait_are_stepped_without_it(tmp_path: Path) -> None:
     """A wait for other streams pays off only when readings come closer together than the wait: a
     message that came longer than engine.max_wait_ms (2 ms) after the one before is stepped at once."""
-    p, _ = _pipeline(tmp_path)
+    p, _ = _pipeline(tmp_path, engine={"max_wait_ms": 2})
     t = time.monotonic()
     for mid, stream, at, sparse in ((1, "a", t, True), (2, "b", t + 0.0005, False), (3, "c", t + 0.0105, True)):
         p.accept(Inbound(f"sensors/{stream}/value", _reading(1e9, 25000), mid, 1, False, False, at))
