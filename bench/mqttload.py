@@ -230,7 +230,7 @@ def _receive(link: WireClient, rec: _Recorder) -> None:
         try:
             if not link.read(PING_EVERY_S):
                 return
-        except OSError:
+        except (OSError, ValueError):  # closed by the main thread at the end of the run
             return
         now = mono()
         messages, acks = [], []
