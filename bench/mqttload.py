@@ -3,9 +3,9 @@
 Three processes besides the broker and the system under test (the daemon or the ceiling):
 
 * the **generator** publishes readings at a set rate.  It writes each burst of due readings to
-  the socket with one ``send`` and takes its send time just before; between bursts it sleeps in
-  ``select`` on the socket (reading the broker's acknowledgements) until the next reading is due:
-  no busy-wait.
+  the socket with one ``send`` and takes its send time just before; between bursts it sleeps
+  until the next reading is due (no busy-wait), and it reads the broker's acknowledgements every
+  256 readings and at the end of the step.
 * the **receiver** subscribes to the output topics; a reading thread stamps every message of a
   read with the time the read returned and acknowledges them in one ``send``; its main thread
   only waits for commands.
@@ -148,8 +148,8 @@ def generator_main(conn: Connection, host: str, port: int, qos: int, protocol: M
     while True:
         while not conn.poll(1.0):
             link.keepalive()
-            if link.read(0):
-                link.take()  # stray acknowledgements of a step that timed out, PINGRESP
+            link.read(0)
+            link.take()  # stray acknowledgements of a step that timed out, PINGRESP
         cmd = conn.recv()
         if cmd is None:
             break

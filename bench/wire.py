@@ -22,7 +22,7 @@ import time
 
 from edge_lstm.config import MqttProtocol
 
-PUBLISH, PUBACK, SUBACK, PINGRESP, CONNACK = 0x30, 0x40, 0x90, 0xD0, 0x20
+PUBLISH, PUBACK, SUBACK, CONNACK = 0x30, 0x40, 0x90, 0x20
 PING_EVERY_S = 60.0  # a PINGREQ after this long without sending (the harness's keepalive is longer)
 
 
@@ -44,25 +44,32 @@ def packet(first: int, body: bytes) -> bytes:
     return bytes((first,)) + varint(len(body)) + body
 
 
+def _varint_at(data: bytes, pos: int) -> tuple[int, int] | None:
+    """The variable byte integer at ``data[pos:]`` and where it ends; None when ``data`` ends inside it."""
+    value, shift = 0, 0
+    while pos < len(data):
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+    return None
+
+
 def split(data: bytes) -> tuple[list[tuple[int, int, int]], int]:
     """The whole packets at the start of ``data`` as (first byte, body start, body end), and where they end."""
     out: list[tuple[int, int, int]] = []
     pos, end = 0, len(data)
     while pos + 2 <= end:
-        length, shift, i = 0, 0, pos + 1
-        while True:
-            if i >= end:
-                return out, pos
-            b = data[i]
-            length |= (b & 0x7F) << shift
-            i += 1
-            if b < 0x80:
-                break
-            shift += 7
-        if i + length > end:
+        found = _varint_at(data, pos + 1)
+        if found is None:
             break
-        out.append((data[pos], i, i + length))
-        pos = i + length
+        length, start = found
+        if start + length > end:
+            break
+        out.append((data[pos], start, start + length))
+        pos = start + length
     return out, pos
 
 
@@ -161,13 +168,9 @@ def publish_fields(data: bytes, first: int, start: int, end: int, v5: bool) -> t
         pid = data[pos] << 8 | data[pos + 1]
         pos += 2
     if v5:
-        length, shift = 0, 0
-        while True:
-            b = data[pos]
-            pos += 1
-            length |= (b & 0x7F) << shift
-            if b < 0x80:
-                break
-            shift += 7
+        props = _varint_at(data, pos)
+        if props is None:
+            raise ValueError("a PUBLISH cut inside its property length")
+        length, pos = props
         pos += length
     return topic, data[pos:end], pid
