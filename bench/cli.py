@@ -446,7 +446,7 @@ def _latency(
     ceiling = s.ceiling()
     try:
         with s.load(ceiling) as load:
-            ceiling_res = latency.run(load, ceiling, sustained, quick=quick, levels=(0.5,))
+            ceiling_res = latency.run(load, ceiling, sustained, quick=quick, levels=(0.5,), repeats=1)
     finally:
         ceiling.close()
     res = {"daemon": daemon_res, "ceiling_at_daemon_rates": ceiling_res}
@@ -454,7 +454,7 @@ def _latency(
         naive = s.naive()
         try:
             with s.load(naive) as load:
-                res["naive"] = latency.run(load, naive, naive_max, quick=quick, levels=(0.5,))
+                res["naive"] = latency.run(load, naive, naive_max, quick=quick, levels=(0.5,), repeats=1)
         finally:
             naive.close()
     return res

@@ -128,10 +128,13 @@ def _targets(docs: dict[str, dict[str, Any]]) -> list[str]:
         half = v["levels"].get("50%")
         if half:
             p99 = half["latency_ms"].get("p99")
+            steps = half.get("p99_steps") or []
             rows.append(
                 [
-                    f"p99 ≤ 10 ms at half the sustained max ({_streams(s)})",
-                    _f(p99, 2, " ms"),
+                    f"p99 ≤ 10 ms at half the sustained max ({_streams(s)}"
+                    + (f", median of {len(steps)} steps" if len(steps) > 1 else "")
+                    + ")",
+                    _f(p99, 2, " ms") + _p99_steps(half),
                     _ok(p99 is not None and p99 <= 10),
                 ]
             )
@@ -297,6 +300,12 @@ def _cpu(docs: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
+def _p99_steps(level: dict[str, Any]) -> str:
+    """The p99 of each step, " (a / b / c)", of a level stepped more than once; "" otherwise."""
+    steps = level.get("p99_steps") or []
+    return " (" + " / ".join(_f(x, 1) for x in steps) + ")" if len(steps) > 1 else ""
+
+
 def _latency(docs: dict[str, dict[str, Any]]) -> list[str]:
     lat = docs.get("latency", {}).get("results", {})
     if not lat:
@@ -318,7 +327,7 @@ def _latency(docs: dict[str, dict[str, Any]]) -> list[str]:
                         level + whose,
                         _f(r["rate"], 0),
                         _f(q.get("p50"), 2),
-                        _f(q.get("p99"), 2),
+                        _f(q.get("p99"), 2) + _p99_steps(r),
                         _f(q.get("p99.9"), 2),
                         _f(q.get("max"), 1),
                         f"{r['received']:,}/{r['count']:,}",
@@ -326,6 +335,12 @@ def _latency(docs: dict[str, dict[str, Any]]) -> list[str]:
                     ]
                 )
     out = ["## Latency: reading published → output received", ""]
+    if any(len(r.get("p99_steps") or []) > 1 for v in lat.get("daemon", {}).values() for r in v["levels"].values()):
+        out += [
+            "The daemon's steps at half its maximum are run three times in a row: the row is the step with the "
+            "median p99, and the p99 of each step follows it in brackets.",
+            "",
+        ]
     if lat.get("naive"):
         out += [
             "The ceiling runs at the daemon's rates; the naive script at half of its own sustained maximum "

@@ -206,3 +206,34 @@ def test_steady_runs_long_paced_steps_and_reports_every_output(tmp_path: Path) -
     bad = subprocess.run([sys.executable, "-m", "bench.steady", "--set", "nodot"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and "SECTION.KEY=VALUE" in bad.stderr
+
+
+def test_latency_steps_the_half_maximum_three_times_and_reports_the_median_step() -> None:
+    from bench import latency, report
+    from bench.mqttload import StepResult
+
+    p99s = iter([2.0, 0.9, 12.0, 4.0, 7.0, 30.0])  # warm-up, 10 %, three steps at 50 %, 90 %
+    rates: list[float] = []
+
+    class FakeLoad:
+        def step(self, prefix: str, streams: int, rate: float, count: int, *_: object, **__: object) -> StepResult:
+            rates.append(rate)
+            p99 = next(p99s)
+            return StepResult(streams, rate, count, count, 0, rate, rate, 0.0, {"p50": 1.0, "p99": p99},
+                              {"daemon": count * 1e-4}, 0, True, "")  # fmt: skip
+
+    class Sut:
+        name, out_filter, in_root, pid = "daemon", "f/#", "sensors", 1
+
+        def drops(self) -> int:
+            return 0
+
+    res = latency.run(FakeLoad(), Sut(), {100: 10_000.0}, quick=False, repeats=None)  # type: ignore[arg-type]
+    levels = res["100"]["levels"]
+    assert rates[1:] == [1000.0, 5000.0, 5000.0, 5000.0, 9000.0]  # after the warm-up: 10 %, 3 x 50 %, 90 %
+    assert levels["50%"]["latency_ms"]["p99"] == 7.0 and levels["50%"]["p99_steps"] == [12.0, 4.0, 7.0]
+    assert levels["10%"]["p99_steps"] == [0.9] and levels["90%"]["latency_ms"]["p99"] == 30.0
+    docs = {"latency": {"results": {"daemon": res}}}
+    row = "| p99 ≤ 10 ms at half the sustained max (100 streams, median of 3 steps) | 7.00 ms (12.0 / 4.0 / 7.0) |"
+    assert any(line.startswith(row) for line in report._targets(docs))
+    assert any("| 5,000 | 1.00 | 7.00 (12.0 / 4.0 / 7.0) |" in line for line in report._latency(docs))
