@@ -352,6 +352,8 @@ class Load:
             raise RuntimeError("load generator or receiver could not connect to the broker")
         self.pids = {"generator": int(hello_gen["pid"]), "receiver": int(hello_rec["pid"])}
         self._next: dict[str, int] = series if series is not None else {}
+        # The last step's send and arrival time of each reading (NaN: no output), for a look at its tail.
+        self.last_stamps: tuple[np.ndarray, np.ndarray] | None = None
 
     def step(
         self,
@@ -386,6 +388,7 @@ class Load:
         cpu1 = {k: cpu_seconds(p) for k, p in pids.items()}
         dropped = (drops() - drops0) if drops else 0
         sends, recv = sent["sends"], got["recv"]
+        self.last_stamps = (sends, recv)
         ok = ~np.isnan(recv)
         gen_span = float(sends[-1] - sends[0]) if count > 1 else 0.0
         gen_rate = (count - 1) / gen_span if gen_span > 0 else float("inf")

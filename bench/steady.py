@@ -6,6 +6,11 @@ collector; its p99 then depends on whether one happened to fall inside the step.
 the daemon (the checkout's code, the benchmark's configuration and broker) for ``--seconds``
 per step at ``--rate`` readings/s, ``--repeat`` times, and prints each step's latency
 percentiles and maximum.  Compare two revisions by running it in each checkout, alternating.
+
+``--windows S`` also prints the p99 of each S-second slice of a step (by send time): a tail
+that comes in bursts (a pause of the machine, a stall upstream) shows as a few slices far above
+the rest, one that is the daemon's steady state as all of them.  ``--dump DIR`` writes each
+step's send and arrival times (``step-N.npz``, CLOCK_MONOTONIC seconds, NaN for no output).
 """
 
 from __future__ import annotations
@@ -15,8 +20,22 @@ import logging
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from bench.cli import Session, parse_settings
 from bench.throughput import prefix_for, warm_up
+
+
+def window_p99(sends: np.ndarray, arrivals: np.ndarray, seconds: float, over_ms: float = 10.0) -> str:
+    """The p99 latency (ms) of each ``seconds`` slice of a step by send time, and how many exceed ``over_ms``."""
+    got = ~np.isnan(arrivals)
+    lat_ms = (arrivals - sends) * 1e3
+    slot = ((sends - sends[0]) // seconds).astype(int)
+    slices = [(slot == k) & got for k in range(int(slot.max()) + 1)]
+    p99 = [float(np.percentile(lat_ms[m], 99)) for m in slices if m.any()]
+    over = sum(v > over_ms for v in p99)
+    text = " ".join(f"{v:.0f}" for v in p99)
+    return f"p99 per {seconds:g}-s slice: {text} ({over} of {len(p99)} over {over_ms:g} ms)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=2, help="steps, one after the other (default 2)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="a configuration setting of the daemon, as for python -m bench")  # fmt: skip
+    p.add_argument("--windows", type=float, default=0.0, metavar="S",
+                   help="also print the p99 of each S-second slice of every step")  # fmt: skip
+    p.add_argument("--dump", type=Path, metavar="DIR", help="write each step's send and arrival times to DIR")
     p.add_argument("--no-pin", dest="pin", action="store_false",
                    help="leave every process to the scheduler (as python -m bench --no-pin)")  # fmt: skip
     args = p.parse_args(argv)
@@ -57,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
                     for k in ("generator", "receiver", "broker"):
                         per += f", {k} {r.cpu_s[k] / span:.2f} core" if k in r.cpu_s else ""
                     print(f"step {i + 1}: {r.received}/{count} received; latency ms: {cols}{per}", flush=True)
+                    if load.last_stamps is not None:
+                        sends, arrivals = load.last_stamps
+                        if args.windows > 0:
+                            print("  " + window_p99(sends, arrivals, args.windows), flush=True)
+                        if args.dump is not None:
+                            args.dump.mkdir(parents=True, exist_ok=True)
+                            np.savez(args.dump / f"step-{i + 1}.npz", sends=sends, arrivals=arrivals)
         finally:
             s.close()
     return 0

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench.throughput import combine, measure
@@ -196,16 +197,32 @@ def test_steady_runs_long_paced_steps_and_reports_every_output(tmp_path: Path) -
     assert find_mosquitto() is not None, "mosquitto is not installed: apt-get install mosquitto"
     proc = subprocess.run(
         [sys.executable, "-m", "bench.steady", "--rate", "200", "--seconds", "1", "--repeat", "2",
-         "--set", "engine.max_wait_ms=0"],
+         "--set", "engine.max_wait_ms=0", "--windows", "0.5", "--dump", str(tmp_path / "stamps")],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
     assert [s.split(":")[1].strip().split(";")[0] for s in steps] == ["200/200 received"] * 2, proc.stdout
     assert all("p99.9" in s and "max" in s for s in steps)
+    slices = [line for line in proc.stdout.splitlines() if "p99 per 0.5-s slice:" in line]
+    assert len(slices) == 2 and all(line.endswith("of 2 over 10 ms)") for line in slices), proc.stdout
+    for k in (1, 2):
+        with np.load(tmp_path / "stamps" / f"step-{k}.npz") as z:
+            sends, arrivals = z["sends"], z["arrivals"]
+        assert len(sends) == len(arrivals) == 200 and (arrivals > sends).all()
     bad = subprocess.run([sys.executable, "-m", "bench.steady", "--set", "nodot"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and "SECTION.KEY=VALUE" in bad.stderr
+
+
+def test_window_p99_shows_a_burst_of_slow_outputs_as_one_slice() -> None:
+    from bench.steady import window_p99
+
+    sends = np.arange(0.0, 2.0, 0.001)  # 2 s of readings, 1 ms apart
+    arrivals = sends + 0.002
+    arrivals[1200:1300] += 0.030  # 100 ms of them 30 ms late, in the third 0.5-s slice
+    arrivals[1999] = np.nan  # one without an output: left out
+    assert window_p99(sends, arrivals, 0.5) == "p99 per 0.5-s slice: 2 2 32 2 (1 of 4 over 10 ms)"
 
 
 def test_latency_steps_the_half_maximum_three_times_and_reports_the_median_step() -> None:
