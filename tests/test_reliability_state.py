@@ -59,6 +59,7 @@ class Feeder:
         self.client = _publisher(broker)
         self.ts, self.values = series
         self.i = start
+        self.published = 0  # readings the broker acknowledged
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -68,6 +69,7 @@ class Feeder:
                 f"sensors/{s}/value", _reading(s, float(self.ts[self.i]), float(self.values[self.i])), qos=1
             )
             info.wait_for_publish(10)
+            self.published += 1
         self.i += 1
 
     def start(self, interval: float = 0.01) -> None:
@@ -274,9 +276,11 @@ def _disk_fault_cycle(
     """Break the disk, check forecasting goes on and failures are counted, fix it, check recovery."""
     assert _wait(lambda: d.metric("edge_lstm_checkpoint_last_success_timestamp_seconds") > 0), d.log()
     failures0 = d.metric("edge_lstm_checkpoint_failures_total")
+    # Every reading published so far forecast first: one still in flight would be counted with the five below.
+    processed0 = d.wait_metric("edge_lstm_readings_total", feeder.published, outcome="processed")
+    assert processed0 == feeder.published, d.log()
     break_it()
     broke_at = time.time()
-    processed0 = d.metric("edge_lstm_readings_total", outcome="processed")
     assert _wait(lambda: d.metric("edge_lstm_checkpoint_failures_total") >= failures0 + 3), d.log()
     for _ in range(5):
         feeder.publish_tick()
