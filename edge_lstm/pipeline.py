@@ -87,6 +87,10 @@ TRIM_AFTER_IDLE_S = 1.0  # after work and this long without a step, hand the fre
 TRIM_EVERY_S = 60.0  # but at most this often (a sensor every few seconds must not pay it per reading)
 MID_SPACE = 65536
 OUTSTANDING_PER_BATCH = 4  # forecasts awaiting the broker's PUBACK: at most this many batches' worth
+# A large step (a backlog after a pause) writes its forecasts to the socket this many at a time, so the
+# oldest readings, first in the step and the ones that have waited longest, do not also wait for the
+# encoding of the rest (about 25 µs a forecast).
+FLUSH_EVERY = 16
 
 
 class _DigestRing:
@@ -370,7 +374,7 @@ class Pipeline:
         failed = 0
         if self.discovery is not None:
             self._discover(result.forecasts)
-        for f in result.forecasts:
+        for k, f in enumerate(result.forecasts, 1):
             try:
                 payload = encode(f)
             except Exception:
@@ -381,6 +385,8 @@ class Pipeline:
                 batch.outstanding += 1
             else:
                 failed += 1
+            if k % FLUSH_EVERY == 0:
+                link.flush()
         if failed:
             self.metrics.publish_failures.inc(failed)
         if self._redelivered:

@@ -135,10 +135,14 @@ class FakeLink:
         self.outstanding = 0
         self.hold = False
         self.connects = 1  # the link's connection number
+        self.flushes = 0
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, token: object = None) -> bool:
         self.published.append((topic, payload, token))
         return True
+
+    def flush(self) -> None:
+        self.flushes += 1
 
     def ack(self, mid: int, qos: int) -> None:
         self.acks.append(mid)
