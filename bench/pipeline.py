@@ -151,14 +151,13 @@ class _RecordingLink:
         self.outstanding = 0
         self.hold = False
         self.connects = 1  # the link's connection number
-        self.flushes = 0
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, token: object = None) -> bool:
         self.tokens.append(token)
         return True
 
     def flush(self) -> None:
-        self.flushes += 1
+        pass
 
     def ack(self, mid: int, qos: int) -> None:
         self.acks += 1

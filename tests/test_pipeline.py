@@ -27,6 +27,7 @@ from edge_lstm.metrics import Metrics
 from edge_lstm.mqtt import READ_BUDGET, Inbound
 from edge_lstm.payload import PayloadDecoder
 from edge_lstm.pipeline import (
+    FLUSH_EVERY,
     GATHER_SLICE_S,
     REDELIVERY_WINDOW,
     Pipeline,
@@ -135,14 +136,14 @@ class FakeLink:
         self.outstanding = 0
         self.hold = False
         self.connects = 1  # the link's connection number
-        self.flushes = 0
+        self.flushed_at: list[int] = []  # forecasts published when each flush came
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, token: object = None) -> bool:
         self.published.append((topic, payload, token))
         return True
 
     def flush(self) -> None:
-        self.flushes += 1
+        self.flushed_at.append(len(self.published))
 
     def ack(self, mid: int, qos: int) -> None:
         self.acks.append(mid)
@@ -183,6 +184,18 @@ def test_acknowledgements_wait_for_the_forecasts_puback_and_go_out_in_arrival_or
     # Messages 1 and 3 are journaled (they changed the state); the rejected one is not.
     found = read_journal(tmp_path / "state", p.engine.model.manifest.sha256)
     assert [(r.mid, r.payload) for r in found.records] == [(1, _reading(1e9, 25000)), (3, _reading(1e9, 25000))]
+
+
+def test_a_large_step_writes_its_forecasts_to_the_socket_as_it_goes(tmp_path: Path) -> None:
+    # A backlog after a pause is stepped at once; the oldest readings (first in the step) must not
+    # also wait for the encoding of all the others before their forecasts leave.
+    p, link = _pipeline(tmp_path)
+    for i in range(40):
+        p.accept(_msg(i + 1, _reading(1e9, 25000), stream=f"s{i}"))
+    assert p.step(256) == 40
+    assert len(link.published) == 40 and link.flushed_at == [FLUSH_EVERY, 2 * FLUSH_EVERY] == [16, 32]
+    p.step(256)  # nothing queued: no write
+    assert link.flushed_at == [16, 32]
 
 
 def test_a_redelivered_message_is_recognised_and_not_processed_twice(tmp_path: Path) -> None:
