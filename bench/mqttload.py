@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.wire import PING_EVERY_S, PUBACK, PUBLISH, WireClient, publish_fields
+from bench.wire import PING_EVERY_S, PUBACK, PUBLISH, WireClient, packet, publish_fields
 from edge_lstm.config import MqttProtocol
 
 _LOG = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ def _receive(link: WireClient, rec: _Recorder) -> None:
                 topic, body, pid = publish_fields(link.data, first, start, end, link.v5)
                 messages.append((topic, body))
                 if pid:
-                    acks.append(b"\x40\x02%c%c" % (pid >> 8, pid & 0xFF))
+                    acks.append(packet(PUBACK, pid.to_bytes(2, "big")))
         if acks:
             link.send(b"".join(acks))
         else:
