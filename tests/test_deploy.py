@@ -35,6 +35,7 @@ REQUIRED_ALERTS = {
     "EdgeLstmHighAnomalyRate",
     "EdgeLstmCheckpointStale",
     "EdgeLstmCheckpointFailing",
+    "EdgeLstmJournalFailing",
 }
 
 

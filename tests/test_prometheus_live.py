@@ -384,6 +384,7 @@ ALERT_EXPECTATIONS: dict[str, tuple[bool, str]] = {
     "EdgeLstmCheckpointFailing": (False, "edge_lstm_checkpoint_failures_total == 0"),
     "EdgeLstmModelReloadFailed": (False, 'edge_lstm_model_reloads_total{result="failed"} == 0'),
     "EdgeLstmJournalDamaged": (False, "edge_lstm_journal_dropped_bytes_total == 0"),
+    "EdgeLstmJournalFailing": (False, "edge_lstm_journal_failures_total == 0"),
 }
 
 

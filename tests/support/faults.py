@@ -89,7 +89,8 @@ SCENARIOS: dict[str, tuple[str, str, str]] = {
         "tmpfs filled to the brim; the tmpfs remounted read-only. Then the disk comes back. While the journal "
         "cannot be written, readings are forecast but not acknowledged (the promise needs them on disk first), so "
         "the broker stops at its in-flight window (Mosquitto: 20 QoS 1 messages; 15 are sent here) and keeps "
-        "the rest until the disk is back.",
+        "the rest until the disk is back. The `EdgeLstmJournalFailing` alert (deploy/prometheus/alerts.yml) fires "
+        "when the journal has kept failing for 3 minutes.",
         "The tmpfs cases need root (mount); the replaced-directory case runs everywhere.",
     ),
     "8": (
