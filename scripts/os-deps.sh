@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the OS packages a target needs, only those missing (Debian / Raspberry Pi OS).
 #   scripts/os-deps.sh demo   -> Mosquitto broker and clients, Python venv support
-#   scripts/os-deps.sh test   -> the above plus Prometheus (promtool), systemd-analyze, and
+#   scripts/os-deps.sh test   -> the above plus Prometheus (promtool), systemd-analyze, strace, and
 #                                systemd-nspawn + debootstrap for the test that boots the unit
 #                                under systemd in a Debian container (tests/test_systemd_container.py)
 #   scripts/os-deps.sh arm64  -> the above plus qemu-user-static (make check-arm64)
@@ -17,6 +17,7 @@ if [ "$target" = test ] || [ "$target" = bench ] || [ "$target" = arm64 ]; then
     have_cmd promtool || need+=(prometheus)
     have_cmd systemd-analyze || need+=(systemd)
     have_cmd openssl || need+=(openssl)
+    have_cmd strace || need+=(strace)
     have_cmd systemd-nspawn || need+=(systemd-container)
     have_cmd debootstrap || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
 fi

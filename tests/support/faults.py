@@ -109,8 +109,13 @@ SCENARIOS: dict[str, tuple[str, str, str]] = {
         "through a backlog it has not acknowledged, new readings published, and the daemon SIGKILLed at the "
         "first acknowledgement of a packet id the new session had given to a new reading (or half way through "
         "them). Every reading published must get a forecast, and every forecast "
-        "(duplicates included) must equal that of an engine fed each reading once, in order.",
-        "16 kills per broker setting in CI (EDGE_LSTM_KILLS raises it).",
+        "(duplicates included) must equal that of an engine fed each reading once, in order. A power cut is "
+        "checked where it would strike, at the system calls: with strace on every thread of the daemon while "
+        "the streams publish, each PUBACK written to the broker's socket must follow an fdatasync of the "
+        "journal that began after the write holding that message's record ended (with `state.journal_sync = "
+        "false` the same check finds every acknowledgement uncovered, so it can fail).",
+        "16 kills per broker setting in CI (EDGE_LSTM_KILLS raises it). The system-call trace needs strace and "
+        "ptrace (scripts/os-deps.sh test installs strace; the test is skipped where ptrace is not allowed).",
     ),
     "S1": (
         "TLS",
