@@ -3,12 +3,15 @@
 :class:`SyscallTrace` attaches ``strace`` to every thread of a process for the length of a ``with`` block;
 :func:`calls` reads its output into :class:`Call` records (start and end time, thread, name, file
 descriptor, path or bytes, result), joining the halves strace prints when threads interleave.
-:func:`mqtt_packets` splits the bytes a process sent into MQTT control packets.
+:func:`mqtt_packets` splits the bytes a process sent into MQTT control packets; :func:`acknowledgements`,
+:func:`journaled` and :func:`uncovered` tell which PUBACKs went out before the journal record they vouch for
+was on disk.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import select
 import shutil
@@ -19,16 +22,23 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from edge_lstm import journal
+
 
 @dataclasses.dataclass(frozen=True)
 class Call:
+    """One completed call.  ``entered`` and ``returned`` are line positions in strace's output: strace handles
+    one thread's stop at a time, and a call only runs once its entry has been handled, so a call that
+    returned on an earlier line than another was entered had finished before that one began."""
+
     tid: int
     name: str
-    start: float  # epoch seconds at entry
-    end: float  # entry + time spent in the call
+    entered: int
+    returned: int
+    start: float  # epoch seconds at entry (for reading; order by the line positions)
     fd: int | None
     path: bytes | None  # openat
-    data: bytes | None  # write, sendto
+    data: bytes | None  # write, sendto: the bytes the call moved (its result says how many)
     result: int | None  # None: unknown (the process went away inside the call)
 
 
@@ -56,6 +66,7 @@ class SyscallTrace:
         while b"attached" not in said:  # "Process N attached with K threads": every thread is traced now
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 self._proc.kill()
+                self._proc.wait()
                 said += self._proc.stderr.read() or b""
                 raise TraceUnavailable(f"strace could not attach: {said.decode(errors='replace').strip()}")
             if select.select([self._proc.stderr], [], [], 0.2)[0]:
@@ -102,9 +113,9 @@ def _unescape(s: str) -> bytes:
 
 
 def calls(lines: Sequence[str]) -> Iterator[Call]:
-    """The completed calls of an ``strace -f -ttt -T -xx`` output, in the order they ended."""
-    pending: dict[int, tuple[str, float, str]] = {}
-    for line in lines:
+    """The completed calls of an ``strace -f -ttt -T -xx`` output, in the order they returned."""
+    pending: dict[int, tuple[str, int, float, str]] = {}
+    for pos, line in enumerate(lines):
         m = _LINE.match(line)
         if m is None:
             continue
@@ -112,14 +123,13 @@ def calls(lines: Sequence[str]) -> Iterator[Call]:
         if (r := _RESUMED.match(rest)) is not None:
             if tid not in pending:
                 continue
-            name, start, head = pending.pop(tid)
+            name, entered, start, head = pending.pop(tid)
             text = head + r.group(2)
         elif rest.endswith("<unfinished ...>"):
-            name = rest.split("(", 1)[0]
-            pending[tid] = (name, when, rest[: -len("<unfinished ...>")])
+            pending[tid] = (rest.split("(", 1)[0], pos, when, rest[: -len("<unfinished ...>")])
             continue
         elif "(" in rest and not rest.startswith(("+++", "---")):
-            name, start, text = rest.split("(", 1)[0], when, rest
+            name, entered, start, text = rest.split("(", 1)[0], pos, when, rest
         else:
             continue
         end = _ENDING.search(text)
@@ -129,8 +139,33 @@ def calls(lines: Sequence[str]) -> Iterator[Call]:
         fd = int(first) if first.lstrip("-").isdigit() else None
         strings = _STRING.findall(args)
         path = _unescape(strings[0]) if name == "openat" and strings else None
-        data = _unescape(strings[0]) if name in ("write", "sendto") and strings else None
-        yield Call(tid, name, start, start + (float(end.group(2)) if end else 0.0), fd, path, data, result)
+        data = None
+        if name in ("write", "sendto") and strings:
+            data = _unescape(strings[0])[: max(0, result or 0)]  # a short or failed call moved only part, or none
+        yield Call(tid, name, entered, pos, start, fd, path, data, result)
+
+
+def socket_fds(pid: int, remote_port: int) -> set[int]:
+    """The descriptors of ``pid`` that are TCP connections to ``remote_port`` (from /proc)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if int(cols[2].rsplit(":", 1)[1], 16) == remote_port:
+                inodes.add(cols[9])
+    fds = set()
+    for link in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(link)
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            fds.add(int(link.name))
+    return fds
 
 
 def mqtt_packets(stream: bytes) -> Iterator[tuple[int, int, bytes]]:
@@ -152,3 +187,68 @@ def mqtt_packets(stream: bytes) -> Iterator[tuple[int, int, bytes]]:
             return
         yield i + length, kind, stream[i : i + length]
         pos = i + length
+
+
+def acknowledgements(trace: Sequence[Call], broker_fds: set[int]) -> dict[int, int]:
+    """Packet id -> the line where the ``sendto`` that wrote the last byte of its first PUBACK was entered."""
+    acks: dict[int, int] = {}
+    for fd in broker_fds:
+        sent = sorted((c for c in trace if c.name == "sendto" and c.fd == fd and c.data), key=lambda c: c.entered)
+        stream = b"".join(c.data or b"" for c in sent)
+        ends, total = [], 0
+        for c in sent:
+            total += len(c.data or b"")
+            ends.append(total)
+        k = 0
+        for end, kind, body in mqtt_packets(stream):
+            while ends[k] < end:
+                k += 1
+            if kind == 4:  # PUBACK
+                acks.setdefault(int.from_bytes(body[:2], "big"), sent[k].entered)
+    return acks
+
+
+def journaled(trace: Sequence[Call], name: bytes) -> tuple[dict[int, int], list[tuple[int, int]]]:
+    """From a trace: packet id -> the line where the journal write holding its record returned (the first),
+    and the (entered, returned) lines of every fdatasync of the journal that succeeded.
+
+    A descriptor belongs to the journal (a file whose path ends in ``name``) from the openat that
+    returned it to the close that ended it."""
+    fds: set[int] = set()
+    written: dict[int, int] = {}
+    syncs: list[tuple[int, int]] = []
+    for c in sorted(trace, key=lambda c: c.returned if c.name == "openat" else c.entered):
+        if c.name == "openat" and c.path is not None and c.path.endswith(name):
+            if c.result is not None and c.result >= 0:
+                fds.add(c.result)
+        elif c.name == "close" and c.fd is not None:
+            fds.discard(c.fd)
+        elif c.name == "write" and c.fd in fds and c.data:
+            for mid in journal_mids(c.data):
+                written.setdefault(mid, c.returned)
+        elif c.name == "fdatasync" and c.fd in fds and c.result == 0:
+            syncs.append((c.entered, c.returned))
+    return written, syncs
+
+
+def uncovered(acks: dict[int, int], written: dict[int, int], syncs: Sequence[tuple[int, int]]) -> list[int]:
+    """Packet ids acknowledged without an fdatasync that began after their record's write returned and
+    returned before the acknowledgement was sent (or never journaled at all)."""
+    return [
+        mid
+        for mid, sent in acks.items()
+        if mid not in written or not any(s0 > written[mid] and s1 < sent for s0, s1 in syncs)
+    ]
+
+
+def journal_mids(data: bytes) -> list[int]:
+    """Packet ids of the QoS 1 message records in bytes written to the journal."""
+    mids, pos = [], 0
+    frame = journal._FRAME
+    while pos + frame.size <= len(data):
+        n, _ = frame.unpack_from(data, pos)
+        rec = journal._decode_body(data[pos + frame.size : pos + frame.size + n])
+        if rec is not None and rec.payload is not None and rec.qos > 0:
+            mids.append(rec.mid)
+        pos += frame.size + n
+    return mids
