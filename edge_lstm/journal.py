@@ -36,6 +36,7 @@ import os
 import shutil
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -53,6 +54,7 @@ _FRAME = struct.Struct(">II")
 _MESSAGE = struct.Struct(">cQHBdH")
 _DIGEST = struct.Struct(">cQHI")
 MAX_RECORD = 16 * 1024 * 1024  # larger length fields are corruption, not records
+SYNC_RETRY_S = 0.5  # a failed fdatasync is tried again after this long
 
 
 def message_digest(topic: str, payload: bytes) -> int:
@@ -182,6 +184,13 @@ class Journal:
         self.synced = 0
         self.sync_error: OSError | None = None
         self.sync_failures = 0  # fdatasync calls of the sync thread that failed (it retries every 0.5 s)
+        # What was written since the last sync that succeeded, as (file offset, `written` at its end, bytes).
+        # A failed fdatasync can leave the kernel's copy of these pages marked clean but not on disk, and a
+        # later fdatasync then succeeds without writing them (Linux reports a writeback error once): so after
+        # a failure they are written again (`_rewrite`) before a sync may count them.
+        self._unsynced: list[tuple[int, int, bytes]] = []
+        self._rewrite = False
+        self._retry_at = 0.0  # after a failed sync, the next attempt waits until then (monotonic clock)
         self._cond = threading.Condition()
         self._want = 0
         self._thread: threading.Thread | None = None
@@ -252,6 +261,11 @@ class Journal:
         """Records appended but not yet committed."""
         return len(self._buf)
 
+    @property
+    def needs_rewrite(self) -> bool:
+        """A sync failed: :meth:`commit` must write the unsynced bytes again before they can be synced."""
+        return self._rewrite
+
     def commit(self) -> int:
         """Write the appended records; returns the bytes written.  :attr:`synced` says when they are on disk.
 
@@ -259,6 +273,8 @@ class Journal:
         thread syncs them and calls ``on_synced``.  Raises ``OSError`` (the
         records stay buffered, so a later commit retries them).
         """
+        if self._rewrite:
+            self._write_again()
         if not self._buf:
             return 0
         try:
@@ -283,15 +299,39 @@ class Journal:
         finally:
             os.close(fd)
         self._buf.clear()
+        offset = self.size
         self.size += len(data)
         self.written += len(data)
         if not self.sync or self._thread is None:
             self.synced = self.written
         else:
             with self._cond:
+                self._unsynced.append((offset, self.written, data))
                 self._want = self.written
                 self._cond.notify()
         return len(data)
+
+    def _write_again(self) -> None:
+        """After a failed sync: write the bytes not known to be on disk again, where they were (raises
+        ``OSError``, the rewrite then stays due), and sync them here when there is no sync thread."""
+        with self._cond:
+            chunks = list(self._unsynced)
+        fd = os.open(self.path, os.O_WRONLY)  # no O_APPEND: each chunk goes back to its own offset
+        try:
+            for offset, _, data in chunks:
+                view = memoryview(data)
+                while view:
+                    view = view[os.pwrite(fd, view, offset + len(data) - len(view)) :]
+            if self._thread is None:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        with self._cond:
+            self._rewrite = False
+            if self._thread is None:
+                self._unsynced.clear()
+                self.synced = self.written
+            self._cond.notify()
 
     # -- the sync thread --------------------------------------------------------------------------
 
@@ -307,10 +347,15 @@ class Journal:
     def _sync_loop(self) -> None:
         while True:
             with self._cond:
-                while self._want <= self.synced and not self._stopping:
-                    self._cond.wait()
-                if self._stopping and self._want <= self.synced:
-                    return
+                while not self._stopping:
+                    if self._want <= self.synced or self._rewrite:
+                        self._cond.wait()
+                    elif (delay := self._retry_at - time.monotonic()) > 0:
+                        self._cond.wait(delay)  # the disk failed lately: not before the retry time
+                    else:
+                        break
+                if self._stopping and (self._want <= self.synced or self._rewrite):
+                    return  # a rewrite still due: the owner syncs it once the thread is gone
                 target = self._want
             try:
                 # fdatasync flushes the file's data whatever descriptor asks; a read-only one keeps no
@@ -324,11 +369,13 @@ class Journal:
                 self.sync_error = e
                 self.sync_failures += 1
                 with self._cond:
-                    self._cond.wait(0.5)  # the disk is in trouble: try again shortly
+                    self._rewrite = True  # the bytes since the last good sync may not be on disk: write again
+                    self._retry_at = time.monotonic() + SYNC_RETRY_S  # the disk is in trouble: not at once
             else:
                 self.sync_error = None
                 with self._cond:
                     self.synced = max(self.synced, target)
+                    self._unsynced = [c for c in self._unsynced if c[1] > target]
             if self._on_synced is not None:
                 self._on_synced()
 
@@ -372,6 +419,8 @@ class Journal:
         self.size = len(data)
         with self._cond:
             self.synced = self.written  # what the old file held is in the checkpoint (or lost with the file)
+            self._unsynced.clear()
+            self._rewrite = False
         if not keep_pending:
             self._buf.clear()
 

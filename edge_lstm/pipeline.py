@@ -462,7 +462,7 @@ class Pipeline:
                 journal.append(Record(self.seq, m.mid, m.qos, m.arrival, m.topic, m.payload, m.digest))
                 self._recent.append(self.seq, m.mid, m.qos, m.digest)
             to_ack.append(m)
-        if to_ack:
+        if to_ack or journal.needs_rewrite:
             try:
                 written = journal.commit()
             except OSError as e:
@@ -474,8 +474,9 @@ class Pipeline:
             if written:
                 self.metrics.journal_commits.inc()
                 self.metrics.journal_bytes.inc(written)
-            self._syncing.append((journal.written, to_ack))
-            self._to_ack = []
+            if to_ack:
+                self._syncing.append((journal.written, to_ack))
+                self._to_ack = []
         failed_syncs = journal.sync_failures - self._sync_failures_seen
         if failed_syncs:  # counted once per failed fdatasync, not once per loop iteration while they fail
             self._sync_failures_seen += failed_syncs

@@ -391,6 +391,58 @@ def test_a_failing_journal_sync_is_counted_once_per_failed_sync_and_holds_the_ac
     assert p.commit() == 1 and link.acks == [1]  # the disk is back: the acknowledgement goes out
 
 
+def test_after_a_failed_sync_the_unsynced_bytes_are_written_again_before_a_sync_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linux reports a writeback error once: after a failed fdatasync the kernel's copy of the pages can be
+    clean but not on disk, and the next fdatasync succeeds without writing them.  So the bytes written
+    since the last good sync are written again, where they were, before a sync may count them; until then
+    nothing counts as synced, however long the sync thread waits."""
+    import errno
+    import os
+
+    from edge_lstm.journal import Journal, Record
+
+    j = Journal(tmp_path, "f" * 64, sync=True)
+    j.reset([])
+    real_sync, real_pwrite = os.fdatasync, os.pwrite
+    events: list[object] = []
+
+    def sync(fd: int) -> None:
+        events.append("sync")
+        if events.count("sync") == 1:
+            raise OSError(errno.EIO, "input/output error")
+        real_sync(fd)
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        events.append(("pwrite", offset, bytes(data)))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "fdatasync", sync)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    j.start_syncing(lambda: None)
+    try:
+        rec = Record.message(1, 7, 1, 0.0, "sensors/a/value", b'{"v": 1}')
+        offset = j.size
+        j.append(rec)
+        assert j.commit() == len(rec.encode())
+        deadline = time.monotonic() + 5
+        while j.sync_failures < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(1.2)  # past the thread's retry time: without the bytes written again nothing may count
+        assert j.synced < j.written, "counted as synced without the bytes written again"
+        assert j.sync_failures == 1 and j.needs_rewrite
+        assert j.commit() == 0  # nothing new to write: the unsynced bytes go again, then the sync
+        deadline = time.monotonic() + 5
+        while j.synced < j.written and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert j.synced == j.written
+        assert events == ["sync", ("pwrite", offset, rec.encode()), "sync"]
+        assert (tmp_path / "journal.wal").read_bytes()[offset:] == rec.encode()
+    finally:
+        j.stop_syncing()
+
+
 def test_the_latest_digests_are_carried_in_order_and_recognise_a_redelivery_after_a_restart(tmp_path: Path) -> None:
     """What a checkpoint's new journal carries: the digests of the latest CARRY_DIGESTS messages, oldest
     first (the ring wraps); a pipeline that replays them knows a redelivered message as seen."""
