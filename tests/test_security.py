@@ -23,6 +23,7 @@ from tests.support.broker import Broker, password_acl_listener
 from tests.support.collector import Collector
 from tests.support.daemon import TAYLOR_MODEL, DaemonProcess, to_toml
 from tests.support.faults import record, reliability_report  # noqa: F401
+from tests.support.syscalls import tcp_sockets
 
 from .support.certs import Pki, make_pki, tls_listener
 
@@ -299,16 +300,10 @@ def test_secrets_never_shown_world_readable_config_warned_tampered_model_refused
 def _listeners(port: int) -> list[str]:
     """Local addresses (hex, as in /proc/net/tcp*) listening on ``port``."""
     found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            addr, hexport = fields[1].rsplit(":", 1)
-            if int(hexport, 16) == port and fields[3] == "0A":  # LISTEN
-                found.append(addr)
+    for fields in tcp_sockets():
+        addr, hexport = fields[1].rsplit(":", 1)
+        if int(hexport, 16) == port and fields[3] == "0A":  # LISTEN
+            found.append(addr)
     return found
 
 

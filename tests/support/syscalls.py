@@ -145,18 +145,20 @@ def calls(lines: Sequence[str]) -> Iterator[Call]:
         yield Call(tid, name, entered, pos, start, fd, path, data, result)
 
 
-def socket_fds(pid: int, remote_port: int) -> set[int]:
-    """The descriptors of ``pid`` that are TCP connections to ``remote_port`` (from /proc)."""
-    inodes: set[str] = set()
+def tcp_sockets() -> Iterator[list[str]]:
+    """The rows of /proc/net/tcp and /proc/net/tcp6, split into their columns (local and remote address as
+    hex ``addr:port``, state, ..., inode in column 9)."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             rows = Path(table).read_text().splitlines()[1:]
         except OSError:
             continue
-        for row in rows:
-            cols = row.split()
-            if int(cols[2].rsplit(":", 1)[1], 16) == remote_port:
-                inodes.add(cols[9])
+        yield from (row.split() for row in rows)
+
+
+def socket_fds(pid: int, remote_port: int) -> set[int]:
+    """The descriptors of ``pid`` that are TCP connections to ``remote_port`` (from /proc)."""
+    inodes = {cols[9] for cols in tcp_sockets() if int(cols[2].rsplit(":", 1)[1], 16) == remote_port}
     fds = set()
     for link in Path(f"/proc/{pid}/fd").iterdir():
         try:
