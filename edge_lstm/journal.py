@@ -319,9 +319,7 @@ class Journal:
         fd = os.open(self.path, os.O_WRONLY)  # no O_APPEND: each chunk goes back to its own offset
         try:
             for offset, _, data in chunks:
-                view = memoryview(data)
-                while view:
-                    view = view[os.pwrite(fd, view, offset + len(data) - len(view)) :]
+                _write_all(fd, data, offset)
             if self._thread is None:
                 os.fdatasync(fd)
         finally:
@@ -425,7 +423,11 @@ class Journal:
             self._buf.clear()
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes, offset: int | None = None) -> None:
+    """All of ``data``: at the file's position (its end with ``O_APPEND``), or at ``offset``."""
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view) :]
+        if offset is None:
+            view = view[os.write(fd, view) :]
+        else:
+            view = view[os.pwrite(fd, view, offset + len(data) - len(view)) :]
