@@ -137,26 +137,26 @@ def read_journal(directory: Path | str, fingerprint: str) -> ReadResult:
         # Another model's SHA-256; anything else in the header is damage to this journal.
         other = len(stored) == 64 and all(c in "0123456789abcdef" for c in stored)
         return ReadResult([], 0, "other model" if other else "foreign", len(data))
+    records, pos = records_in(data, _HEADER.size)
+    return ReadResult(records, pos, "ok" if pos == len(data) else "torn", len(data))
+
+
+def records_in(data: bytes, pos: int = 0) -> tuple[list[Record], int]:
+    """The good records in ``data`` from ``pos`` on, and where they end: at the end of ``data``, or at the
+    first frame that is cut short, too long, fails its CRC or holds no record."""
     records: list[Record] = []
-    pos = _HEADER.size
-    status = "ok"
-    while pos < len(data):
-        if pos + _FRAME.size > len(data):
-            status = "torn"
-            break
+    while pos + _FRAME.size <= len(data):
         n, crc = _FRAME.unpack_from(data, pos)
         start, end = pos + _FRAME.size, pos + _FRAME.size + n
         if n > MAX_RECORD or end > len(data):
-            status = "torn"
             break
         body = data[start:end]
         rec = _decode_body(body) if zlib.crc32(body) == crc else None
         if rec is None:
-            status = "torn"
             break
         records.append(rec)
         pos = end
-    return ReadResult(records, pos, status, len(data))
+    return records, pos
 
 
 class Journal:

@@ -245,12 +245,4 @@ def uncovered(acks: dict[int, int], written: dict[int, int], syncs: Sequence[tup
 
 def journal_mids(data: bytes) -> list[int]:
     """Packet ids of the QoS 1 message records in bytes written to the journal."""
-    mids, pos = [], 0
-    frame = journal._FRAME
-    while pos + frame.size <= len(data):
-        n, _ = frame.unpack_from(data, pos)
-        rec = journal._decode_body(data[pos + frame.size : pos + frame.size + n])
-        if rec is not None and rec.payload is not None and rec.qos > 0:
-            mids.append(rec.mid)
-        pos += frame.size + n
-    return mids
+    return [r.mid for r in journal.records_in(data)[0] if r.payload is not None and r.qos > 0]
