@@ -1,11 +1,10 @@
 """A running process's system calls, traced with strace, as data: what a power cut would have found on disk.
 
 :class:`SyscallTrace` attaches ``strace`` to every thread of a process for the length of a ``with`` block;
-:func:`calls` reads its output into :class:`Call` records (start and end time, thread, name, file
+:func:`calls` reads its output into :class:`Call` records (lines of entry and return, thread, name, file
 descriptor, path or bytes, result), joining the halves strace prints when threads interleave.
-:func:`mqtt_packets` splits the bytes a process sent into MQTT control packets; :func:`acknowledgements`,
-:func:`journaled` and :func:`uncovered` tell which PUBACKs went out before the journal record they vouch for
-was on disk.
+:func:`acknowledgements`, :func:`journaled` and :func:`uncovered` tell which PUBACKs went out before the
+journal record they vouch for was on disk.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from bench.wire import split
 from edge_lstm import journal
 
 
@@ -170,27 +170,6 @@ def socket_fds(pid: int, remote_port: int) -> set[int]:
     return fds
 
 
-def mqtt_packets(stream: bytes) -> Iterator[tuple[int, int, bytes]]:
-    """(offset of the packet's end, packet type, variable header and payload) for each whole packet."""
-    pos = 0
-    while pos + 2 <= len(stream):
-        kind = stream[pos] >> 4
-        length, shift, i = 0, 0, pos + 1
-        while True:
-            if i >= len(stream):
-                return
-            byte = stream[i]
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            i += 1
-            if not byte & 0x80:
-                break
-        if i + length > len(stream):
-            return
-        yield i + length, kind, stream[i : i + length]
-        pos = i + length
-
-
 def acknowledgements(trace: Sequence[Call], broker_fds: set[int]) -> dict[int, int]:
     """Packet id -> the line where the ``sendto`` that wrote the last byte of its first PUBACK was entered."""
     acks: dict[int, int] = {}
@@ -202,11 +181,11 @@ def acknowledgements(trace: Sequence[Call], broker_fds: set[int]) -> dict[int, i
             total += len(c.data or b"")
             ends.append(total)
         k = 0
-        for end, kind, body in mqtt_packets(stream):
+        for first, start, end in split(stream)[0]:
             while ends[k] < end:
                 k += 1
-            if kind == 4:  # PUBACK
-                acks.setdefault(int.from_bytes(body[:2], "big"), sent[k].entered)
+            if first >> 4 == 4:  # PUBACK
+                acks.setdefault(int.from_bytes(stream[start : start + 2], "big"), sent[k].entered)
     return acks
 
 
